@@ -1,0 +1,38 @@
+# lightning-lisa: `make demo` runs a short LISA fine-tune on CPU; `make test` runs lint, types and tests.
+# Both create the virtual environment in .venv on first use (CPU build of torch first, then the rest).
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_CPU ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint typecheck unit benchmark clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_CPU)"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) examples/demo.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check lightning_lisa tests benchmarks examples
+	$(VENV)/bin/ruff format --check lightning_lisa tests benchmarks examples
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+unit: $(STAMP)
+	$(PY) -m pytest --doctest-modules lightning_lisa tests
+
+test: lint typecheck unit
+
+benchmark: $(STAMP)
+	$(PY) benchmarks/optimizer_state.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache lightning_logs demo_output

@@ -1,0 +1,23 @@
+"""LISA (Layerwise Importance Sampled AdamW) for PyTorch Lightning.
+
+Add :class:`LISA` to a Trainer's callbacks to fine-tune only the embeddings, the head and a few
+randomly sampled transformer blocks at a time, at a fraction of full fine-tuning's memory.
+"""
+
+from lightning_lisa.callback import LISA, Switch
+from lightning_lisa.layers import BLOCK_LISTS, LayerInfo, find_layers
+from lightning_lisa.optimizer_state import OptimizerStateHandler, optimizer_state_bytes
+from lightning_lisa.sampling import sample_layers
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BLOCK_LISTS",
+    "LISA",
+    "LayerInfo",
+    "OptimizerStateHandler",
+    "Switch",
+    "find_layers",
+    "optimizer_state_bytes",
+    "sample_layers",
+]

@@ -1,0 +1,329 @@
+"""The LISA callback: train a few sampled transformer blocks at a time.
+
+The algorithm (Pan et al., 2024, Algorithm 1), as the hooks below run it:
+
+* ``setup``: check the arguments against the model and the strategy; touch nothing yet.
+* ``on_train_start`` (the optimizer exists and the model is wrapped): remember which parameters
+  the user left trainable, then start the current period.
+* ``on_train_batch_start`` of the first micro-batch of every optimizer step: when
+  ``global_step // interval`` moves to a new period, switch.
+* a switch: sample ``n_layers`` blocks from ``(seed, period)``; freeze every other block (and its
+  gradient), release the optimizer state of what was frozen, unfreeze the sampled blocks; the
+  always-active modules (input embeddings and output head by default) stay trainable throughout.
+* ``state_dict``: the period and active blocks go into checkpoints, so a resumed run continues the
+  same schedule.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import is_overridden
+
+from lightning_lisa.layers import LayerInfo, find_layers, resolve_modules, unique_parameters
+from lightning_lisa.optimizer_state import (
+    OPTIMIZER_STATE_MODES,
+    OptimizerStateHandler,
+    OptimizerStateMode,
+    optimizer_state_bytes,
+)
+from lightning_lisa.sampling import SAMPLERS, sample_layers
+from lightning_lisa.strategies import check_strategy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Switch:
+    """One change of the active blocks.
+
+    Attributes:
+        step: The optimizer step (``trainer.global_step``) before which the switch happened.
+        period: The period index, ``step // interval``.
+        active_layers: The sorted block indices trained during the period.
+        trainable_params: Parameters trainable during the period (tied weights counted once).
+        optimizer_state_bytes: Optimizer-state bytes right after the switch released the state of
+            the blocks it froze (new blocks get their state at their first optimizer step).
+    """
+
+    step: int
+    period: int
+    active_layers: tuple[int, ...]
+    trainable_params: int
+    optimizer_state_bytes: int
+
+
+class LISA(Callback):
+    r"""Layerwise Importance Sampled AdamW: train ``n_layers`` random blocks, re-sampled every ``interval`` steps.
+
+    Every ``interval`` optimizer steps, all transformer blocks are frozen except ``n_layers`` sampled
+    ones; the always-active modules (by default the input embeddings and the output head) train
+    throughout. The optimizer is the one ``configure_optimizers`` builds over all parameters: LISA
+    never changes its parameter groups, it frees (or offloads) the state of frozen parameters.
+
+    Args:
+        n_layers: Blocks trained at once (the paper's :math:`\gamma`), at least 1.
+        interval: Optimizer steps between re-samplings (the paper's :math:`K`), at least 1. Counted
+            in optimizer steps, so gradient accumulation is respected.
+        layers: Dotted path of the ``nn.ModuleList`` of blocks relative to the ``LightningModule``
+            (e.g. ``"model.model.layers"``), a list of paths for several stacks, or ``None`` to
+            detect them with :func:`~lightning_lisa.find_layers`.
+        always_active: Names of modules (or parameters), relative to the ``LightningModule``, that
+            train all the time. ``None``: the detected input embeddings and output head. ``[]``: none.
+        sampling: How blocks are chosen: ``"uniform"`` (the paper).
+        optimizer_state: What happens to the optimizer state of parameters that are frozen:
+            ``"drop"`` frees it, ``"offload"`` moves it to CPU and back, ``"keep"`` leaves it.
+        seed: Seed of the sampling. Period ``i`` trains the blocks drawn from ``(seed, i)``: the same
+            on every rank, and the same after a resume.
+
+    Attributes:
+        active_layers: The sorted indices of the blocks trainable right now.
+        history: Every :class:`Switch` of the run, the first included.
+        layer_info: What :func:`~lightning_lisa.find_layers` found, after ``setup``.
+
+    Example:
+        >>> import lightning.pytorch as pl
+        >>> from lightning_lisa import LISA
+        >>> trainer = pl.Trainer(callbacks=[LISA(n_layers=2, interval=20)], logger=False)
+    """
+
+    def __init__(
+        self,
+        n_layers: int = 2,
+        interval: int = 20,
+        layers: str | Sequence[str] | None = None,
+        always_active: Sequence[str] | None = None,
+        sampling: str = "uniform",
+        optimizer_state: OptimizerStateMode = "drop",
+        seed: int = 0,
+    ) -> None:
+        _check_int("n_layers", n_layers, minimum=1)
+        _check_int("interval", interval, minimum=1)
+        _check_int("seed", seed, minimum=None)
+        _check_names("layers", layers, allow_str=True)
+        _check_names("always_active", always_active, allow_str=False)
+        if sampling not in SAMPLERS:
+            raise MisconfigurationException(f"`sampling={sampling!r}` is not one of {list(SAMPLERS)}.")
+        if optimizer_state not in OPTIMIZER_STATE_MODES:
+            raise MisconfigurationException(
+                f"`optimizer_state={optimizer_state!r}` is not one of {list(OPTIMIZER_STATE_MODES)}."
+            )
+        self.n_layers = n_layers
+        self.interval = interval
+        self.layers = layers if layers is None or isinstance(layers, str) else list(layers)
+        self.always_active = None if always_active is None else list(always_active)
+        self.sampling = sampling
+        self.optimizer_state = optimizer_state
+        self.seed = seed
+
+        self.active_layers: list[int] = []
+        self.history: list[Switch] = []
+        self.layer_info: LayerInfo | None = None
+        self._state = OptimizerStateHandler(optimizer_state)
+        self._always_active_modules: list[torch.nn.Module] = []
+        self._period = -1
+        self._restored: dict[str, Any] | None = None
+        self._managed: list[torch.nn.Parameter] = []  # what the user left trainable
+        self._block_params: list[list[torch.nn.Parameter]] = []
+        self._always_params: list[torch.nn.Parameter] = []
+        self._candidates: list[int] = []  # blocks with something trainable
+
+    @property
+    def state_key(self) -> str:
+        """One LISA per Trainer: its checkpoint key is the class name."""
+        return "LISA"
+
+    # ------------------------------------------------------------------------------------ hooks
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Validate everything against the model and the strategy before anything is touched."""
+        if stage != "fit":
+            return
+        others = [c for c in trainer.callbacks if isinstance(c, LISA) and c is not self]  # type: ignore[attr-defined]
+        if others:
+            raise MisconfigurationException(
+                "The Trainer has more than one LISA callback; keep one (each would freeze the others' blocks)."
+            )
+        check_strategy(trainer.strategy)
+        if not is_overridden("configure_model", pl_module):
+            self._inspect(pl_module)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Inspect models built in ``configure_model``, which runs after ``setup``."""
+        if self.layer_info is None:
+            self._inspect(pl_module)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Remember what the user left trainable and start the current period."""
+        self._collect_parameters(trainer, pl_module)
+        period = trainer.global_step // self.interval
+        restored = self._restored
+        self._restored = None
+        if restored is None:  # a fresh run: forget the switches of an earlier fit
+            self.history = []
+        if restored is not None and restored["period"] == period and self._valid(restored["active_layers"]):
+            active = list(restored["active_layers"])
+        else:
+            active = self._sample(period)
+        self._switch(trainer, period, active, first=True)
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        """Switch blocks before the first micro-batch of the first optimizer step of a new period."""
+        if batch_idx % trainer.accumulate_grad_batches != 0:
+            return
+        period = trainer.global_step // self.interval
+        if period != self._period:
+            self._switch(trainer, period, self._sample(period))
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Give the user back every parameter trainable, as it was before fit."""
+        self._unfreeze_all()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """Give the user back every parameter trainable after a failed or interrupted fit."""
+        self._unfreeze_all()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The schedule: seed, interval, period, active blocks and the switch history."""
+        return {
+            "n_layers": self.n_layers,
+            "interval": self.interval,
+            "sampling": self.sampling,
+            "seed": self.seed,
+            "period": self._period,
+            "active_layers": list(self.active_layers),
+            "history": [asdict(s) for s in self.history],
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the schedule; ``on_train_start`` re-applies it once the optimizer is restored."""
+        for key in ("n_layers", "interval", "sampling", "seed"):
+            if state_dict.get(key) != getattr(self, key):
+                rank_zero_warn(
+                    f"LISA resumes with `{key}={getattr(self, key)!r}`, but the checkpoint was written with "
+                    f"`{key}={state_dict.get(key)!r}`: the schedule from here on differs from the original run."
+                )
+        self._restored = dict(state_dict)
+        self.history = [
+            Switch(**{**s, "active_layers": tuple(s["active_layers"])}) for s in state_dict.get("history", [])
+        ]
+
+    # ---------------------------------------------------------------------------- the algorithm
+
+    def _switch(self, trainer: pl.Trainer, period: int, active: list[int], first: bool = False) -> None:
+        """Make exactly the ``active`` blocks and the always-active set trainable."""
+        trainable = {id(p) for i in active for p in self._block_params[i]}
+        trainable.update(id(p) for p in self._always_params)
+        frozen, unfrozen = [], []
+        for p in self._managed:
+            if id(p) in trainable:
+                if not p.requires_grad:
+                    p.requires_grad_(True)
+                    unfrozen.append(p)
+            elif p.requires_grad or first:
+                p.requires_grad_(False)
+                p.grad = None
+                frozen.append(p)
+        self._state.release(trainer.optimizers, frozen)
+        self._state.restore(trainer.optimizers, unfrozen)
+
+        self._period = period
+        self.active_layers = list(active)
+        switch = Switch(
+            step=trainer.global_step,
+            period=period,
+            active_layers=tuple(active),
+            trainable_params=sum(p.numel() for p in self._managed if p.requires_grad),
+            optimizer_state_bytes=optimizer_state_bytes(trainer.optimizers),
+        )
+        if not self.history or self.history[-1].period != period:
+            self.history.append(switch)
+        self._log(trainer, switch)
+
+    def _sample(self, period: int) -> list[int]:
+        chosen = sample_layers(self.sampling, len(self._candidates), self.n_layers, self.seed, period)
+        return [self._candidates[i] for i in chosen]
+
+    # ---------------------------------------------------------------------------------- helpers
+
+    def _inspect(self, pl_module: pl.LightningModule) -> None:
+        """Find blocks and always-active modules and check the arguments against them."""
+        info = find_layers(pl_module, self.layers)
+        if self.n_layers > info.num_blocks:
+            raise MisconfigurationException(
+                f"`n_layers={self.n_layers}` is larger than the {info.num_blocks} blocks of `{info.path}`; "
+                f"allowed: 1 to {info.num_blocks}."
+            )
+        names = self.always_active if self.always_active is not None else info.embedding_names + info.head_names
+        self._always_active_modules = resolve_modules(pl_module, names, "always_active")
+        self.layer_info = info
+        rank_zero_info(
+            f"LISA: sampling {self.n_layers} of {info.num_blocks} blocks in `{info.path}` every {self.interval} "
+            f"steps; always trained: {list(names) or 'nothing else'}."
+        )
+
+    def _collect_parameters(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert self.layer_info is not None, "LISA.setup did not run"
+        self._managed = [p for p in unique_parameters([pl_module]) if p.requires_grad]
+        managed = {id(p) for p in self._managed}
+        self._block_params = [[p for p in b.parameters() if id(p) in managed] for b in self.layer_info.blocks]
+        self._always_params = [p for p in unique_parameters(self._always_active_modules) if id(p) in managed]
+        self._candidates = [i for i, params in enumerate(self._block_params) if params]
+        if len(self._candidates) < self.n_layers:
+            raise MisconfigurationException(
+                f"`n_layers={self.n_layers}`, but only {len(self._candidates)} blocks of "
+                f"`{self.layer_info.path}` have trainable parameters (the others were frozen before fit)."
+            )
+        in_optimizer = {id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
+        missing = [n for n, p in pl_module.named_parameters() if id(p) in managed and id(p) not in in_optimizer]
+        if missing and trainer.optimizers:
+            rank_zero_warn(
+                f"LISA: {len(missing)} trainable parameters are in no optimizer (e.g. {missing[:3]}); they will "
+                "never change. Build the optimizer over all parameters, not only those with requires_grad."
+            )
+
+    def _valid(self, active: Sequence[int]) -> bool:
+        return len(set(active)) == self.n_layers and all(i in self._candidates for i in active)
+
+    def _unfreeze_all(self) -> None:
+        for p in self._managed:
+            p.requires_grad_(True)
+
+    def _log(self, trainer: pl.Trainer, switch: Switch) -> None:
+        log.info("LISA period %d (step %d): training blocks %s", switch.period, switch.step, switch.active_layers)
+        metrics: dict[str, float] = {
+            "lisa/period": float(switch.period),
+            "lisa/trainable_params": float(switch.trainable_params),
+            "lisa/optimizer_state_bytes": float(switch.optimizer_state_bytes),
+        }
+        metrics.update({f"lisa/active_block_{j}": float(i) for j, i in enumerate(switch.active_layers)})
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+
+
+def _check_int(name: str, value: object, minimum: int | None) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or (minimum is not None and value < minimum):
+        allowed = "an integer" if minimum is None else f"an integer >= {minimum}"
+        raise MisconfigurationException(f"`{name}={value!r}` is not allowed; `{name}` must be {allowed}.")
+
+
+def _check_names(name: str, value: object, allow_str: bool) -> None:
+    if value is None or (allow_str and isinstance(value, str)):
+        return
+    if isinstance(value, str):
+        raise MisconfigurationException(
+            f"`{name}={value!r}` must be a list of names, e.g. `{name}=[{value!r}]`, or None."
+        )
+    if not isinstance(value, Sequence) or not all(isinstance(v, str) for v in value):
+        allowed = "a dotted path, a list of dotted paths" if allow_str else "a list of dotted names"
+        raise MisconfigurationException(f"`{name}={value!r}` is not allowed; `{name}` must be {allowed} or None.")

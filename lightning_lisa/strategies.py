@@ -1,0 +1,65 @@
+"""Which Lightning strategies LISA runs under, checked in ``setup`` before the model is wrapped.
+
+* Single device: works.
+* DDP (``ddp``, ``ddp_spawn``, ...): frozen blocks produce no gradients, so DDP must be built with
+  ``find_unused_parameters=True``. LISA sets it (with a notice) when the user did not; an explicit
+  ``static_graph=True`` cannot work (the graph changes at every switch) and is refused.
+* FSDP, model parallelism and DeepSpeed are refused until LISA handles their sharded parameters and
+  optimizer state; a run that silently trains the wrong parameters is worse than no run.
+"""
+
+from __future__ import annotations
+
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.strategies import DDPStrategy, Strategy
+from lightning.pytorch.utilities import rank_zero_info
+
+#: Strategies LISA refuses, by class name (no import of optional back-ends needed), with the reason.
+UNSUPPORTED_STRATEGIES: dict[str, str] = {
+    "DeepSpeedStrategy": (
+        "DeepSpeed ZeRO keeps optimizer state in flat partitions, so the state of frozen blocks cannot "
+        "be freed, and parameters frozen when the engine is built are excluded from training for good"
+    ),
+    "FSDPStrategy": "sharded parameters and optimizer state are not handled by LISA yet",
+    "ModelParallelStrategy": "sharded (DTensor) parameters and optimizer state are not handled by LISA yet",
+}
+
+
+def check_strategy(strategy: Strategy) -> None:
+    """Raise for strategies LISA cannot run under; make DDP tolerate frozen blocks.
+
+    Must run before the strategy wraps the model (a callback's ``setup`` hook does).
+
+    Raises:
+        MisconfigurationException: For DeepSpeed, FSDP, model parallelism, and DDP with
+            ``static_graph=True``.
+    """
+    for cls in type(strategy).__mro__:
+        if cls.__name__ in UNSUPPORTED_STRATEGIES:
+            raise MisconfigurationException(
+                f"LISA does not support `strategy={type(strategy).__name__}`: {UNSUPPORTED_STRATEGIES[cls.__name__]}."
+                " Supported: a single device, or DDP (`strategy='ddp'`, `'ddp_spawn'`, "
+                "`'ddp_find_unused_parameters_true'`)."
+            )
+    if isinstance(strategy, DDPStrategy):
+        _prepare_ddp(strategy)
+
+
+def _prepare_ddp(strategy: DDPStrategy) -> None:
+    kwargs = getattr(strategy, "_ddp_kwargs", None)
+    if not isinstance(kwargs, dict):
+        raise MisconfigurationException(
+            "LISA could not check this DDP strategy's `find_unused_parameters`; use "
+            "`strategy='ddp_find_unused_parameters_true'` or DDPStrategy(find_unused_parameters=True)."
+        )
+    if kwargs.get("static_graph"):
+        raise MisconfigurationException(
+            "LISA cannot run with `DDPStrategy(static_graph=True)`: the set of parameters that receive "
+            "gradients changes every `interval` steps. Use `strategy='ddp_find_unused_parameters_true'`."
+        )
+    if not kwargs.get("find_unused_parameters"):
+        kwargs["find_unused_parameters"] = True
+        rank_zero_info(
+            "LISA: set `find_unused_parameters=True` on the DDP strategy, because frozen blocks receive no "
+            "gradients. Pass `strategy='ddp_find_unused_parameters_true'` to make this explicit."
+        )
