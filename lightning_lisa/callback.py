@@ -147,11 +147,6 @@ class LISA(Callback):
         """Validate everything against the model and the strategy before anything is touched."""
         if stage != "fit":
             return
-        others = [c for c in trainer.callbacks if isinstance(c, LISA) and c is not self]  # type: ignore[attr-defined]
-        if others:
-            raise MisconfigurationException(
-                "The Trainer has more than one LISA callback; keep one (each would freeze the others' blocks)."
-            )
         check_strategy(trainer.strategy)
         if not is_overridden("configure_model", pl_module):
             self._inspect(pl_module)

@@ -207,3 +207,54 @@ def test_a_second_fit_starts_from_the_users_trainable_set():
     assert all(p.requires_grad for p in module.parameters())
     _, rec = run(lisa, steps=3, module=module)
     assert len(rec.steps[-1].trainable) == len(expected_trainable({n for n, _ in module.named_parameters()}, (0, 1)))
+
+
+def test_peft_lora_trains_only_the_adapters_of_sampled_blocks():
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_llama(6), peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    module = CausalLM(model=model)
+    lisa = LISA(n_layers=2, interval=2, seed=3)
+    _, rec = run(lisa, steps=6, module=module)
+    prefix = "model.base_model.model.model.layers."
+    for record in rec.steps:
+        assert record.changed, record.step
+        assert all("lora_" in n for n in record.changed)  # base weights and embeddings stay frozen by PEFT
+        assert {block_of(n, prefix) for n in record.changed} == set(record.active_layers)
+        assert record.with_state == record.changed
+
+
+class TwoOptimizers(CausalLM):
+    """Manual optimization: one optimizer for the blocks, one for everything else."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        for opt in self.optimizers():
+            opt.zero_grad()
+        self.manual_backward(loss)
+        for opt in self.optimizers():
+            opt.step()
+        return loss
+
+    def configure_optimizers(self):
+        blocks = list(self.model.model.layers.parameters())
+        ids = {id(p) for p in blocks}
+        rest = [p for p in self.parameters() if id(p) not in ids]
+        return [torch.optim.AdamW(blocks, lr=1e-2), torch.optim.SGD(rest, lr=1e-2, momentum=0.9)]
+
+
+def test_several_optimizers_under_manual_optimization():
+    module = TwoOptimizers()
+    lisa = LISA(n_layers=2, interval=4, seed=6)  # two optimizer steps per batch: a period is 2 batches
+    run(lisa, steps=8, module=module)
+    assert [s.step for s in lisa.history] == [0, 4]
+    blocks_opt, rest_opt = module.trainer.optimizers
+    names = dict(module.named_parameters())
+    assert all(p.requires_grad for p in names.values())  # after fit, LISA gives every parameter back
+    active = set(lisa.active_layers)
+    with_state = {n for n, p in names.items() if p in blocks_opt.state}
+    assert {block_of(n) for n in with_state} == active
+    assert {n for n, p in names.items() if p in rest_opt.state} == set(ALWAYS)

@@ -1,0 +1,150 @@
+"""Optimizer-state and training-state bytes of LISA (drop, keep) against full fine-tuning.
+
+Every arm trains the same GPT-2-shaped model (random weights, random tokens) with AdamW through a
+Lightning Trainer, in this process, and the bytes are counted from tensors after every optimizer step:
+
+* optimizer state: every tensor in ``optimizer.state``;
+* training state: parameters + gradients + optimizer state;
+* analytic minimum for LISA: AdamW's two moments for exactly the parameters trainable at that step.
+
+Run ``python benchmarks/optimizer_state.py`` (GPT-2 small, 200 steps, K=5; about 10 minutes on 2
+CPU cores) or ``--shape tiny --steps 20`` for a smoke run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from lightning_lisa import LISA, optimizer_state_bytes
+
+SHAPES: dict[str, dict[str, int]] = {
+    "tiny": dict(n_embd=64, n_layer=6, n_head=4, vocab_size=512, n_positions=64, bos_token_id=0, eos_token_id=0),
+    "gpt2-small": dict(n_embd=768, n_layer=12, n_head=12, vocab_size=50257, n_positions=1024),
+}
+
+
+class LM(pl.LightningModule):
+    """A causal LM trained with AdamW over all its parameters."""
+
+    def __init__(self, model: GPT2LMHeadModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        return self.model(input_ids=batch, labels=batch).loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=1e-4)
+
+
+@dataclass
+class Bytes(pl.Callback):
+    """Counts bytes after every optimizer step."""
+
+    optimizer_state: list[int] = field(default_factory=list)
+    training_state: list[int] = field(default_factory=list)
+    analytic_minimum: list[int] = field(default_factory=list)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        params = list(dict.fromkeys(pl_module.parameters()))  # tied weights once
+        state = optimizer_state_bytes(trainer.optimizers)
+        grads = sum(p.grad.nbytes for p in params if p.grad is not None)
+        self.optimizer_state.append(state)
+        self.training_state.append(sum(p.nbytes for p in params) + grads + state)
+        self.analytic_minimum.append(sum(2 * p.nbytes for p in params if p.requires_grad))
+
+
+@dataclass
+class Arm:
+    """The per-step figures of one arm."""
+
+    name: str
+    optimizer_state: list[int]
+    training_state: list[int]
+    analytic_minimum: list[int]
+    seconds: float
+
+
+def run_arm(name: str, shape: str, steps: int, lisa: LISA | None, seq_len: int) -> Arm:
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(**SHAPES[shape]))
+    vocab = SHAPES[shape]["vocab_size"]
+    data = DataLoader(list(torch.randint(0, vocab, (steps, seq_len))), batch_size=1)
+    counter = Bytes()
+    callbacks: list[pl.Callback] = [counter] if lisa is None else [lisa, counter]
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=True,
+        enable_model_summary=False,
+    )
+    start = time.perf_counter()
+    trainer.fit(LM(model), data)
+    seconds = time.perf_counter() - start
+    return Arm(name, counter.optimizer_state, counter.training_state, counter.analytic_minimum, seconds)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="gpt2-small")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--interval", type=int, default=5, help="K, steps between re-samplings")
+    parser.add_argument("--n-layers", type=int, default=2, help="gamma, blocks trained at once")
+    parser.add_argument("--seq-len", type=int, default=32)
+    parser.add_argument("--json", help="also write the per-step figures to this file")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*LeafSpec.*is deprecated.*")
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+
+    def lisa(mode: str) -> LISA:
+        return LISA(n_layers=args.n_layers, interval=args.interval, optimizer_state=mode)  # type: ignore[arg-type]
+
+    arms = [
+        run_arm("full fine-tuning", args.shape, args.steps, None, args.seq_len),
+        run_arm("LISA drop", args.shape, args.steps, lisa("drop"), args.seq_len),
+        run_arm("LISA keep", args.shape, args.steps, lisa("keep"), args.seq_len),
+    ]
+    full = arms[0]
+    full_state, full_training = max(full.optimizer_state), max(full.training_state)
+
+    print(f"\nshape={args.shape} steps={args.steps} K={args.interval} gamma={args.n_layers} (CPU, fp32, AdamW)")
+    print(
+        f"{'arm':<18} {'opt. state (peak)':>18} {'ratio':>7} {'opt. state (end)':>17} {'ratio':>7} "
+        f"{'train. state (peak)':>20} {'ratio':>7} {'time':>7}"
+    )
+    for arm in arms:
+        peak, end, train = max(arm.optimizer_state), arm.optimizer_state[-1], max(arm.training_state)
+        print(
+            f"{arm.name:<18} {peak / 2**20:>14.1f} MiB {peak / full_state:>7.3f} {end / 2**20:>13.1f} MiB "
+            f"{end / full_state:>7.3f} {train / 2**20:>16.1f} MiB {train / full_training:>7.3f} {arm.seconds:>6.0f}s"
+        )
+
+    drop, keep = arms[1], arms[2]
+    deviation = max(abs(s / m - 1) for s, m in zip(drop.optimizer_state, drop.analytic_minimum, strict=True))
+    print(f"\nLISA drop vs analytic minimum (state of the trainable parameters only), worst step: {deviation:.4%}")
+    boundaries = list(range(args.interval - 1, args.steps, args.interval))
+    growth = [keep.optimizer_state[i] / full_state for i in boundaries]
+    print("LISA keep, optimizer state / full fine-tuning at the end of each period:")
+    print("  " + " ".join(f"{g:.2f}" for g in growth))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "arms": [asdict(a) for a in arms]}, f)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""Bad input gets a clear error before any training step, and the model is left as it was."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import CausalLM, token_loader, trainer
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+from lightning_lisa import LISA
+from lightning_lisa.strategies import check_strategy
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"n_layers": 0}, r"`n_layers=0` is not allowed; `n_layers` must be an integer >= 1"),
+        ({"n_layers": 1.5}, r"`n_layers=1.5` is not allowed"),
+        ({"n_layers": True}, r"`n_layers=True` is not allowed"),
+        ({"interval": 0}, r"`interval=0` is not allowed; `interval` must be an integer >= 1"),
+        ({"interval": -3}, r"`interval=-3`"),
+        ({"seed": "1"}, r"`seed='1'` is not allowed; `seed` must be an integer"),
+        ({"optimizer_state": "free"}, r"`optimizer_state='free'` is not one of \['drop', 'offload', 'keep'\]"),
+        ({"sampling": "random"}, r"`sampling='random'` is not one of \['uniform'\]"),
+        ({"always_active": "lm_head"}, r"`always_active='lm_head'` must be a list of names, e.g. .*\['lm_head'\]"),
+        ({"always_active": [1]}, r"`always_active=\[1\]` is not allowed"),
+        ({"layers": 3}, r"`layers=3` is not allowed; `layers` must be a dotted path"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(kwargs, message):
+    with pytest.raises(MisconfigurationException, match=message):
+        LISA(**kwargs)
+
+
+def fit_fails(lisa: LISA, message: str, module: CausalLM | None = None, **trainer_kwargs) -> None:
+    module = module or CausalLM()
+    before = {n: (p.requires_grad, p.detach().clone()) for n, p in module.named_parameters()}
+    with pytest.raises(MisconfigurationException, match=message):
+        trainer([lisa], max_steps=2, **trainer_kwargs).fit(module, token_loader(2))
+    assert module.training_steps == 0
+    for n, p in module.named_parameters():
+        assert p.requires_grad == before[n][0], n
+        assert torch.equal(p.detach(), before[n][1]), n
+
+
+def test_n_layers_larger_than_the_blocks():
+    fit_fails(LISA(n_layers=7), r"`n_layers=7` is larger than the 6 blocks of `model.model.layers`; allowed: 1 to 6")
+
+
+def test_layers_path_that_does_not_exist_lists_candidates():
+    fit_fails(LISA(layers="model.layers"), r"'model.layers' does not exist .*\['model.model.layers'\]")
+
+
+def test_layers_path_that_is_not_a_module_list():
+    fit_fails(LISA(layers="model.model.norm"), r"'model.model.norm' is a LlamaRMSNorm, not an nn.ModuleList")
+
+
+def test_always_active_name_that_matches_nothing():
+    fit_fails(
+        LISA(always_active=["model.lm_heads"]),
+        r"`always_active` names 'model.lm_heads', which is neither a module nor a parameter.*model.lm_head",
+    )
+
+
+def test_model_without_block_list():
+    class Flat(CausalLM):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = torch.nn.Sequential(torch.nn.Embedding(64, 8), torch.nn.Linear(8, 64))
+
+    fit_fails(LISA(), r"LISA found no block list in Flat", module=Flat())
+
+
+def test_not_enough_trainable_blocks():
+    module = CausalLM()
+    for block in module.model.model.layers[:5]:
+        block.requires_grad_(False)
+    fit_fails(LISA(n_layers=2), r"`n_layers=2`, but only 1 blocks of `model.model.layers` have trainable", module)
+
+
+def test_two_lisa_callbacks():
+    # one LISA per Trainer: its state_key is fixed, and Lightning refuses duplicates at construction
+    with pytest.raises(RuntimeError, match="state_key` must be unique"):
+        trainer([LISA(), LISA()], max_steps=1)
+
+
+def test_ddp_static_graph_is_refused():
+    with pytest.raises(MisconfigurationException, match=r"static_graph=True.*ddp_find_unused_parameters_true"):
+        check_strategy(DDPStrategy(static_graph=True))
+
+
+def test_ddp_gets_find_unused_parameters():
+    strategy = DDPStrategy()
+    check_strategy(strategy)
+    assert strategy._ddp_kwargs["find_unused_parameters"] is True
+    strategy = DDPStrategy(find_unused_parameters=True)
+    check_strategy(strategy)
+    assert strategy._ddp_kwargs["find_unused_parameters"] is True
+
+
+@pytest.mark.parametrize("name", ["DeepSpeedStrategy", "FSDPStrategy", "ModelParallelStrategy"])
+def test_sharded_strategies_are_refused(name):
+    # subclasses are recognised by name, so the optional back-ends need not be installed
+    strategy_cls = type(name, (SingleDeviceStrategy,), {})
+    with pytest.raises(MisconfigurationException, match=rf"LISA does not support `strategy={name}`"):
+        check_strategy(strategy_cls(device=torch.device("cpu")))
+
+
+def test_real_fsdp_strategy_is_refused():
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    with pytest.raises(MisconfigurationException, match="LISA does not support `strategy=FSDPStrategy`"):
+        check_strategy(FSDPStrategy())

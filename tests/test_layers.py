@@ -1,0 +1,279 @@
+"""find_layers on tiny random models of every architecture the table knows, and through wrappers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as tf
+from helpers import CausalLM, tiny_llama
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from torch import nn
+
+from lightning_lisa import BLOCK_LISTS, find_layers
+from lightning_lisa.layers import unique_parameters
+
+SMALL = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2, vocab_size=64)
+GQA = dict(SMALL, num_key_value_heads=1)
+
+# model_type -> (config class, model class, config kwargs, block paths, embedding names, head names, tied)
+ARCHITECTURES = {
+    "llama": (tf.LlamaConfig, tf.LlamaForCausalLM, GQA, ["model.layers"], "model.embed_tokens", "lm_head", False),
+    "mistral": (tf.MistralConfig, tf.MistralForCausalLM, GQA, ["model.layers"], "model.embed_tokens", "lm_head", False),
+    "mixtral": (
+        tf.MixtralConfig,
+        tf.MixtralForCausalLM,
+        dict(GQA, num_local_experts=2),
+        ["model.layers"],
+        "model.embed_tokens",
+        "lm_head",
+        False,
+    ),
+    "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM, GQA, ["model.layers"], "model.embed_tokens", "lm_head", False),
+    "qwen3": (
+        tf.Qwen3Config,
+        tf.Qwen3ForCausalLM,
+        dict(GQA, head_dim=8),
+        ["model.layers"],
+        "model.embed_tokens",
+        "lm_head",
+        False,
+    ),
+    "gemma": (
+        tf.GemmaConfig,
+        tf.GemmaForCausalLM,
+        dict(GQA, head_dim=8),
+        ["model.layers"],
+        "model.embed_tokens",
+        "lm_head",
+        True,
+    ),
+    "gemma2": (
+        tf.Gemma2Config,
+        tf.Gemma2ForCausalLM,
+        dict(GQA, head_dim=8),
+        ["model.layers"],
+        "model.embed_tokens",
+        "lm_head",
+        True,
+    ),
+    "phi": (tf.PhiConfig, tf.PhiForCausalLM, SMALL, ["model.layers"], "model.embed_tokens", "lm_head", False),
+    "phi3": (
+        tf.Phi3Config,
+        tf.Phi3ForCausalLM,
+        dict(GQA, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+        ["model.layers"],
+        "model.embed_tokens",
+        "lm_head",
+        False,
+    ),
+    "gpt2": (
+        tf.GPT2Config,
+        tf.GPT2LMHeadModel,
+        dict(n_embd=16, n_layer=3, n_head=2, vocab_size=64, n_positions=32, bos_token_id=0, eos_token_id=0),
+        ["transformer.h"],
+        "transformer.wte",
+        "lm_head",
+        True,
+    ),
+    "gpt_neox": (
+        tf.GPTNeoXConfig,
+        tf.GPTNeoXForCausalLM,
+        SMALL,
+        ["gpt_neox.layers"],
+        "gpt_neox.embed_in",
+        "lm_head",
+        False,
+    ),
+    "gptj": (
+        tf.GPTJConfig,
+        tf.GPTJForCausalLM,
+        dict(
+            n_embd=16, n_layer=3, n_head=2, vocab_size=64, n_positions=32, rotary_dim=4, bos_token_id=0, eos_token_id=0
+        ),
+        ["transformer.h"],
+        "transformer.wte",
+        "lm_head",
+        False,
+    ),
+    "opt": (
+        tf.OPTConfig,
+        tf.OPTForCausalLM,
+        dict(
+            hidden_size=16,
+            ffn_dim=32,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            vocab_size=64,
+            word_embed_proj_dim=16,
+        ),
+        ["model.decoder.layers"],
+        "model.decoder.embed_tokens",
+        "lm_head",
+        True,
+    ),
+    "falcon": (
+        tf.FalconConfig,
+        tf.FalconForCausalLM,
+        dict(hidden_size=16, num_hidden_layers=3, num_attention_heads=2, vocab_size=64),
+        ["transformer.h"],
+        "transformer.word_embeddings",
+        "lm_head",
+        True,
+    ),
+    "bloom": (
+        tf.BloomConfig,
+        tf.BloomForCausalLM,
+        dict(hidden_size=16, n_layer=3, n_head=2, vocab_size=64),
+        ["transformer.h"],
+        "transformer.word_embeddings",
+        "lm_head",
+        True,
+    ),
+    "t5": (
+        tf.T5Config,
+        tf.T5ForConditionalGeneration,
+        dict(d_model=16, d_ff=32, num_layers=3, num_decoder_layers=2, num_heads=2, d_kv=8, vocab_size=64),
+        ["encoder.block", "decoder.block"],
+        "shared",
+        "lm_head",
+        True,
+    ),
+    "bert": (
+        tf.BertConfig,
+        tf.BertForMaskedLM,
+        SMALL,
+        ["bert.encoder.layer"],
+        "bert.embeddings.word_embeddings",
+        "cls.predictions.decoder",
+        True,
+    ),
+    "roberta": (
+        tf.RobertaConfig,
+        tf.RobertaForMaskedLM,
+        SMALL,
+        ["roberta.encoder.layer"],
+        "roberta.embeddings.word_embeddings",
+        "lm_head.decoder",
+        True,
+    ),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_known_architectures(model_type):
+    config_cls, model_cls, kwargs, paths, embedding, head, tied = ARCHITECTURES[model_type]
+    model = model_cls(config_cls(**kwargs))
+    info = find_layers(model)
+    assert info.model_type == model_type
+    assert info.from_table
+    assert list(info.block_paths) == paths
+    expected_blocks = sum(len(model.get_submodule(p)) for p in paths)
+    assert info.num_blocks == expected_blocks
+    assert info.block_names[0] == f"{paths[0]}.0"
+    assert all(model.get_submodule(n) is b for n, b in zip(info.block_names, info.blocks, strict=True))
+    assert info.embedding_names == (embedding,)
+    assert info.head_names == (head,)
+    # tied weights are counted once
+    always = [model.get_submodule(n) for n in info.embedding_names + info.head_names]
+    embedding_weight = model.get_submodule(embedding).weight
+    head_weight = model.get_submodule(head).weight
+    assert (embedding_weight is head_weight) == tied
+    head_params = model.get_submodule(head).parameters()
+    expected = embedding_weight.numel() + sum(p.numel() for p in head_params if p is not embedding_weight)
+    assert sum(p.numel() for p in unique_parameters(always)) == expected
+
+
+def test_every_table_entry_is_tested_or_a_known_alias():
+    aliases = {"qwen2_moe", "qwen3_moe", "gemma3_text", "olmo", "olmo2", "starcoder2", "gpt_bigcode", "mt5", "umt5"}
+    aliases |= {"bart", "xlm-roberta", "distilbert"}
+    assert set(BLOCK_LISTS) == set(ARCHITECTURES) | aliases
+
+
+def test_names_are_relative_to_the_wrapper():
+    module = CausalLM()  # LightningModule -> .model (LlamaForCausalLM)
+    info = find_layers(module)
+    assert info.path == "model.model.layers"
+    assert info.num_blocks == 6
+    assert info.embedding_names == ("model.model.embed_tokens",)
+    assert info.head_names == ("model.lm_head",)
+
+    class DDPLike(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.module = inner
+
+    assert find_layers(DDPLike(module)).path == "module.model.model.layers"
+
+
+def test_peft_wrapped_model():
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_llama(4), peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    info = find_layers(model)
+    assert info.path == "base_model.model.model.layers"
+    assert info.num_blocks == 4
+    assert info.embedding_names == ("base_model.model.model.embed_tokens",)
+    assert info.head_names == ("base_model.model.lm_head",)
+
+
+def test_base_model_without_head_and_classifier_head():
+    base = tf.LlamaModel(tf.LlamaConfig(**GQA))
+    info = find_layers(base)
+    assert (info.path, info.embedding_names, info.head_names) == ("layers", ("embed_tokens",), ())
+
+    classifier = tf.LlamaForSequenceClassification(tf.LlamaConfig(**GQA, num_labels=3, pad_token_id=0))
+    assert find_layers(classifier).head_names == ("score",)
+
+
+class PlainLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(50, 8)
+        self.pos = nn.Embedding(16, 8)
+        self.small = nn.ModuleList([nn.Linear(2, 2) for _ in range(3)])  # identical, but smaller
+        self.stack = nn.ModuleList([nn.TransformerEncoderLayer(8, 2, 16, batch_first=True) for _ in range(4)])
+        self.norm = nn.LayerNorm(8)
+        self.out = nn.Linear(8, 50)
+
+
+def test_plain_torch_model_structural_fallback():
+    info = find_layers(PlainLM())
+    assert info.model_type is None
+    assert not info.from_table
+    assert info.path == "stack"
+    assert info.num_blocks == 4
+    assert info.embedding_names == ("tok", "pos")
+    assert info.head_names == ("out",)
+
+
+def test_unknown_hf_architecture_falls_back_to_structure():
+    model = tiny_llama(3)
+    model.config.model_type = "my_new_llama"
+    info = find_layers(model)
+    assert (info.path, info.from_table, info.model_type) == ("model.layers", False, "my_new_llama")
+
+
+def test_explicit_layers_path():
+    model = PlainLM()
+    assert find_layers(model, layers="small").path == "small"
+    assert find_layers(model, layers=["small", "stack"]).num_blocks == 7
+
+
+def test_explicit_path_errors_list_the_candidates():
+    with pytest.raises(MisconfigurationException, match=r"'stak' does not exist.*\['small', 'stack'\]"):
+        find_layers(PlainLM(), layers="stak")
+    with pytest.raises(MisconfigurationException, match=r"'norm' is a LayerNorm, not an nn.ModuleList"):
+        find_layers(PlainLM(), layers="norm")
+
+
+def test_no_block_list_is_an_error():
+    with pytest.raises(MisconfigurationException, match=r"found no block list in Sequential.*Pass `layers=`"):
+        find_layers(nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2)))
+
+
+def test_find_layers_does_not_modify_the_model():
+    model = tiny_llama(3)
+    before = {n: (p.requires_grad, p.detach().clone()) for n, p in model.named_parameters()}
+    find_layers(model)
+    for n, p in model.named_parameters():
+        assert p.requires_grad == before[n][0]
+        assert torch.equal(p, before[n][1])
