@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 import lightning.pytorch as pl
 import torch
@@ -28,17 +28,19 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
-from lightning_lisa.layers import LayerInfo, find_layers, resolve_modules, unique_parameters
+from lightning_lisa.layers import LayerInfo, Unit, find_layers, resolve_modules, split_units, unique_parameters
 from lightning_lisa.optimizer_state import (
     OPTIMIZER_STATE_MODES,
     OptimizerStateHandler,
     OptimizerStateMode,
     optimizer_state_bytes,
 )
-from lightning_lisa.sampling import SAMPLERS, sample_layers
+from lightning_lisa.sampling import STRATEGIES, SamplingName, check_probabilities, sample_layers
 from lightning_lisa.strategies import check_strategy
 
 log = logging.getLogger(__name__)
+
+Granularity = Literal["block", "module"]
 
 
 @dataclass(frozen=True)
@@ -78,14 +80,24 @@ class LISA(Callback):
             detect them with :func:`~lightning_lisa.find_layers`.
         always_active: Names of modules (or parameters), relative to the ``LightningModule``, that
             train all the time. ``None``: the detected input embeddings and output head. ``[]``: none.
-        sampling: How blocks are chosen: ``"uniform"`` (the paper).
+        sampling: How blocks are chosen: ``"uniform"`` (the paper), ``"cyclic"`` (every block once
+            per pass), ``"weight_norm"`` (proportional to ``norm ** (1 / temperature)``), or a list
+            of per-block probabilities. See :mod:`lightning_lisa.sampling`.
         optimizer_state: What happens to the optimizer state of parameters that are frozen:
             ``"drop"`` frees it, ``"offload"`` moves it to CPU and back, ``"keep"`` leaves it.
         seed: Seed of the sampling. Period ``i`` trains the blocks drawn from ``(seed, i)``: the same
             on every rank, and the same after a resume.
+        temperature: Temperature of ``sampling="weight_norm"``, > 0.
+        granularity: ``"block"`` samples whole blocks; ``"module"`` samples their large sub-modules
+            (attention, MLP) independently, and ``n_layers`` then counts those.
+        train_embeddings: With ``always_active=None``, keep the input embeddings trainable.
+        train_head: With ``always_active=None``, keep the output head trainable.
+        train_final_norm: With ``always_active=None``, also keep the final norm trainable.
 
     Attributes:
-        active_layers: The sorted indices of the blocks trainable right now.
+        active_layers: The sorted indices of the blocks (or, with ``granularity="module"``, of the
+            units in :attr:`unit_names`) trainable right now.
+        unit_names: The names of what is sampled, after ``setup``: block names, or sub-module names.
         history: Every :class:`Switch` of the run, the first included.
         layer_info: What :func:`~lightning_lisa.find_layers` found, after ``setup``.
 
@@ -101,38 +113,65 @@ class LISA(Callback):
         interval: int = 20,
         layers: str | Sequence[str] | None = None,
         always_active: Sequence[str] | None = None,
-        sampling: str = "uniform",
+        sampling: SamplingName | Sequence[float] = "uniform",
         optimizer_state: OptimizerStateMode = "drop",
         seed: int = 0,
+        temperature: float = 1.0,
+        granularity: Granularity = "block",
+        train_embeddings: bool = True,
+        train_head: bool = True,
+        train_final_norm: bool = False,
     ) -> None:
         _check_int("n_layers", n_layers, minimum=1)
         _check_int("interval", interval, minimum=1)
         _check_int("seed", seed, minimum=None)
         _check_names("layers", layers, allow_str=True)
         _check_names("always_active", always_active, allow_str=False)
-        if sampling not in SAMPLERS:
-            raise MisconfigurationException(f"`sampling={sampling!r}` is not one of {list(SAMPLERS)}.")
+        _check_sampling(sampling)
         if optimizer_state not in OPTIMIZER_STATE_MODES:
             raise MisconfigurationException(
                 f"`optimizer_state={optimizer_state!r}` is not one of {list(OPTIMIZER_STATE_MODES)}."
+            )
+        if not isinstance(temperature, int | float) or isinstance(temperature, bool) or not temperature > 0:
+            raise MisconfigurationException(f"`temperature={temperature!r}` is not allowed; it must be a number > 0.")
+        if granularity not in get_args(Granularity):
+            raise MisconfigurationException(
+                f"`granularity={granularity!r}` is not one of {list(get_args(Granularity))}."
+            )
+        flags = {"train_embeddings": train_embeddings, "train_head": train_head, "train_final_norm": train_final_norm}
+        for name, value in flags.items():
+            if not isinstance(value, bool):
+                raise MisconfigurationException(f"`{name}={value!r}` is not allowed; it must be True or False.")
+        changed = [f"{k}={v}" for k, v in flags.items() if v != (k != "train_final_norm")]
+        if always_active is not None and changed:
+            raise MisconfigurationException(
+                f"`always_active={always_active!r}` and `{', '.join(changed)}` both choose what always trains; "
+                "give the list of names, or the flags with always_active=None."
             )
         self.n_layers = n_layers
         self.interval = interval
         self.layers = layers if layers is None or isinstance(layers, str) else list(layers)
         self.always_active = None if always_active is None else list(always_active)
-        self.sampling = sampling
+        self.sampling: str | list[float] = sampling if isinstance(sampling, str) else [float(p) for p in sampling]
         self.optimizer_state = optimizer_state
         self.seed = seed
+        self.temperature = float(temperature)
+        self.granularity = granularity
+        self.train_embeddings = train_embeddings
+        self.train_head = train_head
+        self.train_final_norm = train_final_norm
 
         self.active_layers: list[int] = []
         self.history: list[Switch] = []
         self.layer_info: LayerInfo | None = None
+        self.unit_names: list[str] = []
+        self._units: list[Unit] = []
         self._state = OptimizerStateHandler(optimizer_state)
         self._always_active_modules: list[torch.nn.Module] = []
         self._period = -1
         self._restored: dict[str, Any] | None = None
         self._managed: list[torch.nn.Parameter] = []  # what the user left trainable
-        self._block_params: list[list[torch.nn.Parameter]] = []
+        self._unit_params: list[list[torch.nn.Parameter]] = []
         self._always_params: list[torch.nn.Parameter] = []
         self._candidates: list[int] = []  # blocks with something trainable
 
@@ -217,7 +256,7 @@ class LISA(Callback):
 
     def _switch(self, trainer: pl.Trainer, period: int, active: list[int], first: bool = False) -> None:
         """Make exactly the ``active`` blocks and the always-active set trainable."""
-        trainable = {id(p) for i in active for p in self._block_params[i]}
+        trainable = {id(p) for i in active for p in self._unit_params[i]}
         trainable.update(id(p) for p in self._always_params)
         frozen, unfrozen = [], []
         for p in self._managed:
@@ -246,37 +285,74 @@ class LISA(Callback):
         self._log(trainer, switch)
 
     def _sample(self, period: int) -> list[int]:
-        chosen = sample_layers(self.sampling, len(self._candidates), self.n_layers, self.seed, period)
-        return [self._candidates[i] for i in chosen]
+        """Draw the units of ``period`` among those with trainable parameters."""
+        candidates = self._candidates
+        sampling = self.sampling
+        if not isinstance(sampling, str):
+            sampling = [sampling[i] for i in candidates]
+        norms = None
+        if sampling == "weight_norm":
+            norms = [_norm(self._units[i]) for i in candidates]
+        chosen = sample_layers(
+            sampling, len(candidates), self.n_layers, self.seed, period, norms=norms, temperature=self.temperature
+        )
+        return [candidates[i] for i in chosen]
 
     # ---------------------------------------------------------------------------------- helpers
 
     def _inspect(self, pl_module: pl.LightningModule) -> None:
         """Find blocks and always-active modules and check the arguments against them."""
         info = find_layers(pl_module, self.layers)
-        if self.n_layers > info.num_blocks:
+        units = split_units(info, self.granularity)
+        what = "blocks" if self.granularity == "block" else "block modules"
+        if self.n_layers > len(units):
             raise MisconfigurationException(
-                f"`n_layers={self.n_layers}` is larger than the {info.num_blocks} blocks of `{info.path}`; "
-                f"allowed: 1 to {info.num_blocks}."
+                f"`n_layers={self.n_layers}` is larger than the {len(units)} {what} of `{info.path}`; "
+                f"allowed: 1 to {len(units)}."
             )
-        names = self.always_active if self.always_active is not None else info.embedding_names + info.head_names
+        if not isinstance(self.sampling, str):
+            check_probabilities(self.sampling, len(units), self.n_layers)
+        names = self.always_active if self.always_active is not None else self._default_always_active(pl_module, info)
         self._always_active_modules = resolve_modules(pl_module, names, "always_active")
         self.layer_info = info
+        self._units = units
+        self.unit_names = [u.name for u in units]
         rank_zero_info(
-            f"LISA: sampling {self.n_layers} of {info.num_blocks} blocks in `{info.path}` every {self.interval} "
-            f"steps; always trained: {list(names) or 'nothing else'}."
+            f"LISA: sampling {self.n_layers} of {len(units)} {what} in `{info.path}` every {self.interval} steps; "
+            f"always trained: {list(names) or 'nothing else'}."
         )
+
+    def _default_always_active(self, pl_module: pl.LightningModule, info: LayerInfo) -> list[str]:
+        embeddings = unique_parameters(resolve_modules(pl_module, info.embedding_names, "always_active"))
+        head = unique_parameters(resolve_modules(pl_module, info.head_names, "always_active"))
+        tied = {id(p) for p in embeddings} & {id(p) for p in head}
+        if tied and self.train_embeddings != self.train_head:
+            raise MisconfigurationException(
+                f"`train_embeddings={self.train_embeddings}` and `train_head={self.train_head}` differ, but the input "
+                f"embeddings {list(info.embedding_names)} and the head {list(info.head_names)} share (tie) their "
+                "weights in this model; set both alike."
+            )
+        names = list(info.embedding_names) if self.train_embeddings else []
+        names += list(info.head_names) if self.train_head else []
+        if self.train_final_norm:
+            if not info.final_norm_names:
+                raise MisconfigurationException(
+                    f"`train_final_norm=True`, but no final norm was found after `{info.path}`; name it in "
+                    "`always_active` instead."
+                )
+            names += list(info.final_norm_names)
+        return names
 
     def _collect_parameters(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self.layer_info is not None, "LISA.setup did not run"
         self._managed = [p for p in unique_parameters([pl_module]) if p.requires_grad]
         managed = {id(p) for p in self._managed}
-        self._block_params = [[p for p in b.parameters() if id(p) in managed] for b in self.layer_info.blocks]
+        self._unit_params = [[p for p in unique_parameters(u.modules) if id(p) in managed] for u in self._units]
         self._always_params = [p for p in unique_parameters(self._always_active_modules) if id(p) in managed]
-        self._candidates = [i for i, params in enumerate(self._block_params) if params]
+        self._candidates = [i for i, params in enumerate(self._unit_params) if params]
         if len(self._candidates) < self.n_layers:
             raise MisconfigurationException(
-                f"`n_layers={self.n_layers}`, but only {len(self._candidates)} blocks of "
+                f"`n_layers={self.n_layers}`, but only {len(self._candidates)} {self.granularity}s of "
                 f"`{self.layer_info.path}` have trainable parameters (the others were frozen before fit)."
             )
         in_optimizer = {id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
@@ -304,6 +380,27 @@ class LISA(Callback):
         metrics.update({f"lisa/active_block_{j}": float(i) for j, i in enumerate(switch.active_layers)})
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
+
+
+def _norm(unit: Unit) -> float:
+    """The L2 norm of all the weights of ``unit`` (frozen or not)."""
+    squares = [p.detach().float().pow(2).sum() for p in unique_parameters(unit.modules)]
+    return float(torch.stack(squares).sum().sqrt()) if squares else 0.0
+
+
+def _check_sampling(sampling: object) -> None:
+    if isinstance(sampling, str):
+        if sampling not in STRATEGIES:
+            raise MisconfigurationException(
+                f"`sampling={sampling!r}` is not one of {list(STRATEGIES)} or a list of per-block probabilities."
+            )
+        return
+    if not isinstance(sampling, Sequence) or not all(
+        isinstance(p, int | float) and not isinstance(p, bool) for p in sampling
+    ):
+        raise MisconfigurationException(
+            f"`sampling={sampling!r}` is not allowed; give one of {list(STRATEGIES)} or a list of numbers."
+        )
 
 
 def _check_int(name: str, value: object, minimum: int | None) -> None:

@@ -70,6 +70,8 @@ class LayerInfo:
         blocks: The block modules themselves, in the same order.
         embedding_names: Names of the input-embedding modules (usually one).
         head_names: Names of the output-head modules (may share weights with the embeddings).
+        final_norm_names: Names of the norms applied after the last block of each stack
+            (e.g. ``model.norm``), if any.
         model_type: The Hugging Face ``config.model_type``, or ``None`` for other models.
         from_table: Whether the blocks came from :data:`BLOCK_LISTS` (``False``: structural search
             or an explicit path).
@@ -80,6 +82,7 @@ class LayerInfo:
     blocks: tuple[nn.Module, ...]
     embedding_names: tuple[str, ...]
     head_names: tuple[str, ...]
+    final_norm_names: tuple[str, ...]
     model_type: str | None
     from_table: bool
 
@@ -145,9 +148,72 @@ def find_layers(module: nn.Module, layers: str | Sequence[str] | None = None) ->
         blocks=tuple(blocks),
         embedding_names=tuple(names[id(m)] for m in embeddings if id(m) in names),
         head_names=tuple(names[id(m)] for m in heads if id(m) in names),
+        final_norm_names=tuple(name for path in paths for name in _final_norms(module, path)),
         model_type=model_type,
         from_table=from_table,
     )
+
+
+@dataclass(frozen=True)
+class Unit:
+    """What LISA samples: a whole block, or (``granularity="module"``) one large sub-module of a block.
+
+    Attributes:
+        name: Dotted name, e.g. ``"model.layers.3"`` or ``"model.layers.3.mlp"``.
+        block: Index of the block it belongs to.
+        modules: The modules whose parameters train when the unit is sampled. For sub-modules this
+            includes the block's small leftovers (e.g. its norms), which train with any of its units.
+    """
+
+    name: str
+    block: int
+    modules: tuple[nn.Module, ...]
+
+
+#: A sub-module holding at least this share of its block's parameters is a unit of its own.
+MODULE_SHARE = 0.05
+
+
+def split_units(info: LayerInfo, granularity: str) -> list[Unit]:
+    """The units LISA samples from: each block (``"block"``) or its large sub-modules (``"module"``).
+
+    A block is split into its direct children holding at least :data:`MODULE_SHARE` of its parameters
+    (attention and MLP in a transformer block), descending through a single dominant child (such as
+    T5's ``layer`` list); the small remaining parameters go with every unit of the block.
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        ...                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+        >>> [u.name for u in split_units(find_layers(LlamaForCausalLM(config)), "module")]
+        ['model.layers.0.self_attn', 'model.layers.0.mlp', 'model.layers.1.self_attn', 'model.layers.1.mlp']
+    """
+    if granularity == "block":
+        pairs = zip(info.block_names, info.blocks, strict=True)
+        return [Unit(name, i, (block,)) for i, (name, block) in enumerate(pairs)]
+    units: list[Unit] = []
+    for index, (name, block) in enumerate(zip(info.block_names, info.blocks, strict=True)):
+        parts = _large_children(name, block)
+        if len(parts) < 2:
+            units.append(Unit(name, index, (block,)))
+            continue
+        in_parts = {id(p) for _, part in parts for p in part.parameters()}
+        leftovers = [p for p in block.parameters() if id(p) not in in_parts]
+        extra: tuple[nn.Module, ...] = (nn.ParameterList(leftovers),) if leftovers else ()
+        units.extend(Unit(part_name, index, (part, *extra)) for part_name, part in parts)
+    return units
+
+
+def _large_children(name: str, module: nn.Module) -> list[tuple[str, nn.Module]]:
+    total = _numel(module)
+    large = [(f"{name}.{n}", c) for n, c in module.named_children() if _numel(c) >= MODULE_SHARE * total > 0]
+    if len(large) == 1 and any(True for _ in large[0][1].children()):
+        return _large_children(*large[0])
+    return large
+
+
+def _numel(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
 
 
 def unique_parameters(modules: Iterable[nn.Module]) -> list[nn.Parameter]:
@@ -298,6 +364,21 @@ def _embeddings_and_head(
     embeddings = [m for m in outside if isinstance(m, nn.Embedding)]
     linears: list[nn.Module] = [m for m in outside if isinstance(m, nn.Linear)]
     return embeddings, linears[-1:]
+
+
+def _is_norm(m: nn.Module) -> bool:
+    return isinstance(m, nn.LayerNorm | nn.RMSNorm | nn.GroupNorm) or "norm" in type(m).__name__.lower()
+
+
+def _final_norms(module: nn.Module, path: str) -> list[str]:
+    """Norm modules beside the block list ``path`` registered after it (or named as final ones)."""
+    parent_path, _, attr = path.rpartition(".")
+    siblings = list(module.get_submodule(parent_path).named_children())
+    position = [name for name, _ in siblings].index(attr)
+    norms = [name for name, m in siblings[position + 1 :] if _is_norm(m)]
+    if not norms:
+        norms = [name for name, m in siblings if _is_norm(m) and ("final" in name or name.endswith("_f"))]
+    return [f"{parent_path}.{name}" if parent_path else name for name in norms]
 
 
 def _call_accessor(model: nn.Module, name: str) -> nn.Module | None:

@@ -258,3 +258,43 @@ def test_several_optimizers_under_manual_optimization():
     with_state = {n for n, p in names.items() if p in blocks_opt.state}
     assert {block_of(n) for n in with_state} == active
     assert {n for n, p in names.items() if p in rest_opt.state} == set(ALWAYS)
+
+
+def test_module_granularity_trains_and_frees_per_sub_module():
+    lisa = LISA(n_layers=3, interval=2, granularity="module", seed=4)
+    module, rec = run(lisa, steps=8)
+    assert len(lisa.unit_names) == 12
+    assert lisa.unit_names[:2] == ["model.model.layers.0.self_attn", "model.model.layers.0.mlp"]
+    names = {n for n, _ in module.named_parameters()}
+    for record in rec.steps:
+        units = [lisa.unit_names[i] for i in record.active_layers]
+        blocks = {int(u.split(".")[3]) for u in units}
+        expected = {n for n in names if any(n.startswith(u + ".") for u in units)}
+        # a block's norms train whenever one of its modules does
+        expected |= {n for n in names if block_of(n) in blocks and "layernorm" in n}
+        expected |= set(ALWAYS)
+        assert record.changed == expected, record.step
+        assert record.with_state == expected, record.step
+    assert len({r.active_layers for r in rec.steps}) > 1
+
+
+def test_always_active_flags():
+    lisa = LISA(n_layers=1, interval=3, train_embeddings=False, train_head=False, train_final_norm=True)
+    _, rec = run(lisa, steps=3)
+    for record in rec.steps:
+        assert {n for n in record.changed if block_of(n) is None} == {"model.model.norm.weight"}
+
+
+@pytest.mark.parametrize("sampling", ["cyclic", "weight_norm", [0.0, 1.0, 1.0, 1.0, 0.0, 1.0]])
+def test_sampling_strategies_in_a_run(sampling):
+    lisa = LISA(n_layers=2, interval=2, sampling=sampling, temperature=0.5)
+    module, rec = run(lisa, steps=12)
+    names = {n for n, _ in module.named_parameters()}
+    for record in rec.steps:
+        assert record.changed == expected_trainable(names, record.active_layers)
+    chosen = [s.active_layers for s in lisa.history]
+    assert len(chosen) == 6
+    if sampling == "cyclic":
+        assert {i for a in chosen[:3] for i in a} == set(range(6))
+    if isinstance(sampling, list):
+        assert {i for a in chosen for i in a} <= {1, 2, 3, 5}

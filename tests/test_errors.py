@@ -22,7 +22,15 @@ from lightning_lisa.strategies import check_strategy
         ({"interval": -3}, r"`interval=-3`"),
         ({"seed": "1"}, r"`seed='1'` is not allowed; `seed` must be an integer"),
         ({"optimizer_state": "free"}, r"`optimizer_state='free'` is not one of \['drop', 'offload', 'keep'\]"),
-        ({"sampling": "random"}, r"`sampling='random'` is not one of \['uniform'\]"),
+        ({"sampling": "random"}, r"`sampling='random'` is not one of \['uniform', 'cyclic', 'weight_norm'\]"),
+        ({"sampling": [0.5, "a"]}, r"`sampling=\[0.5, 'a'\]` is not allowed; give one of"),
+        ({"temperature": 0}, r"`temperature=0` is not allowed; it must be a number > 0"),
+        ({"granularity": "layer"}, r"`granularity='layer'` is not one of \['block', 'module'\]"),
+        ({"train_head": "no"}, r"`train_head='no'` is not allowed; it must be True or False"),
+        (
+            {"always_active": ["model.lm_head"], "train_final_norm": True},
+            r"`always_active=\['model.lm_head'\]` and `train_final_norm=True` both choose",
+        ),
         ({"always_active": "lm_head"}, r"`always_active='lm_head'` must be a list of names, e.g. .*\['lm_head'\]"),
         ({"always_active": [1]}, r"`always_active=\[1\]` is not allowed"),
         ({"layers": 3}, r"`layers=3` is not allowed; `layers` must be a dotted path"),
@@ -77,6 +85,29 @@ def test_not_enough_trainable_blocks():
     for block in module.model.model.layers[:5]:
         block.requires_grad_(False)
     fit_fails(LISA(n_layers=2), r"`n_layers=2`, but only 1 blocks of `model.model.layers` have trainable", module)
+
+
+@pytest.mark.parametrize(
+    ("sampling", "message"),
+    [
+        ([1.0] * 5, r"has 5 values, but there are 6 blocks"),
+        ([1.0, -1, 1, 1, 1, 1], r"contains negative values"),
+        ([0.0] * 6, r"has 0 positive values, fewer than n_layers=2"),
+        ([float("nan")] + [1.0] * 5, r"contains NaN or infinite values"),
+    ],
+)
+def test_bad_probabilities(sampling, message):
+    fit_fails(LISA(sampling=sampling), message)
+
+
+def test_tied_embeddings_cannot_train_on_one_side_only():
+    from helpers import tiny_llama
+
+    fit_fails(LISA(train_embeddings=False), r"share \(tie\) their weights", module=CausalLM(model=tiny_llama(tie=True)))
+
+
+def test_module_granularity_counts_modules():
+    fit_fails(LISA(n_layers=13, granularity="module"), r"`n_layers=13` is larger than the 12 block modules")
 
 
 def test_two_lisa_callbacks():

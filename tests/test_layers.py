@@ -10,7 +10,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from lightning_lisa import BLOCK_LISTS, find_layers
-from lightning_lisa.layers import unique_parameters
+from lightning_lisa.layers import split_units, unique_parameters
 
 SMALL = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2, vocab_size=64)
 GQA = dict(SMALL, num_key_value_heads=1)
@@ -277,3 +277,37 @@ def test_find_layers_does_not_modify_the_model():
     for n, p in model.named_parameters():
         assert p.requires_grad == before[n][0]
         assert torch.equal(p, before[n][1])
+
+
+FINAL_NORMS = {
+    "llama": ("model.norm",),
+    "gpt2": ("transformer.ln_f",),
+    "opt": ("model.decoder.final_layer_norm",),
+    "bloom": ("transformer.ln_f",),
+    "gpt_neox": ("gpt_neox.final_layer_norm",),
+    "t5": ("encoder.final_layer_norm", "decoder.final_layer_norm"),
+    "bert": (),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(FINAL_NORMS))
+def test_final_norms(model_type):
+    config_cls, model_cls, kwargs, *_ = ARCHITECTURES[model_type]
+    assert find_layers(model_cls(config_cls(**kwargs))).final_norm_names == FINAL_NORMS[model_type]
+
+
+def test_module_units_of_gpt2_and_t5():
+    config_cls, model_cls, kwargs, *_ = ARCHITECTURES["gpt2"]
+    gpt2 = find_layers(model_cls(config_cls(**kwargs)))
+    assert [u.name for u in split_units(gpt2, "module")][:2] == ["transformer.h.0.attn", "transformer.h.0.mlp"]
+    config_cls, model_cls, kwargs, *_ = ARCHITECTURES["t5"]
+    t5 = find_layers(model_cls(config_cls(**kwargs)))
+    names = [u.name for u in split_units(t5, "module")]
+    assert names[:2] == ["encoder.block.0.layer.0", "encoder.block.0.layer.1"]  # self-attention, feed-forward
+    assert names[-3:] == ["decoder.block.1.layer.0", "decoder.block.1.layer.1", "decoder.block.1.layer.2"]
+    assert [u.block for u in split_units(t5, "block")] == list(range(5))
+    # every parameter of every block belongs to some unit
+    for info in (gpt2, t5):
+        units = split_units(info, "module")
+        covered = {id(p) for u in units for p in unique_parameters(u.modules)}
+        assert covered == {id(p) for b in info.blocks for p in b.parameters()}

@@ -51,6 +51,24 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path: Path, mode: str, interva
     assert not torch.equal(first.model.model.embed_tokens.weight, reference.model.model.embed_tokens.weight)
 
 
+@pytest.mark.parametrize(
+    "options",
+    [{"sampling": "weight_norm"}, {"sampling": "cyclic"}, {"granularity": "module", "n_layers": 3}],
+)
+def test_resume_with_other_strategies(tmp_path: Path, options: dict):
+    options = {"n_layers": 2, "interval": 4, "seed": 2, **options}
+    reference_lisa = LISA(**options)
+    reference = fit(reference_lisa, 4, CausalLM())
+    run = trainer([LISA(**options)], max_epochs=2)
+    run.fit(CausalLM(), token_loader(n_batches=BATCHES_PER_EPOCH))
+    run.save_checkpoint(tmp_path / "stop.ckpt")
+    resumed_lisa = LISA(**options)
+    resumed = fit(resumed_lisa, 4, CausalLM(), ckpt_path=str(tmp_path / "stop.ckpt"))
+    assert [s.active_layers for s in resumed_lisa.history] == [s.active_layers for s in reference_lisa.history]
+    for (name, a), (_, b) in zip(resumed.named_parameters(), reference.named_parameters(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+
+
 def test_checkpoint_holds_the_schedule_and_loads_without_the_callback(tmp_path: Path):
     lisa = LISA(n_layers=2, interval=2, seed=4)
     module = CausalLM()
