@@ -28,6 +28,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
+from lightning_lisa.communication import FrozenSkippingState
 from lightning_lisa.layers import LayerInfo, Unit, find_layers, resolve_modules, split_units, unique_parameters
 from lightning_lisa.optimizer_state import (
     OPTIMIZER_STATE_MODES,
@@ -36,7 +37,7 @@ from lightning_lisa.optimizer_state import (
     optimizer_state_bytes,
 )
 from lightning_lisa.sampling import STRATEGIES, SamplingName, check_probabilities, sample_layers
-from lightning_lisa.strategies import check_strategy
+from lightning_lisa.strategies import check_strategy, install_comm_hook
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,10 @@ class LISA(Callback):
         train_embeddings: With ``always_active=None``, keep the input embeddings trainable.
         train_head: With ``always_active=None``, keep the output head trainable.
         train_final_norm: With ``always_active=None``, also keep the final norm trainable.
+        ddp_comm_hook: Under DDP, install a communication hook that all-reduces only the gradients
+            of trainable parameters (see :mod:`lightning_lisa.communication`).
+        verify_ranks: At every switch, all-gather the active blocks and raise if the ranks disagree
+            (a debugging aid; costs one small collective per switch).
 
     Attributes:
         active_layers: The sorted indices of the blocks (or, with ``granularity="module"``, of the
@@ -100,6 +105,8 @@ class LISA(Callback):
         unit_names: The names of what is sampled, after ``setup``: block names, or sub-module names.
         history: Every :class:`Switch` of the run, the first included.
         layer_info: What :func:`~lightning_lisa.find_layers` found, after ``setup``.
+        communication: Under DDP with ``ddp_comm_hook=True``, the hook's counters of all-reduced
+            gradient elements.
 
     Example:
         >>> import lightning.pytorch as pl
@@ -121,6 +128,8 @@ class LISA(Callback):
         train_embeddings: bool = True,
         train_head: bool = True,
         train_final_norm: bool = False,
+        ddp_comm_hook: bool = True,
+        verify_ranks: bool = False,
     ) -> None:
         _check_int("n_layers", n_layers, minimum=1)
         _check_int("interval", interval, minimum=1)
@@ -139,7 +148,7 @@ class LISA(Callback):
                 f"`granularity={granularity!r}` is not one of {list(get_args(Granularity))}."
             )
         flags = {"train_embeddings": train_embeddings, "train_head": train_head, "train_final_norm": train_final_norm}
-        for name, value in flags.items():
+        for name, value in {**flags, "ddp_comm_hook": ddp_comm_hook, "verify_ranks": verify_ranks}.items():
             if not isinstance(value, bool):
                 raise MisconfigurationException(f"`{name}={value!r}` is not allowed; it must be True or False.")
         changed = [f"{k}={v}" for k, v in flags.items() if v != (k != "train_final_norm")]
@@ -160,6 +169,9 @@ class LISA(Callback):
         self.train_embeddings = train_embeddings
         self.train_head = train_head
         self.train_final_norm = train_final_norm
+        self.ddp_comm_hook = ddp_comm_hook
+        self.verify_ranks = verify_ranks
+        self.communication: FrozenSkippingState | None = None
 
         self.active_layers: list[int] = []
         self.history: list[Switch] = []
@@ -198,6 +210,8 @@ class LISA(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Remember what the user left trainable and start the current period."""
         self._collect_parameters(trainer, pl_module)
+        if self.ddp_comm_hook:
+            self.communication = install_comm_hook(trainer.strategy)
         period = trainer.global_step // self.interval
         restored = self._restored
         self._restored = None
@@ -271,6 +285,8 @@ class LISA(Callback):
         self._state.release(trainer.optimizers, frozen)
         self._state.restore(trainer.optimizers, unfrozen)
 
+        if self.verify_ranks:
+            _verify_ranks(trainer, active)
         self._period = period
         self.active_layers = list(active)
         switch = Switch(
@@ -380,6 +396,16 @@ class LISA(Callback):
         metrics.update({f"lisa/active_block_{j}": float(i) for j, i in enumerate(switch.active_layers)})
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
+
+
+def _verify_ranks(trainer: pl.Trainer, active: list[int]) -> None:
+    """Raise unless every rank is about to train the same ``active`` units."""
+    if trainer.world_size < 2:
+        return
+    mine = torch.tensor(active, device=trainer.strategy.root_device)
+    gathered = trainer.strategy.all_gather(mine).view(trainer.world_size, -1).tolist()
+    if any(row != active for row in gathered):
+        raise RuntimeError(f"LISA: ranks disagree on the active blocks at step {trainer.global_step}: {gathered}")
 
 
 def _norm(unit: Unit) -> float:

@@ -3,7 +3,9 @@
 * Single device: works.
 * DDP (``ddp``, ``ddp_spawn``, ...): frozen blocks produce no gradients, so DDP must be built with
   ``find_unused_parameters=True``. LISA sets it (with a notice) when the user did not; an explicit
-  ``static_graph=True`` cannot work (the graph changes at every switch) and is refused.
+  ``static_graph=True`` cannot work (the graph changes at every switch) and is refused. Once the
+  model is wrapped, LISA installs :func:`~lightning_lisa.communication.frozen_skipping_hook` so only
+  trainable gradients are all-reduced (unless the strategy already has a communication hook).
 * FSDP, model parallelism and DeepSpeed are refused until LISA handles their sharded parameters and
   optimizer state; a run that silently trains the wrong parameters is worse than no run.
 """
@@ -13,6 +15,9 @@ from __future__ import annotations
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.strategies import DDPStrategy, Strategy
 from lightning.pytorch.utilities import rank_zero_info
+from torch.nn.parallel import DistributedDataParallel
+
+from lightning_lisa.communication import FrozenSkippingState, frozen_skipping_hook
 
 #: Strategies LISA refuses, by class name (no import of optional back-ends needed), with the reason.
 UNSUPPORTED_STRATEGIES: dict[str, str] = {
@@ -63,3 +68,25 @@ def _prepare_ddp(strategy: DDPStrategy) -> None:
             "LISA: set `find_unused_parameters=True` on the DDP strategy, because frozen blocks receive no "
             "gradients. Pass `strategy='ddp_find_unused_parameters_true'` to make this explicit."
         )
+
+
+def install_comm_hook(strategy: Strategy) -> FrozenSkippingState | None:
+    """Register the frozen-skipping hook on a wrapped DDP model; ``None`` where it does not apply.
+
+    It does not apply to other strategies, to a single process, or when the user gave the DDP
+    strategy a communication hook of their own (which is kept, and then all buckets are reduced).
+    """
+    if not isinstance(strategy, DDPStrategy) or strategy.world_size < 2:
+        return None
+    model = strategy.model
+    if not isinstance(model, DistributedDataParallel):
+        return None
+    if getattr(strategy, "_ddp_comm_hook", None) is not None:
+        rank_zero_info(
+            "LISA: the DDP strategy has its own `ddp_comm_hook`, so LISA does not install the hook that skips "
+            "frozen gradients; every bucket is all-reduced."
+        )
+        return None
+    state = FrozenSkippingState(process_group=model.process_group)
+    model.register_comm_hook(state, frozen_skipping_hook)
+    return state

@@ -27,9 +27,30 @@ class AgreeingRanks(pl.Callback):
         self.gathered.append(trainer.strategy.all_gather(active).tolist())
 
 
-def main(out: Path, strategy: str) -> None:
+class Elements(pl.Callback):
+    """Gradient elements the hook all-reduced at each optimizer step, and the trainable elements."""
+
+    def __init__(self, lisa: LISA) -> None:
+        self.lisa = lisa
+        self.reduced: list[int] = []
+        self.buckets: list[int] = []
+        self.trainable: list[int] = []
+        self._seen = (0, 0)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        stats = self.lisa.communication
+        if stats is None:
+            return
+        self.reduced.append(stats.reduced_elements - self._seen[0])
+        self.buckets.append(stats.bucket_elements - self._seen[1])
+        self._seen = (stats.reduced_elements, stats.bucket_elements)
+        self.trainable.append(sum(p.numel() for p in pl_module.parameters() if p.requires_grad))
+
+
+def main(out: Path, strategy: str, hook: bool) -> None:
     warnings.filterwarnings("ignore")
-    lisa = LISA(n_layers=2, interval=3, seed=9)
+    lisa = LISA(n_layers=2, interval=3, seed=9, ddp_comm_hook=hook, verify_ranks=True)
+    elements = Elements(lisa)
     recorder = Recorder(lisa)
     agree = AgreeingRanks(lisa)
     module = CausalLM()
@@ -39,7 +60,7 @@ def main(out: Path, strategy: str) -> None:
         devices=2,
         strategy=strategy,
         max_steps=9,
-        callbacks=[lisa, recorder, agree],
+        callbacks=[lisa, recorder, agree, elements],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -56,10 +77,15 @@ def main(out: Path, strategy: str) -> None:
             for r in recorder.steps
         ],
         "weights": {n: p.detach().double().sum().item() for n, p in module.named_parameters()},
+        "hook_installed": lisa.communication is not None,
+        "reduced": elements.reduced,
+        "buckets": elements.buckets,
+        "trainable": elements.trainable,
+        "total": sum(p.numel() for p in module.parameters()),
         "unchanged": sorted(n for n, p in module.named_parameters() if torch.equal(p.detach(), start[n])),
     }
     (out / f"rank{rank}.json").write_text(json.dumps(result))
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2])
+    main(Path(sys.argv[1]), sys.argv[2], sys.argv[3] == "hook")

@@ -15,12 +15,12 @@ HERE = Path(__file__).resolve().parent
 ALWAYS = {"model.model.embed_tokens.weight", "model.lm_head.weight"}
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "ddp_find_unused_parameters_true"])
-def test_ddp_ranks_agree_and_train_only_sampled_blocks(tmp_path: Path, strategy: str):
+def run_ddp(out: Path, strategy: str, hook: bool) -> list[dict]:
+    out.mkdir()
     env = {**os.environ, "PYTHONPATH": str(HERE)}
     result = subprocess.run(
-        [sys.executable, str(HERE / "ddp_run.py"), str(tmp_path), strategy],
-        cwd=tmp_path,
+        [sys.executable, str(HERE / "ddp_run.py"), str(out), strategy, "hook" if hook else "no-hook"],
+        cwd=out,
         env=env,
         capture_output=True,
         text=True,
@@ -28,7 +28,22 @@ def test_ddp_ranks_agree_and_train_only_sampled_blocks(tmp_path: Path, strategy:
         check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.fixture(scope="module")
+def with_hook(tmp_path_factory) -> list[dict]:
+    return run_ddp(tmp_path_factory.mktemp("ddp") / "hook", "ddp", hook=True)
+
+
+@pytest.fixture(scope="module")
+def without_hook(tmp_path_factory) -> list[dict]:
+    return run_ddp(tmp_path_factory.mktemp("ddp") / "plain", "ddp_find_unused_parameters_true", hook=False)
+
+
+@pytest.mark.parametrize("run", ["with_hook", "without_hook"])
+def test_ddp_ranks_agree_and_train_only_sampled_blocks(run: str, request):
+    ranks = request.getfixturevalue(run)
     zero, one = ranks
     # plain "ddp" gets find_unused_parameters=True from LISA; without it the 2nd batch would fail
     assert zero["find_unused_parameters"] is True
@@ -45,3 +60,16 @@ def test_ddp_ranks_agree_and_train_only_sampled_blocks(tmp_path: Path, strategy:
     trained = {i for h in zero["history"] for i in h}
     frozen_blocks = {n for n in zero["weights"] if block_of(n) is not None and block_of(n) not in trained}
     assert frozen_blocks <= set(zero["unchanged"])
+
+
+def test_hook_all_reduces_only_trainable_gradients(with_hook, without_hook):
+    zero = with_hook[0]
+    assert zero["hook_installed"]
+    assert not without_hook[0]["hook_installed"]
+    assert len(zero["reduced"]) == 9
+    for reduced, buckets, trainable in zip(zero["reduced"], zero["buckets"], zero["trainable"], strict=True):
+        assert reduced == trainable  # exactly the trainable parameters' elements
+        assert buckets == zero["total"]  # what the default hook would have sent
+    # and training is unchanged by it: same weights as plain DDP
+    for name, value in zero["weights"].items():
+        assert value == pytest.approx(without_hook[0]["weights"][name], rel=1e-6, abs=1e-9), name

@@ -43,3 +43,18 @@ def test_optimizer_state_benchmark_smoke(tmp_path: Path):
     assert max(drop["optimizer_state"]) < max(keep["optimizer_state"]) <= max(full["optimizer_state"])
     assert keep["optimizer_state"][-1] > keep["optimizer_state"][0]
     assert max(drop["training_state"]) < 0.7 * max(full["training_state"])
+
+
+def test_ddp_communication_benchmark_smoke(tmp_path: Path):
+    results = tmp_path / "ddp.json"
+    run(
+        str(ROOT / "benchmarks" / "ddp_communication.py"),
+        "--shape=tiny", "--steps=4", "--interval=2", "--json", str(results),
+        cwd=tmp_path,
+    )  # fmt: skip
+    figures = json.loads(results.read_text())
+    total = figures["total"]
+    assert all(sent == total for sent in figures["default"]["sent"])
+    for sent, active in zip(figures["hook"]["sent"], figures["hook"]["trainable"], strict=True):
+        assert sent <= 1.25 * active
+        assert sent < 0.6 * total
