@@ -5,8 +5,11 @@ randomly sampled transformer blocks at a time, at a fraction of full fine-tuning
 """
 
 from lightning_lisa.callback import LISA, Switch
-from lightning_lisa.layers import BLOCK_LISTS, LayerInfo, find_layers
+from lightning_lisa.layers import BLOCK_LISTS, LayerInfo, Unit, find_layers, split_units
+from lightning_lisa.monitor import WeightNormMonitor
+from lightning_lisa.norms import NormRecord, layer_norms, monitored_layers
 from lightning_lisa.optimizer_state import OptimizerStateHandler, optimizer_state_bytes
+from lightning_lisa.plots import plot_heatmap, plot_layer_means
 from lightning_lisa.sampling import sample_layers
 
 __version__ = "0.1.0"
@@ -15,9 +18,17 @@ __all__ = [
     "BLOCK_LISTS",
     "LISA",
     "LayerInfo",
+    "NormRecord",
     "OptimizerStateHandler",
     "Switch",
+    "Unit",
+    "WeightNormMonitor",
     "find_layers",
+    "layer_norms",
+    "monitored_layers",
     "optimizer_state_bytes",
+    "plot_heatmap",
+    "plot_layer_means",
     "sample_layers",
+    "split_units",
 ]

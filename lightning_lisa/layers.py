@@ -71,7 +71,7 @@ class LayerInfo:
         embedding_names: Names of the input-embedding modules (usually one).
         head_names: Names of the output-head modules (may share weights with the embeddings).
         final_norm_names: Names of the norms applied after the last block of each stack
-            (e.g. ``model.norm``), if any.
+            (e.g. ``model.norm``), if any; a sibling of the block list in the module tree.
         model_type: The Hugging Face ``config.model_type``, or ``None`` for other models.
         from_table: Whether the blocks came from :data:`BLOCK_LISTS` (``False``: structural search
             or an explicit path).
@@ -142,13 +142,15 @@ def find_layers(module: nn.Module, layers: str | Sequence[str] | None = None) ->
     in_blocks = {id(m) for block in blocks for m in block.modules()}
 
     embeddings, heads = _embeddings_and_head(module, hf_model, in_blocks)
+    excluded = in_blocks | {id(m) for m in embeddings + heads}
+    final_norms = [_final_norm(module, path, excluded) for path in paths]
     return LayerInfo(
         block_paths=tuple(paths),
         block_names=tuple(block_names),
         blocks=tuple(blocks),
         embedding_names=tuple(names[id(m)] for m in embeddings if id(m) in names),
         head_names=tuple(names[id(m)] for m in heads if id(m) in names),
-        final_norm_names=tuple(name for path in paths for name in _final_norms(module, path)),
+        final_norm_names=tuple(dict.fromkeys(name for name in final_norms if name is not None)),
         model_type=model_type,
         from_table=from_table,
     )
@@ -366,19 +368,26 @@ def _embeddings_and_head(
     return embeddings, linears[-1:]
 
 
-def _is_norm(m: nn.Module) -> bool:
-    return isinstance(m, nn.LayerNorm | nn.RMSNorm | nn.GroupNorm) or "norm" in type(m).__name__.lower()
+def _final_norm(module: nn.Module, path: str, excluded: set[int]) -> str | None:
+    """The norm applied after the block list ``path``: a sibling of the list, outside ``excluded``.
 
-
-def _final_norms(module: nn.Module, path: str) -> list[str]:
-    """Norm modules beside the block list ``path`` registered after it (or named as final ones)."""
+    The first norm (a module with parameters whose class name contains "norm") registered after the
+    list; failing that, the last one registered before it whose name does not mention embeddings
+    (OPT registers its final norm before its layers).
+    """
     parent_path, _, attr = path.rpartition(".")
     siblings = list(module.get_submodule(parent_path).named_children())
     position = [name for name, _ in siblings].index(attr)
-    norms = [name for name, m in siblings[position + 1 :] if _is_norm(m)]
-    if not norms:
-        norms = [name for name, m in siblings if _is_norm(m) and ("final" in name or name.endswith("_f"))]
-    return [f"{parent_path}.{name}" if parent_path else name for name in norms]
+
+    def is_norm(m: nn.Module) -> bool:
+        return "norm" in type(m).__name__.lower() and id(m) not in excluded and any(True for _ in m.parameters())
+
+    after = [name for name, m in siblings[position + 1 :] if is_norm(m)]
+    before = [name for name, m in siblings[:position] if is_norm(m) and "emb" not in name.lower()]
+    chosen = after[0] if after else (before[-1] if before else None)
+    if chosen is None:
+        return None
+    return f"{parent_path}.{chosen}" if parent_path else chosen
 
 
 def _call_accessor(model: nn.Module, name: str) -> nn.Module | None:

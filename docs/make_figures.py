@@ -1,0 +1,73 @@
+"""Draw the documentation's figures from real runs: ``python docs/make_figures.py``.
+
+* ``images/schedule.png``: which layers trained at which step in a LISA run of a tiny Llama
+  (8 blocks, n_layers=2, interval=10, 60 steps), read from ``LISA.history``.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from lightning_lisa import LISA  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
+
+class LM(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        config = LlamaConfig(
+            vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=8,
+            num_attention_heads=4, num_key_value_heads=2,
+        )  # fmt: skip
+        self.model = LlamaForCausalLM(config)
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        return self.model(input_ids=batch, labels=batch).loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+def schedule(path: Path, steps: int = 60) -> None:
+    lisa = LISA(n_layers=2, interval=10, seed=0)
+    torch.manual_seed(0)
+    data = DataLoader(list(torch.randint(0, 128, (steps, 16))), batch_size=1)
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=steps, callbacks=[lisa], logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(LM(), data)
+    rows = ["head (lm_head)"] + [f"block {i}" for i in reversed(range(8))] + ["embeddings"]
+    grid = torch.zeros(len(rows), steps)
+    grid[0] = grid[-1] = 1
+    for k, switch in enumerate(lisa.history):
+        end = lisa.history[k + 1].step if k + 1 < len(lisa.history) else steps
+        for block in switch.active_layers:
+            grid[1 + (7 - block), switch.step : end] = 1
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    ax.imshow(grid, aspect="auto", cmap="Blues", vmin=0, vmax=1.3, interpolation="nearest")
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_xlabel("optimizer step")
+    for switch in lisa.history:
+        ax.axvline(switch.step - 0.5, color="grey", lw=0.6)
+    ax.set_title("LISA(n_layers=2, interval=10): trained layers (dark) per step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    schedule(HERE / "images" / "schedule.png")
