@@ -371,19 +371,20 @@ def _embeddings_and_head(
 def _final_norm(module: nn.Module, path: str, excluded: set[int]) -> str | None:
     """The norm applied after the block list ``path``: a sibling of the list, outside ``excluded``.
 
-    The first norm (a module with parameters whose class name contains "norm") registered after the
-    list; failing that, the last one registered before it whose name does not mention embeddings
-    (OPT registers its final norm before its layers).
+    The first norm (a module with parameters whose class name contains "norm" and whose name does not
+    mention embeddings, unlike BART's ``layernorm_embedding``) registered after the list; failing
+    that, the last one registered before it (OPT registers its final norm before its layers).
     """
     parent_path, _, attr = path.rpartition(".")
     siblings = list(module.get_submodule(parent_path).named_children())
     position = [name for name, _ in siblings].index(attr)
 
-    def is_norm(m: nn.Module) -> bool:
-        return "norm" in type(m).__name__.lower() and id(m) not in excluded and any(True for _ in m.parameters())
+    def is_norm(name: str, m: nn.Module) -> bool:
+        named_norm = "norm" in type(m).__name__.lower() and "emb" not in name.lower()
+        return named_norm and id(m) not in excluded and any(True for _ in m.parameters())
 
-    after = [name for name, m in siblings[position + 1 :] if is_norm(m)]
-    before = [name for name, m in siblings[:position] if is_norm(m) and "emb" not in name.lower()]
+    after = [name for name, m in siblings[position + 1 :] if is_norm(name, m)]
+    before = [name for name, m in siblings[:position] if is_norm(name, m)]
     chosen = after[0] if after else (before[-1] if before else None)
     if chosen is None:
         return None
