@@ -108,7 +108,7 @@ class LISA(Callback):
         communication: Under DDP with ``ddp_comm_hook=True``, the hook's counters of all-reduced
             gradient elements.
 
-    Example:
+    Examples:
         >>> import lightning.pytorch as pl
         >>> from lightning_lisa import LISA
         >>> trainer = pl.Trainer(callbacks=[LISA(n_layers=2, interval=20)], logger=False)

@@ -113,7 +113,7 @@ def find_layers(module: nn.Module, layers: str | Sequence[str] | None = None) ->
         MisconfigurationException: If ``layers`` names no ``nn.ModuleList``, or no block list
             can be found.
 
-    Example:
+    Examples:
         >>> from transformers import LlamaConfig, LlamaForCausalLM
         >>> config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
         ...                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
@@ -183,7 +183,7 @@ def split_units(info: LayerInfo, granularity: str) -> list[Unit]:
     (attention and MLP in a transformer block), descending through a single dominant child (such as
     T5's ``layer`` list); the small remaining parameters go with every unit of the block.
 
-    Example:
+    Examples:
         >>> from transformers import LlamaConfig, LlamaForCausalLM
         >>> config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         ...                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128)

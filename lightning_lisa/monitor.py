@@ -94,7 +94,7 @@ class WeightNormMonitor(Callback):
             DeepSpeed ZeRO-3 (whose parameters are empty placeholders outside forward) and for
             ``track_grad=True`` under DeepSpeed (gradients live in DeepSpeed's buffers, not in ``.grad``).
 
-    Example:
+    Examples:
         >>> import lightning.pytorch as pl
         >>> monitor = WeightNormMonitor(logging_interval=5, track_change=True)
         >>> trainer = pl.Trainer(callbacks=[monitor], logger=False)

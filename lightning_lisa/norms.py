@@ -99,7 +99,7 @@ class LayerNormAccumulator(Metric):
         dtype: The dtype of the state; float64 keeps sums over billions of elements exact enough.
         kwargs: Passed on to :class:`torchmetrics.Metric` (e.g. ``process_group``).
 
-    Example:
+    Examples:
         >>> acc = LayerNormAccumulator(2)
         >>> acc.update(torch.tensor([9.0, 1.0]))  # shard 1: sums of squares
         >>> acc.update(torch.tensor([16.0, 0.0]))  # shard 2
@@ -151,7 +151,7 @@ def local_part(tensor: Tensor, plain: PlainTensors = "replicated", rank: int | N
     Raises:
         ValueError: For a ``DTensor`` with a ``Partial`` placement: its norm needs the summed value.
 
-    Example:
+    Examples:
         >>> t = torch.ones(3)
         >>> local_part(t, rank=0) is t, local_part(t, rank=1), local_part(t, "sharded", rank=1) is t
         (True, None, True)
@@ -184,7 +184,7 @@ def partial_norm(tensors: Iterable[Tensor], norm: NormType = "l2", device: torch
         device: Where the result lives (float32 on MPS, which has no float64); by default the
             device of the first tensor, else the CPU.
 
-    Example:
+    Examples:
         >>> partial_norm([torch.tensor([3.0]), torch.tensor([4.0, 0.0])]).item()
         25.0
     """
@@ -253,7 +253,7 @@ def layer_norms(
     Returns:
         Module name to norm, in the order given.
 
-    Example:
+    Examples:
         >>> layer = nn.Linear(3, 1, bias=False)
         >>> _ = nn.init.constant_(layer.weight, 2.0)
         >>> {name: round(value, 4) for name, value in layer_norms({"proj": layer}).items()}
@@ -288,7 +288,7 @@ def monitored_layers(module: nn.Module, layers: str | Sequence[str] | None = Non
         MisconfigurationException: From :func:`~lightning_lisa.find_layers`, when ``layers`` names
             no ``nn.ModuleList`` or no block list can be found.
 
-    Example:
+    Examples:
         >>> from transformers import LlamaConfig, LlamaForCausalLM
         >>> config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         ...                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128)

@@ -28,7 +28,7 @@ OPTIMIZER_STATE_MODES: tuple[str, ...] = get_args(OptimizerStateMode)
 def optimizer_state_bytes(optimizers: Iterable[Optimizer], device: torch.device | str | None = None) -> int:
     """Bytes held by the state tensors of ``optimizers`` (optionally only those on ``device``).
 
-    Example:
+    Examples:
         >>> import torch
         >>> layer = torch.nn.Linear(4, 4, bias=False)
         >>> opt = torch.optim.AdamW(layer.parameters())
@@ -60,7 +60,7 @@ class OptimizerStateHandler:
     Args:
         mode: One of ``"drop"``, ``"offload"``, ``"keep"``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
         >>> opt = torch.optim.AdamW(model.parameters())

@@ -52,7 +52,7 @@ def plot_heatmap(
     Raises:
         ModuleNotFoundError: If matplotlib is not installed.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> rows = [NormRecord(0, {"a": 1.0, "b": 2.0}), NormRecord(5, {"a": 1.5, "b": 2.0})]
         >>> with tempfile.TemporaryDirectory() as tmp:
@@ -110,7 +110,7 @@ def plot_layer_means(
     Raises:
         ModuleNotFoundError: If matplotlib is not installed.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> rows = [NormRecord(0, {"a": 1.0, "b": 2.0}), NormRecord(5, {"a": 3.0, "b": 2.0})]
         >>> with tempfile.TemporaryDirectory() as tmp:

@@ -45,7 +45,7 @@ def period_seed(seed: int, period: int, stream: int = 0) -> int:
         period: The period index (or, for ``stream=1``, the pass index of ``"cyclic"``).
         stream: Separates independent uses of the same ``(seed, period)``.
 
-    Example:
+    Examples:
         >>> period_seed(0, 1) != period_seed(0, 2) != period_seed(1, 1) != period_seed(0, 1, stream=1)
         True
     """
@@ -77,7 +77,7 @@ def cyclic(
     A pass lasts ``ceil(num_blocks / n_layers)`` periods; when ``n_layers`` does not divide
     ``num_blocks``, the last group of a pass is completed with the first blocks of the permutation.
 
-    Example:
+    Examples:
         >>> passes = [cyclic(6, 2, seed=0, period=p) for p in range(3)]
         >>> sorted(i for group in passes for i in group)
         [0, 1, 2, 3, 4, 5]
@@ -109,7 +109,7 @@ def check_probabilities(probabilities: Sequence[float], num_blocks: int, n_layer
         MisconfigurationException: For a wrong length, NaN or infinite, negative or all-zero values,
             or fewer positive values than ``n_layers``.
 
-    Example:
+    Examples:
         >>> check_probabilities([1, 1, 2], num_blocks=3, n_layers=1).tolist()
         [0.25, 0.25, 0.5]
     """
@@ -134,7 +134,7 @@ def check_probabilities(probabilities: Sequence[float], num_blocks: int, n_layer
 def norm_probabilities(norms: Sequence[float], temperature: float) -> torch.Tensor:
     """Probabilities proportional to ``norm ** (1 / temperature)``, computed stably in log space.
 
-    Example:
+    Examples:
         >>> norm_probabilities([1.0, 2.0], temperature=1.0).tolist()
         [0.3333333333333333, 0.6666666666666666]
     """
@@ -172,7 +172,7 @@ def sample_layers(
     Returns:
         ``n_layers`` distinct indices in ``range(num_blocks)``, sorted.
 
-    Example:
+    Examples:
         >>> sample_layers("uniform", num_blocks=8, n_layers=2, seed=0, period=3)
         [4, 6]
         >>> sample_layers([0, 0, 1, 0], num_blocks=4, n_layers=1, seed=0, period=0)

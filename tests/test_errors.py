@@ -143,3 +143,16 @@ def test_real_fsdp_strategy_is_refused():
 
     with pytest.raises(MisconfigurationException, match="LISA does not support `strategy=FSDPStrategy`"):
         check_strategy(FSDPStrategy())
+
+
+def test_empty_layers_list():
+    fit_fails(LISA(layers=[]), r"`layers` is an empty list; give at least one dotted path or None")
+
+
+def test_final_norm_requested_where_there_is_none():
+    class NoFinalNorm(CausalLM):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model.model.norm = torch.nn.Identity()
+
+    fit_fails(LISA(train_final_norm=True), r"`train_final_norm=True`, but no final norm was found", NoFinalNorm())
