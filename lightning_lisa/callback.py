@@ -185,7 +185,9 @@ class LISA(Callback):
         self._managed: list[torch.nn.Parameter] = []  # what the user left trainable
         self._unit_params: list[list[torch.nn.Parameter]] = []
         self._always_params: list[torch.nn.Parameter] = []
-        self._candidates: list[int] = []  # blocks with something trainable
+        self._candidates: list[int] = []
+        self._check_gradients = False  # look for sampled units without gradients at the next step
+        self._warned_starved = False  # blocks with something trainable
 
     @property
     def state_key(self) -> str:
@@ -232,6 +234,23 @@ class LISA(Callback):
         period = trainer.global_step // self.interval
         if period != self._period:
             self._switch(trainer, period, self._sample(period))
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        """At the first step of a period, warn about sampled units that received no gradient at all."""
+        if not self._check_gradients:
+            return
+        self._check_gradients = False
+        starved = [self.unit_names[i] for i in self.active_layers if all(p.grad is None for p in self._unit_params[i])]
+        if starved and not self._warned_starved:
+            self._warned_starved = True
+            rank_zero_warn(
+                f"LISA: the sampled {starved} received no gradient at step {trainer.global_step}, so they do not "
+                "train. With gradient checkpointing (use_reentrant=True) and frozen embeddings, blocks whose inputs "
+                "do not require grad get none: call `model.enable_input_require_grads()` on the Hugging Face model, "
+                "or use `gradient_checkpointing_kwargs={'use_reentrant': False}`."
+            )
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Give the user back every parameter trainable, as it was before fit."""
@@ -289,6 +308,7 @@ class LISA(Callback):
             _verify_ranks(trainer, active)
         self._period = period
         self.active_layers = list(active)
+        self._check_gradients = True
         switch = Switch(
             step=trainer.global_step,
             period=period,

@@ -5,11 +5,13 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from helpers import CausalLM, tiny_llama, token_loader, trainer
 from lightning.pytorch.loggers import CSVLogger
 from recorder import Recorder, block_of
+from torch.utils.checkpoint import checkpoint
 
 from lightning_lisa import LISA, sample_layers
 
@@ -298,3 +300,37 @@ def test_sampling_strategies_in_a_run(sampling):
         assert {i for a in chosen[:3] for i in a} == set(range(6))
     if isinstance(sampling, list):
         assert {i for a in chosen for i in a} <= {1, 2, 3, 5}
+
+
+class CheckpointedLM(pl.LightningModule):
+    """Blocks run under reentrant activation checkpointing (which gives no gradient to a block whose
+    inputs do not require grad), unless ``input_grads`` makes the embedding output require grad."""
+
+    def __init__(self, input_grads: bool) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(64, 16)
+        self.blocks = torch.nn.ModuleList(
+            torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh()) for _ in range(4)
+        )
+        self.head = torch.nn.Linear(16, 64)
+        self.input_grads = input_grads
+
+    def training_step(self, batch, batch_idx):
+        hidden = self.embed(batch)
+        if self.input_grads:
+            hidden.requires_grad_(True)
+        for block in self.blocks:
+            hidden = checkpoint(block, hidden, use_reentrant=True)
+        return torch.nn.functional.cross_entropy(self.head(hidden).flatten(0, 1), batch.flatten())
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+
+def test_warns_when_sampled_blocks_get_no_gradient():
+    lisa = LISA(n_layers=2, interval=2, train_embeddings=False)
+    with pytest.warns(UserWarning, match=r"received no gradient at step 0.*enable_input_require_grads"):
+        run(lisa, steps=2, module=CheckpointedLM(input_grads=False))
+    _, rec = run(LISA(n_layers=2, interval=2, train_embeddings=False), steps=2, module=CheckpointedLM(input_grads=True))
+    for record in rec.steps:
+        assert {block_of(n, "blocks.") for n in record.changed} == {*record.active_layers, None}
