@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/demo.py
+	$(VENV)/bin/lightning-lisa fit --config examples/configs/demo.yaml
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check lightning_lisa tests benchmarks examples

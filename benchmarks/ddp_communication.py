@@ -9,7 +9,6 @@ Run ``python benchmarks/ddp_communication.py`` (a few minutes on 2 cores) or
 ``--steps 6 --shape tiny`` for a smoke run.
 """
 
-
 import argparse
 import json
 import logging

@@ -1,32 +1,54 @@
-"""The demo and the benchmarks run end to end at tiny scale, and report what they claim."""
+"""The demo, the examples and the benchmarks run end to end at tiny scale, and report what they claim."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+from cli_args import tiny, torch_threads
+
+from lightning_lisa.cli import cli_main
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(*args: str, cwd: Path) -> str:
-    result = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, check=False)
+def run(*args: str, cwd: Path, env: dict[str, str] | None = None) -> str:
+    result = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, check=False, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 
 
-def test_demo_prints_what_lisa_did(tmp_path: Path):
-    out = run(
-        str(ROOT / "examples" / "demo.py"),
-        "--steps=12", "--layers=4", "--interval=4", "--output", str(tmp_path),
-        cwd=tmp_path,
-    )  # fmt: skip
-    assert "validation loss:" in out
+def test_demo_config_prints_what_lisa_did(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys):
+    """`make demo` at tiny scale: the same config, a tiny model and 12 steps."""
+    monkeypatch.chdir(tmp_path)  # the demo writes to ./demo_output
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])
+    args = ["fit", "--config", str(ROOT / "examples" / "configs" / "demo.yaml"), *tiny(tmp_path, tmp_path, steps=12)]
+    args.append("--lisa.interval=4")
+    with torch_threads(1):
+        cli_main(args)
+    out = capsys.readouterr().out
+    assert "validation loss:" in out and " before -> " in out
     assert out.count("  period ") == 3
     assert "optimizer state, full fine-tuning (measured)" in out
     ratio = float(out.split("ratio: ")[1].split("x")[0])
     assert 0 < ratio < 1
+    assert (tmp_path / "demo_output" / "hf_model" / "config.json").is_file()
+    assert "Hugging Face model: demo_output/hf_model" in out
+    assert "weight-norm plots: " in out
+
+
+def test_add_to_existing_module_example(tmp_path: Path):
+    env = {**os.environ, "LIGHTNING_LISA_CACHE": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    out = run(
+        str(ROOT / "examples" / "add_to_existing_module.py"),
+        "--steps=4", "--layers=3", "--hidden-size=16", "--max-examples=3", "--output", str(tmp_path),
+        cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert out.count("period ") == 1 and "trained blocks [" in out
 
 
 def test_optimizer_state_benchmark_smoke(tmp_path: Path):

@@ -1,0 +1,177 @@
+"""The ``lightning-lisa`` command: Lightning's CLI for :class:`~lightning_lisa.module.CausalLMModule`.
+
+``lightning-lisa fit|validate|test|predict`` takes ``--config`` files and ``--key=value`` overrides for
+the Trainer (``trainer.*``), the model (``model.*``), the data (``data.*``) and, optionally, LISA:
+
+* ``--lisa.n_layers=2 --lisa.interval=20 ...`` (or a ``lisa:`` mapping in a config file) adds one
+  :class:`~lightning_lisa.LISA` callback; leave ``lisa`` out for full fine-tuning;
+* or, as for any callback, ``trainer.callbacks`` with ``class_path: lightning_lisa.LISA`` and
+  ``init_args``. Configuring LISA in both places is refused.
+
+Every init argument is type-checked by jsonargparse. After ``fit`` a summary is printed (validation
+loss, blocks per period, optimizer-state bytes against full fine-tuning, output paths); see the
+``summary.*`` options.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from typing import Any
+
+from jsonargparse import Namespace
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+
+from lightning_lisa.callback import LISA
+from lightning_lisa.data import TextDataModule
+from lightning_lisa.module import CausalLMModule
+from lightning_lisa.summary import (
+    FitReport,
+    OptimizerStateTracker,
+    SummaryOptions,
+    estimate_full_finetuning_state,
+    format_summary,
+    measure_full_finetuning_state,
+    output_paths,
+    validation_loss,
+)
+
+
+class LisaCLI(LightningCLI):
+    """``LightningCLI`` with :class:`CausalLMModule`, :class:`TextDataModule`, a ``--lisa.*`` group and a summary.
+
+    Args:
+        args: Arguments to parse instead of ``sys.argv[1:]`` (e.g. ``["fit", "--config", "run.yaml"]``).
+        run: Run the subcommand; ``False`` only builds the model, data and Trainer (no subcommand).
+        kwargs: Further arguments of :class:`~lightning.pytorch.cli.LightningCLI`.
+
+    Attributes:
+        report: The numbers of the last summary, after ``fit``.
+
+    Examples:
+        >>> cli = LisaCLI(args=["--model.config", '{"model_type": "llama", "vocab_size": 512, "hidden_size": 16, '
+        ...     '"intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2}',
+        ...     "--lisa.n_layers=1", "--trainer.logger=false"], run=False)
+        >>> [type(c).__name__ for c in cli.trainer.callbacks if isinstance(c, LISA)]
+        ['LISA']
+    """
+
+    def __init__(self, args: ArgsType = None, run: bool = True, **kwargs: Any) -> None:
+        self.report: FitReport | None = None
+        self._tracker: OptimizerStateTracker | None = None
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("seed_everything_default", 0)
+        kwargs.setdefault(
+            "parser_kwargs", {"prog": "lightning-lisa", "description": "Fine-tune a causal language model with LISA."}
+        )
+        super().__init__(CausalLMModule, TextDataModule, args=args, run=run, auto_configure_optimizers=False, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """Add the optional ``--lisa.*`` callback and the ``--summary.*`` options."""
+        parser.add_argument(
+            "--lisa",
+            type=LISA | None,
+            default=None,
+            help="Train with LISA: give any of its arguments (e.g. --lisa.n_layers=2) or a `lisa:` mapping in a "
+            "config file; --lisa.help LISA lists them. Leave it out for full fine-tuning.",
+        )
+        parser.add_argument("--summary", type=SummaryOptions, default=SummaryOptions(), help="The report after fit.")
+
+    def before_instantiate_classes(self) -> None:
+        """Refuse a second LISA before anything (such as a large model) is built."""
+        config = self.config.get(str(self.subcommand), self.config) if self.subcommand else self.config
+        in_callbacks = [c for c in _as_list(config.get("trainer.callbacks")) if _is_lisa_config(c)]
+        in_group = config.get("lisa") is not None
+        if len(in_callbacks) + int(in_group) > 1:
+            where = (["--lisa (a `lisa:` mapping)"] if in_group else []) + [
+                f"trainer.callbacks (class_path {c.get('class_path')!r})" for c in in_callbacks
+            ]
+            self._parser(self.subcommand).error(
+                f"LISA is configured more than once: {'; '.join(where)}. A Trainer takes one LISA callback: keep "
+                "either the `lisa:` group or the `trainer.callbacks` entry."
+            )
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """Build the Trainer with the ``--lisa`` callback (if given) and, for fit, the state tracker."""
+        extra: list[Callback] = []
+        lisa = self._get(self.config_init, "lisa")
+        if lisa is not None:
+            extra.append(lisa)
+        if self.subcommand == "fit" and self._options().enabled:
+            self._tracker = OptimizerStateTracker()
+            extra.append(self._tracker)
+        trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        callbacks = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
+        return self._instantiate_trainer(trainer_config, callbacks + extra)
+
+    # --------------------------------------------------------------------------------- fit
+
+    def before_fit(self) -> None:
+        """Validate the untrained model if ``summary.validate_before``."""
+        options = self._options()
+        self.report = FitReport()
+        if options.enabled and options.validate_before:
+            ckpt_path = self._get(self.config_init, "ckpt_path")
+            results = self.trainer.validate(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path, verbose=False)
+            self.report.val_loss_before = validation_loss(results)
+
+    def after_fit(self) -> None:
+        """Validate the trained model, then print the summary (on global rank zero)."""
+        options = self._options()
+        if not options.enabled or self.report is None or self.trainer.interrupted:
+            return
+        report = self.report
+        results = self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
+        report.val_loss_after = validation_loss(results)
+        if not self.trainer.is_global_zero:
+            return
+        report.peak_state_bytes = self._tracker.peak if self._tracker is not None else 0
+        if options.measure_full_finetuning:
+            batch = next(iter(self.datamodule.train_dataloader()))
+            report.full_state_bytes = measure_full_finetuning_state(self.model.model, self.model.make_optimizer, batch)
+            report.full_state_measured = True
+        else:
+            report.full_state_bytes = estimate_full_finetuning_state(self.model.model, self.model.hparams["optimizer"])
+        report.paths = output_paths(self.trainer, self.model)
+        lisa = next((c for c in self.trainer.callbacks if isinstance(c, LISA)), None)  # type: ignore[attr-defined]
+        print(format_summary(report, self.model, lisa, self.trainer.global_step), flush=True)
+
+    def _options(self) -> SummaryOptions:
+        options = self._get(self.config_init, "summary")
+        if isinstance(options, SummaryOptions):
+            return options
+        if isinstance(options, Namespace):
+            return SummaryOptions(**options.as_dict())
+        return SummaryOptions(**(options or {}))
+
+
+def _as_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list) else [value]
+
+
+def _is_lisa_config(callback: Any) -> bool:
+    """Whether a ``trainer.callbacks`` entry (``class_path`` + ``init_args``, or an instance) is a LISA."""
+    if isinstance(callback, LISA):
+        return True
+    class_path = callback.get("class_path") if isinstance(callback, Namespace | dict) else None
+    if not isinstance(class_path, str) or "." not in class_path:
+        return False
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError):
+        return False
+    return isinstance(cls, type) and issubclass(cls, LISA)
+
+
+def cli_main(args: ArgsType = None) -> None:
+    """Entry point of the ``lightning-lisa`` command (and ``python -m lightning_lisa``).
+
+    Args:
+        args: Command-line arguments; ``None`` reads ``sys.argv[1:]``.
+    """
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    LisaCLI(args=args)

@@ -1,0 +1,248 @@
+"""A ready-made ``LightningModule`` for fine-tuning any Hugging Face causal language model.
+
+:class:`CausalLMModule` loads a model with ``AutoModelForCausalLM.from_pretrained`` (a local
+directory works offline) or builds one with random weights from a config, trains it on batches of
+``input_ids``/``labels`` (see :class:`~lightning_lisa.data.TextDataModule`), logs loss and
+perplexity, and can save a Hugging Face directory at the end of fit. Its optimizer is built over
+all parameters, as :class:`~lightning_lisa.LISA` needs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F  # noqa: N812 - the usual alias
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities import rank_zero_info
+from torchmetrics.aggregation import MeanMetric
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from lightning_lisa.data import IGNORE_INDEX, Batch
+from lightning_lisa.optim import OptimizerName, ScheduleName, build_optimizer, lr_lambda, parameter_groups
+
+
+def build_config(config: str | dict[str, Any]) -> PretrainedConfig:
+    """A Hugging Face model config from a dict (with ``model_type``) or a local path.
+
+    Raises:
+        MisconfigurationException: If the dict has no ``model_type`` or names an unknown one.
+
+    Examples:
+        >>> cfg = build_config({"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 2})
+        >>> type(cfg).__name__, cfg.hidden_size, cfg.num_hidden_layers
+        ('LlamaConfig', 32, 2)
+    """
+    if isinstance(config, str):
+        loaded: PretrainedConfig = AutoConfig.from_pretrained(config)
+        return loaded
+    fields = dict(config)
+    model_type = fields.pop("model_type", None)
+    if not isinstance(model_type, str):
+        raise MisconfigurationException(
+            f"`config` must name its architecture with a `model_type` string (e.g. 'llama'); got keys {sorted(config)}."
+        )
+    try:
+        built: PretrainedConfig = AutoConfig.for_model(model_type, **fields)
+    except ValueError as err:
+        raise MisconfigurationException(
+            f"`config.model_type={model_type!r}` is not a known architecture: {err}"
+        ) from err
+    return built
+
+
+class CausalLMModule(pl.LightningModule):
+    """Fine-tunes a Hugging Face causal LM; give ``model_name_or_path`` or ``config``.
+
+    Args:
+        model_name_or_path: Directory (or Hub name) of a pretrained model, for
+            ``AutoModelForCausalLM.from_pretrained``.
+        config: Instead of ``model_name_or_path``, a config for a randomly initialized model: a dict
+            with a ``model_type`` (e.g. ``{"model_type": "llama", "hidden_size": 256, ...}``) or the
+            path of a config file or directory.
+        model_kwargs: Extra keyword arguments of ``from_pretrained`` / ``from_config`` (e.g.
+            ``attn_implementation``, ``trust_remote_code``, ``revision``).
+        optimizer: ``"adamw"`` (``torch.optim.AdamW``) or ``"adamw8bit"`` (bitsandbytes, 8-bit
+            state). Built over all parameters.
+        learning_rate: Peak learning rate.
+        weight_decay: Decoupled weight decay of matrices (biases and norms are not decayed).
+        betas: Adam's coefficients.
+        warmup_steps: Optimizer steps of linear warm-up.
+        lr_schedule: After warm-up: ``"cosine"`` or ``"linear"`` decay to
+            ``min_lr_ratio * learning_rate`` at the end of the run, or ``"constant"``.
+        min_lr_ratio: Final learning rate as a fraction of the peak.
+        gradient_checkpointing: Recompute block activations in the backward pass to save memory.
+        save_hf_dir: If set, ``save_pretrained`` the model (and the data module's tokenizer) there at
+            the end of fit.
+
+    Examples:
+        >>> module = CausalLMModule(config={"model_type": "llama", "vocab_size": 64, "hidden_size": 16,
+        ...     "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2})
+        >>> batch = {"input_ids": torch.randint(0, 64, (2, 8)), "labels": torch.randint(0, 64, (2, 8))}
+        >>> module(batch).loss.shape
+        torch.Size([])
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str | None = None,
+        config: dict[str, Any] | str | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+        optimizer: OptimizerName = "adamw",
+        learning_rate: float = 2e-5,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 0,
+        lr_schedule: ScheduleName = "cosine",
+        min_lr_ratio: float = 0.0,
+        gradient_checkpointing: bool = False,
+        save_hf_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        if (model_name_or_path is None) == (config is None):
+            raise MisconfigurationException(
+                f"Give exactly one of `model_name_or_path` (a pretrained model) and `config` (random weights); got "
+                f"model_name_or_path={model_name_or_path!r} and config={config!r}."
+            )
+        self.save_hyperparameters()
+        # fail now, not at the first optimizer step
+        lr_lambda(lr_schedule, warmup_steps, total_steps=1, min_lr_ratio=min_lr_ratio)
+        kwargs = dict(model_kwargs or {})
+        self.model: PreTrainedModel
+        if model_name_or_path is not None:
+            self.model = AutoModelForCausalLM.from_pretrained(model_name_or_path, **kwargs)
+        else:
+            assert config is not None
+            self.model = AutoModelForCausalLM.from_config(build_config(config), **kwargs)  # type: ignore[no-untyped-call]
+        if gradient_checkpointing:
+            enable_checkpointing(self.model)
+        self.tokenizer: PreTrainedTokenizerBase | None = None
+        self.val_loss = MeanMetric()
+        self.test_loss = MeanMetric()
+
+    def forward(self, batch: Batch) -> Any:
+        """The Hugging Face model's output for a batch of ``input_ids`` (and ``labels``, ``attention_mask``)."""
+        return self.model(**batch)
+
+    # ------------------------------------------------------------------------------- steps
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        """Next-token loss of the batch; logs ``train_loss`` and ``train_ppl``."""
+        loss: torch.Tensor = self(batch).loss
+        size = batch["input_ids"].shape[0]
+        self.log("train_loss", loss, prog_bar=True, batch_size=size)
+        self.log("train_ppl", torch.exp(loss.detach()), batch_size=size)
+        return loss
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        """Accumulate the token-weighted loss of the validation set."""
+        _accumulate(self.val_loss, self(batch).loss, batch)
+
+    def on_validation_epoch_end(self) -> None:
+        """Log ``val_loss`` (mean over target tokens) and ``val_ppl``."""
+        self._log_epoch("val", self.val_loss)
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        """Accumulate the token-weighted loss of the test set."""
+        _accumulate(self.test_loss, self(batch).loss, batch)
+
+    def on_test_epoch_end(self) -> None:
+        """Log ``test_loss`` and ``test_ppl``."""
+        self._log_epoch("test", self.test_loss)
+
+    def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, torch.Tensor]:
+        """Score each sequence: mean next-token loss and the number of target tokens."""
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+        targets = batch["labels"][:, 1:]
+        losses = F.cross_entropy(
+            logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
+        )
+        tokens = (targets != IGNORE_INDEX).sum(dim=1)
+        return {"loss": losses.sum(dim=1) / tokens.clamp(min=1), "tokens": tokens}
+
+    def _log_epoch(self, prefix: str, metric: MeanMetric) -> None:
+        loss = metric.compute()
+        with torch.inference_mode(False):  # fresh states must be normal tensors: fit updates them outside it
+            metric.reset()
+        # compute() already reduced across processes: the all-reduce of sync_dist averages equal values
+        self.log(f"{prefix}_loss", loss, prog_bar=prefix == "val", sync_dist=True)
+        self.log(f"{prefix}_ppl", torch.exp(loss), sync_dist=True)
+
+    # ------------------------------------------------------------------------- optimization
+
+    def make_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+        """The configured optimizer over ALL parameters of ``model`` (default: this module's model).
+
+        Examples:
+            >>> module = CausalLMModule(config={"model_type": "llama", "vocab_size": 64, "hidden_size": 16,
+            ...     "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2})
+            >>> _ = module.model.requires_grad_(False)
+            >>> sum(len(g["params"]) for g in module.make_optimizer().param_groups) == len(list(module.parameters()))
+            True
+        """
+        hp = self.hparams
+        target = model if model is not None else self.model
+        groups = parameter_groups(target.named_parameters(), hp["weight_decay"])
+        return build_optimizer(hp["optimizer"], groups, lr=hp["learning_rate"], betas=tuple(hp["betas"]))
+
+    def configure_optimizers(self) -> Any:
+        """The optimizer over all parameters and the per-step warm-up + decay schedule."""
+        hp = self.hparams
+        optimizer = self.make_optimizer()
+        total = self.trainer.estimated_stepping_batches
+        schedule = lr_lambda(hp["lr_schedule"], hp["warmup_steps"], total, hp["min_lr_ratio"])
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------------------- hooks
+
+    def setup(self, stage: str) -> None:
+        """Take the data module's tokenizer (to save it) and check it fits the model's embeddings."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        tokenizer = getattr(datamodule, "tokenizer", None)
+        if not isinstance(tokenizer, PreTrainedTokenizerBase):
+            return
+        self.tokenizer = tokenizer
+        weight = getattr(self.model.get_input_embeddings(), "weight", None)
+        rows = int(weight.shape[0]) if isinstance(weight, torch.Tensor) else int(self.model.config.vocab_size)
+        if len(tokenizer) > rows:
+            raise MisconfigurationException(
+                f"The tokenizer has {len(tokenizer)} tokens but the model's input embeddings have {rows} rows: "
+                f"set the model's `vocab_size` to at least {len(tokenizer)} (e.g. `model.config.vocab_size`), "
+                "or use the model's own tokenizer (`data.tokenizer`)."
+            )
+
+    def on_fit_end(self) -> None:
+        """Save the model (and tokenizer) as a Hugging Face directory if ``save_hf_dir`` is set."""
+        directory = self.hparams.get("save_hf_dir")
+        if directory is None or not self.trainer.is_global_zero:
+            return
+        self.save_hf(directory)
+
+    def save_hf(self, directory: str | Path) -> Path:
+        """``save_pretrained`` the model, and the tokenizer if there is one, into ``directory``."""
+        path = Path(directory).expanduser()
+        self.model.save_pretrained(path)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(path)
+        rank_zero_info(f"Saved the Hugging Face model{' and tokenizer' if self.tokenizer else ''} to {path}")
+        return path
+
+
+def enable_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute each block's activations in the backward pass (non-reentrant, so frozen blocks work)."""
+    model.config.use_cache = False
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)  # type: ignore[no-untyped-call]
+
+
+def _accumulate(metric: MeanMetric, loss: torch.Tensor, batch: Batch) -> None:
+    """Add a batch's mean loss, weighted by its target tokens (labels shifted by one, as the model does)."""
+    tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+    if tokens > 0:  # a batch without targets has a NaN loss and no weight
+        metric.update(loss, weight=tokens)

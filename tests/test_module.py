@@ -1,0 +1,153 @@
+"""CausalLMModule: model construction, optimizer over all parameters, schedule, metrics, saving."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from cli_args import TINY_MODEL, VOCAB, torch_threads
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lightning_lisa import LISA
+from lightning_lisa.data import TextDataModule
+from lightning_lisa.module import CausalLMModule
+from lightning_lisa.optim import lr_lambda
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    with torch_threads(1):
+        yield
+
+
+def tiny_module(**kwargs: object) -> CausalLMModule:
+    torch.manual_seed(0)
+    return CausalLMModule(config=dict(TINY_MODEL), **kwargs)  # type: ignore[arg-type]
+
+
+def tiny_data(cache: Path, **kwargs: object) -> TextDataModule:
+    settings: dict[str, object] = {
+        "max_examples": 4, "vocab_size": VOCAB, "max_length": 32, "batch_size": 4, "cache_dir": str(cache),
+    }  # fmt: skip
+    settings.update(kwargs)
+    return TextDataModule(**settings)  # type: ignore[arg-type]
+
+
+def trainer(root: Path, steps: int = 3, **kwargs: object) -> pl.Trainer:
+    settings: dict[str, object] = dict(
+        accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=2, limit_test_batches=2,
+        default_root_dir=str(root),
+    )  # fmt: skip
+    settings.update(kwargs)
+    return pl.Trainer(**settings)  # type: ignore[arg-type]
+
+
+def test_exactly_one_source_of_weights():
+    with pytest.raises(MisconfigurationException, match="exactly one of `model_name_or_path`"):
+        CausalLMModule()
+    with pytest.raises(MisconfigurationException, match="exactly one of `model_name_or_path`"):
+        CausalLMModule(model_name_or_path="x", config=dict(TINY_MODEL))
+
+
+def test_config_errors_name_the_problem():
+    with pytest.raises(MisconfigurationException, match=r"`model_type` string.*got keys \['hidden_size'\]"):
+        CausalLMModule(config={"hidden_size": 8})
+    with pytest.raises(MisconfigurationException, match=r"`config.model_type='no-such-model'`"):
+        CausalLMModule(config={"model_type": "no-such-model"})
+    with pytest.raises(MisconfigurationException, match=r"`lr_schedule='sawtooth'` is not one of"):
+        tiny_module(lr_schedule="sawtooth")
+    with pytest.raises(MisconfigurationException, match=r"`optimizer='sgd'` is not one of"):
+        tiny_module(optimizer="sgd").make_optimizer()
+
+
+@pytest.mark.parametrize("name", ["adamw", "adamw8bit"])
+def test_optimizer_holds_every_parameter_even_frozen_ones(name: str):
+    module = tiny_module(optimizer=name, weight_decay=0.1)
+    module.model.model.layers.requires_grad_(False)
+    optimizer = module.make_optimizer()
+    in_optimizer = [p for group in optimizer.param_groups for p in group["params"]]
+    assert {id(p) for p in in_optimizer} == {id(p) for p in module.model.parameters()}
+    assert len(in_optimizer) == len(list(module.model.parameters()))
+    decays = {g["weight_decay"] for g in optimizer.param_groups}
+    assert decays == {0.1, 0.0}
+
+
+def test_warmup_then_cosine_schedule():
+    f = lr_lambda("cosine", warmup_steps=4, total_steps=14, min_lr_ratio=0.0)
+    assert [f(s) for s in range(5)] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert f(9) == pytest.approx(0.5)
+    assert f(14) == pytest.approx(0.0)
+    assert lr_lambda("constant", 0, math.inf)(100) == 1.0
+    with pytest.raises(MisconfigurationException, match="the run has no end"):
+        lr_lambda("cosine", 0, math.inf)
+
+
+def test_fit_logs_loss_and_perplexity_and_follows_the_schedule(tmp_path: Path):
+    module = tiny_module(learning_rate=0.01, warmup_steps=2)
+    dm = tiny_data(tmp_path)
+    lrs: list[float] = []
+
+    class LR(pl.Callback):
+        def on_train_batch_start(self, trainer: pl.Trainer, *args: object) -> None:
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    fit = trainer(tmp_path, steps=4, val_check_interval=4, callbacks=[LR()])
+    fit.fit(module, dm)
+    metrics = fit.callback_metrics
+    for key in ("train_loss", "train_ppl", "val_loss", "val_ppl"):
+        assert torch.isfinite(metrics[key]), key
+    assert metrics["val_ppl"] == pytest.approx(math.exp(metrics["val_loss"]), rel=1e-4)
+    assert lrs[:3] == pytest.approx([0.0, 0.005, 0.01])
+    assert lrs[3] < 0.01
+    # validation and test share the held-out split; the token-weighted loss is the same
+    test = fit.test(module, datamodule=dm, verbose=False)[0]
+    val = fit.validate(module, datamodule=dm, verbose=False)[0]
+    assert test["test_loss"] == pytest.approx(val["val_loss"])
+
+
+def test_predict_scores_each_sequence(tmp_path: Path):
+    module, dm = tiny_module(), tiny_data(tmp_path)
+    batches = trainer(tmp_path, limit_predict_batches=1).predict(module, datamodule=dm)
+    assert batches is not None
+    scores = batches[0]
+    assert isinstance(scores, dict)
+    assert scores["loss"].shape == (4,) and (scores["tokens"] == 31).all()
+    assert scores["loss"].mean() == pytest.approx(math.log(VOCAB), rel=0.1)
+
+
+def test_save_hf_dir_round_trips_through_from_pretrained(tmp_path: Path):
+    out = tmp_path / "hf"
+    module, dm = tiny_module(save_hf_dir=str(out)), tiny_data(tmp_path)
+    trainer(tmp_path, steps=2, callbacks=[LISA(n_layers=1, interval=1)]).fit(module, dm)
+    assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
+    loaded = CausalLMModule(model_name_or_path=str(out))  # offline, from the local directory
+    for (name, a), b in zip(module.model.state_dict().items(), loaded.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    tok = AutoTokenizer.from_pretrained(out)
+    assert len(tok) == VOCAB
+    assert isinstance(AutoModelForCausalLM.from_pretrained(out), torch.nn.Module)
+
+
+def test_vocabulary_larger_than_the_model_is_refused(tmp_path: Path):
+    module = tiny_module()
+    dm = tiny_data(tmp_path, vocab_size=VOCAB + 20)
+    with pytest.raises(MisconfigurationException, match=rf"tokenizer has {VOCAB + 20} tokens.*{VOCAB} rows"):
+        trainer(tmp_path).fit(module, dm)
+
+
+def test_gradient_checkpointing_trains_with_lisa(tmp_path: Path):
+    module = tiny_module(gradient_checkpointing=True)
+    assert any(getattr(m, "gradient_checkpointing", False) for m in module.model.modules())
+    before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
+    lisa = LISA(n_layers=1, interval=10)
+    trainer(tmp_path, steps=2, callbacks=[lisa]).fit(module, tiny_data(tmp_path))
+    (active,) = lisa.history[0].active_layers
+    changed = {n for n, p in module.model.named_parameters() if not torch.equal(p, before[n])}
+    assert any(n.startswith(f"model.layers.{active}.") for n in changed)
+    assert not any(n.startswith("model.layers.") and not n.startswith(f"model.layers.{active}.") for n in changed)
