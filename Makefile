@@ -1,4 +1,4 @@
-# lightning-lisa: `make demo` runs a short LISA fine-tune on CPU; `make test` runs lint, types and tests.
+# lightning-lisa: `make demo` runs a LISA fine-tune on CPU; `make test` runs lint, types, tests and the docs build.
 # Both create the virtual environment in .venv on first use (CPU build of torch first, then the rest).
 
 PYTHON ?= python3
@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_CPU ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit benchmark clean
+.PHONY: demo test lint typecheck unit docs benchmark clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,9 @@ unit: $(STAMP)
 	$(PY) -m pytest --doctest-modules lightning_lisa tests
 
 test: lint typecheck unit
+
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict
 
 benchmark: $(STAMP)
 	$(PY) benchmarks/optimizer_state.py

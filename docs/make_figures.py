@@ -2,6 +2,10 @@
 
 * ``images/schedule.png``: which layers trained at which step in a LISA run of a tiny Llama
   (8 blocks, n_layers=2, interval=10, 60 steps), read from ``LISA.history``.
+* ``images/weight_norms_heatmap.png``, ``images/weight_change_heatmap.png`` and
+  ``images/weight_norms_mean.png``: a ``WeightNormMonitor`` over 240 steps of a LISA run
+  (n_layers=2, interval=20) of the demo's model (a byte-level Llama with 8 blocks, 1.25M parameters)
+  on the English text that ships with Python.
 """
 
 from __future__ import annotations
@@ -19,25 +23,28 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from lightning_lisa import LISA  # noqa: E402
+from pydoc_data.topics import topics  # noqa: E402
+
+from lightning_lisa import LISA, WeightNormMonitor  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
 
 class LM(pl.LightningModule):
-    def __init__(self) -> None:
+    def __init__(self, vocab_size: int = 128, hidden_size: int = 32, lr: float = 1e-3) -> None:
         super().__init__()
         config = LlamaConfig(
-            vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=8,
+            vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=8,
             num_attention_heads=4, num_key_value_heads=2,
         )  # fmt: skip
         self.model = LlamaForCausalLM(config)
+        self.lr = lr
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         return self.model(input_ids=batch, labels=batch).loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+        return torch.optim.AdamW(self.parameters(), lr=self.lr)
 
 
 def schedule(path: Path, steps: int = 60) -> None:
@@ -67,7 +74,22 @@ def schedule(path: Path, steps: int = 60) -> None:
     fig.savefig(path, dpi=120)
 
 
+def norms(directory: Path, steps: int = 240) -> None:
+    torch.manual_seed(0)
+    text = torch.frombuffer(bytearray("\n".join(topics.values()).encode()), dtype=torch.uint8).long()
+    chunks = text[: len(text) // 64 * 64].view(-1, 64)
+    data = DataLoader(list(chunks), batch_size=16, shuffle=True)
+    monitor = WeightNormMonitor(logging_interval=5, track_change=True, plot=False)
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=steps, callbacks=[LISA(n_layers=2, interval=20), monitor], logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(LM(vocab_size=256, hidden_size=128, lr=3e-3), data)
+    monitor.save_plots(directory)
+
+
 if __name__ == "__main__":
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     schedule(HERE / "images" / "schedule.png")
+    norms(HERE / "images")
