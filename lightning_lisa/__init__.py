@@ -5,6 +5,7 @@ randomly sampled transformer blocks at a time, at a fraction of full fine-tuning
 """
 
 from lightning_lisa.callback import LISA, Switch
+from lightning_lisa.fsdp import fully_shard_blocks
 from lightning_lisa.layers import BLOCK_LISTS, LayerInfo, Unit, find_layers, split_units
 from lightning_lisa.monitor import WeightNormMonitor
 from lightning_lisa.norms import NormRecord, layer_norms, monitored_layers
@@ -24,6 +25,7 @@ __all__ = [
     "Unit",
     "WeightNormMonitor",
     "find_layers",
+    "fully_shard_blocks",
     "layer_norms",
     "monitored_layers",
     "optimizer_state_bytes",

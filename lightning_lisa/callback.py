@@ -3,8 +3,9 @@
 The algorithm (Pan et al., 2024, Algorithm 1), as the hooks below run it:
 
 * ``setup``: check the arguments against the model and the strategy; touch nothing yet.
-* ``on_train_start`` (the optimizer exists and the model is wrapped): remember which parameters
-  the user left trainable, then start the current period.
+* ``on_train_start`` (the optimizer exists and the model is wrapped): run FSDP2's lazy
+  initialization if the model is sharded with ``fully_shard`` (while everything still trains),
+  remember which parameters the user left trainable, then start the current period.
 * ``on_train_batch_start`` of the first micro-batch of every optimizer step: when
   ``global_step // interval`` moves to a new period, switch.
 * a switch: sample ``n_layers`` blocks from ``(seed, period)``; freeze every other block (and its
@@ -29,6 +30,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from lightning_lisa.communication import FrozenSkippingState
+from lightning_lisa.fsdp import lazy_init
 from lightning_lisa.layers import LayerInfo, Unit, find_layers, resolve_modules, split_units, unique_parameters
 from lightning_lisa.optimizer_state import (
     OPTIMIZER_STATE_MODES,
@@ -211,6 +213,7 @@ class LISA(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Remember what the user left trainable and start the current period."""
+        lazy_init(pl_module)  # FSDP2 must see every trainable parameter before the first freeze
         self._collect_parameters(trainer, pl_module)
         if self.ddp_comm_hook:
             self.communication = install_comm_hook(trainer.strategy)

@@ -10,6 +10,9 @@ memory creeps up to full fine-tuning. Here, for a parameter that becomes frozen:
 * ``"keep"`` leaves it (the naive behaviour, for comparison).
 
 The optimizer's parameter groups are never changed, so parameter ids and checkpoints stay stable.
+
+Under FSDP2 the state tensors of a sharded parameter are ``DTensor`` objects: popping the entry frees
+this rank's shard, and bytes are counted on the local shard (``DTensor.numel()`` is the global size).
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ OPTIMIZER_STATE_MODES: tuple[str, ...] = get_args(OptimizerStateMode)
 
 
 def optimizer_state_bytes(optimizers: Iterable[Optimizer], device: torch.device | str | None = None) -> int:
-    """Bytes held by the state tensors of ``optimizers`` (optionally only those on ``device``).
+    """Bytes held by the state tensors of ``optimizers`` (optionally only those on ``device``) on this rank.
+
+    A sharded ``DTensor`` state tensor counts with its local shard, what this rank holds.
 
     Examples:
         >>> import torch
@@ -44,9 +49,20 @@ def optimizer_state_bytes(optimizers: Iterable[Optimizer], device: torch.device 
             for value in state.values():
                 if isinstance(value, torch.Tensor) and id(value) not in seen:
                     seen.add(id(value))
-                    if wanted is None or _same_device(value.device, wanted):
-                        total += value.numel() * value.element_size()
+                    local = local_tensor(value)
+                    if wanted is None or _same_device(local.device, wanted):
+                        total += local.numel() * local.element_size()
     return total
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """What this rank holds of ``tensor``: the local shard of a ``DTensor``, else ``tensor`` itself."""
+    if torch.distributed.is_available():
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(tensor, DTensor):
+            return tensor.to_local()
+    return tensor
 
 
 def is_paged(optimizer: Optimizer) -> bool:

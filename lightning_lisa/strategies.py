@@ -6,18 +6,24 @@
   ``static_graph=True`` cannot work (the graph changes at every switch) and is refused. Once the
   model is wrapped, LISA installs :func:`~lightning_lisa.communication.frozen_skipping_hook` so only
   trainable gradients are all-reduced (unless the strategy already has a communication hook).
-* FSDP, model parallelism and DeepSpeed are refused until LISA handles their sharded parameters and
-  optimizer state; a run that silently trains the wrong parameters is worse than no run.
+* FSDP2 (``ModelParallelStrategy`` with ``fully_shard`` in ``configure_model``, e.g. through
+  :func:`~lightning_lisa.fsdp.fully_shard_blocks`): works; only the gradients of the sampled blocks
+  and the always-active modules are reduce-scattered. LISA makes the strategy's checkpoint loading
+  accept optimizer state for only some parameters
+  (:func:`~lightning_lisa.fsdp.load_partial_optimizer_state`).
+* FSDP1 (``FSDPStrategy``) is refused: Lightning runs it on CUDA only, and LISA is not tested with
+  its flat parameters. DeepSpeed is refused (see :data:`UNSUPPORTED_STRATEGIES`).
 """
 
 from __future__ import annotations
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.strategies import DDPStrategy, Strategy
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, Strategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_lisa.communication import FrozenSkippingState, frozen_skipping_hook
+from lightning_lisa.fsdp import load_partial_optimizer_state
 
 #: Strategies LISA refuses, by class name (no import of optional back-ends needed), with the reason.
 UNSUPPORTED_STRATEGIES: dict[str, str] = {
@@ -25,29 +31,35 @@ UNSUPPORTED_STRATEGIES: dict[str, str] = {
         "DeepSpeed ZeRO keeps optimizer state in flat partitions, so the state of frozen blocks cannot "
         "be freed, and parameters frozen when the engine is built are excluded from training for good"
     ),
-    "FSDPStrategy": "sharded parameters and optimizer state are not handled by LISA yet",
-    "ModelParallelStrategy": "sharded (DTensor) parameters and optimizer state are not handled by LISA yet",
+    "FSDPStrategy": (
+        "FSDP1 flattens parameters and is not tested with LISA; use FSDP2 instead: "
+        "`ModelParallelStrategy(data_parallel_size=..., tensor_parallel_size=1)` with "
+        "`lightning_lisa.fully_shard_blocks(self.model, mesh=self.device_mesh['data_parallel'])` "
+        "in `configure_model`"
+    ),
 }
 
 
 def check_strategy(strategy: Strategy) -> None:
-    """Raise for strategies LISA cannot run under; make DDP tolerate frozen blocks.
+    """Raise for strategies LISA cannot run under; make DDP and FSDP2 tolerate frozen blocks.
 
     Must run before the strategy wraps the model (a callback's ``setup`` hook does).
 
     Raises:
-        MisconfigurationException: For DeepSpeed, FSDP, model parallelism, and DDP with
+        MisconfigurationException: For DeepSpeed, FSDP1 (``FSDPStrategy``), and DDP with
             ``static_graph=True``.
     """
     for cls in type(strategy).__mro__:
         if cls.__name__ in UNSUPPORTED_STRATEGIES:
             raise MisconfigurationException(
                 f"LISA does not support `strategy={type(strategy).__name__}`: {UNSUPPORTED_STRATEGIES[cls.__name__]}."
-                " Supported: a single device, or DDP (`strategy='ddp'`, `'ddp_spawn'`, "
-                "`'ddp_find_unused_parameters_true'`)."
+                " Supported: a single device, DDP (`strategy='ddp'`, `'ddp_spawn'`, "
+                "`'ddp_find_unused_parameters_true'`), or FSDP2 (`ModelParallelStrategy`)."
             )
     if isinstance(strategy, DDPStrategy):
         _prepare_ddp(strategy)
+    if isinstance(strategy, ModelParallelStrategy):
+        load_partial_optimizer_state(strategy)
 
 
 def _prepare_ddp(strategy: DDPStrategy) -> None:

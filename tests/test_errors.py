@@ -130,7 +130,7 @@ def test_ddp_gets_find_unused_parameters():
     assert strategy._ddp_kwargs["find_unused_parameters"] is True
 
 
-@pytest.mark.parametrize("name", ["DeepSpeedStrategy", "FSDPStrategy", "ModelParallelStrategy"])
+@pytest.mark.parametrize("name", ["DeepSpeedStrategy", "FSDPStrategy"])
 def test_sharded_strategies_are_refused(name):
     # subclasses are recognised by name, so the optional back-ends need not be installed
     strategy_cls = type(name, (SingleDeviceStrategy,), {})
@@ -143,6 +143,18 @@ def test_real_fsdp_strategy_is_refused():
 
     with pytest.raises(MisconfigurationException, match="LISA does not support `strategy=FSDPStrategy`"):
         check_strategy(FSDPStrategy())
+
+
+def test_model_parallel_strategy_is_accepted_and_loads_partial_optimizer_state():
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+    check_strategy(strategy)
+    wrapped = strategy.load_checkpoint
+    assert wrapped.__name__ == "load_checkpoint"
+    assert wrapped.__wrapped__.__func__ is ModelParallelStrategy.load_checkpoint  # the original, bound
+    check_strategy(strategy)  # a second fit: not wrapped twice
+    assert strategy.load_checkpoint is wrapped
 
 
 def test_empty_layers_list():
