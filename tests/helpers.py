@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import lightning.pytorch as pl
@@ -89,3 +90,10 @@ def trainer(callbacks: list[pl.Callback], **kwargs: Any) -> pl.Trainer:
     )
     settings.update(kwargs)
     return pl.Trainer(callbacks=callbacks, **settings)
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment for a script run in a subprocess, without distributed settings of this process."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK")}
+    env.update(extra)
+    return env

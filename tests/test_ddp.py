@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import subprocess_env
 from recorder import block_of
 
 HERE = Path(__file__).resolve().parent
@@ -17,7 +17,7 @@ ALWAYS = {"model.model.embed_tokens.weight", "model.lm_head.weight"}
 
 def run_ddp(out: Path, strategy: str, hook: bool) -> list[dict]:
     out.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(HERE)}
+    env = subprocess_env(PYTHONPATH=str(HERE))
     result = subprocess.run(
         [sys.executable, str(HERE / "ddp_run.py"), str(out), strategy, "hook" if hook else "no-hook"],
         cwd=out,

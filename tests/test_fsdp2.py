@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import subprocess_env
 from recorder import block_of
 
 
@@ -39,7 +40,7 @@ ALWAYS = {"model.model.embed_tokens.weight", "model.lm_head.weight"}
 
 def run(out: Path, *args: str) -> subprocess.CompletedProcess[str]:
     out.mkdir()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+    env = subprocess_env(PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
     return subprocess.run(
         [sys.executable, str(HERE / "fsdp2_run.py"), str(out), *args],
         cwd=out,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import socket
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import tiny_llama
+from helpers import subprocess_env, tiny_llama
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from torch import nn
 
@@ -145,7 +144,7 @@ def free_port() -> int:
 
 
 def test_two_gloo_ranks_replicated_dtensor_and_fsdp2_equal_the_single_process_norms(tmp_path: Path):
-    env = {**os.environ, "PYTHONPATH": str(HERE)}
+    env = subprocess_env(PYTHONPATH=str(HERE))
     result = subprocess.run(
         [sys.executable, str(HERE / "norms_dist_run.py"), str(tmp_path), str(free_port())],
         cwd=tmp_path,

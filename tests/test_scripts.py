@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from cli_args import tiny, torch_threads
+from helpers import subprocess_env
 
 from lightning_lisa.cli import cli_main
 
@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(*args: str, cwd: Path, env: dict[str, str] | None = None) -> str:
+    env = env if env is not None else subprocess_env()
     result = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, check=False, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
@@ -42,7 +43,7 @@ def test_demo_config_prints_what_lisa_did(tmp_path: Path, monkeypatch: pytest.Mo
 
 
 def test_add_to_existing_module_example(tmp_path: Path):
-    env = {**os.environ, "LIGHTNING_LISA_CACHE": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    env = subprocess_env(LIGHTNING_LISA_CACHE=str(tmp_path), OMP_NUM_THREADS="1")
     out = run(
         str(ROOT / "examples" / "add_to_existing_module.py"),
         "--steps=4", "--layers=3", "--hidden-size=16", "--max-examples=3", "--output", str(tmp_path),
