@@ -16,6 +16,7 @@ loss, blocks per period, optimizer-state bytes against full fine-tuning, output 
 from __future__ import annotations
 
 import importlib
+import sys
 import warnings
 from typing import Any
 
@@ -170,8 +171,16 @@ def _is_lisa_config(callback: Any) -> bool:
 def cli_main(args: ArgsType = None) -> None:
     """Entry point of the ``lightning-lisa`` command (and ``python -m lightning_lisa``).
 
+    ``lightning-lisa estimate MODEL ...`` prints the expected training memory of full fine-tuning,
+    LoRA and LISA (see :func:`lightning_lisa.estimate.main`); every other subcommand is Lightning's.
+
     Args:
         args: Command-line arguments; ``None`` reads ``sys.argv[1:]``.
     """
+    argv = sys.argv[1:] if args is None else args
+    if isinstance(argv, list) and argv[:1] == ["estimate"]:
+        from lightning_lisa.estimate import main as estimate_main
+
+        raise SystemExit(estimate_main([str(a) for a in argv[1:]]))
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     LisaCLI(args=args)

@@ -195,3 +195,12 @@ def test_cli_main_runs_in_process(tmp_path: Path, cache: Path, capsys: pytest.Ca
     cli_main(["fit", *tiny(tmp_path, cache, steps=1), "--lisa.n_layers=1"])
     assert "LISA: n_layers=1 of 4 blocks" in capsys.readouterr().out
     assert torch.load(next(tmp_path.rglob("*.ckpt")), weights_only=False)["callbacks"]["LISA"]["n_layers"] == 1
+
+
+def test_estimate_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["estimate", "tiny", "--seq-len", "64", "--dtype", "fp32", "--unit", "MiB"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("tiny: ")
+    assert all(arm in out for arm in ("full fine-tuning", "LoRA r=16", "LISA"))

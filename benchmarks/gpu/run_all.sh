@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# Memory and speed of full fine-tuning, LoRA and LISA on one CUDA GPU (H100/H200), in under 10 minutes:
+# benchmarks/memory_speed.py at the TinyLlama-1.1B and Llama-2-7B shapes (random weights, bf16,
+# batch 1 x 1024 tokens, 10 timed steps after 2 warm-up steps, LISA gamma=2, K=5), plus the estimates.
+#
+#   OUT=/some/dir bash benchmarks/gpu/run_all.sh           # results in $OUT (default: benchmarks/results/gpu)
+#   bash benchmarks/gpu/run_all.sh --check                 # the same commands on CPU at the tiny shape
+#
+# Written to $OUT: env.txt (GPU, driver, packages), one <shape>.txt (printed tables) and <shape>.json
+# per shape, estimate_<shape>.txt, and run_all.log. Llama-2-7B runs one process per arm (--isolate),
+# so that an arm running out of memory (full fine-tuning may, on 80 GB) cannot disturb the others.
+# Each shape has a time limit; a shape that fails leaves its partial output and the next one still runs.
+set -uo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+cd "$ROOT"
+OUT="${OUT:-$ROOT/benchmarks/results/gpu}"
+mkdir -p "$OUT"
+
+CHECK=0
+if [[ "${1:-}" == "--check" ]]; then
+    CHECK=1
+elif [[ $# -gt 0 ]]; then
+    echo "usage: OUT=/dir $0 [--check]   (unknown argument: $1)" >&2
+    exit 2
+fi
+
+# A Python with torch: the project's virtual environment if it has CUDA (or in --check), else python3.
+PY="${PYTHON:-}"
+if [[ -z "$PY" ]]; then
+    for candidate in "$ROOT/.venv/bin/python" python3 python; do
+        if command -v "$candidate" >/dev/null 2>&1 &&
+            "$candidate" -c "import torch, sys; sys.exit(0 if ($CHECK or torch.cuda.is_available()) else 1)" 2>/dev/null; then
+            PY="$candidate"
+            break
+        fi
+    done
+fi
+if [[ -z "$PY" ]]; then
+    echo "no Python with a CUDA build of torch found; set PYTHON=/path/to/python" | tee "$OUT/run_all.log" >&2
+    exit 1
+fi
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # lightning_lisa from this tree, installed or not
+export TOKENIZERS_PARALLELISM=false
+export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
+
+log() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$OUT/run_all.log"; }
+
+{
+    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "python: $PY"
+    command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    "$PY" - <<'PYEOF'
+import importlib, platform
+print("python", platform.python_version())
+for name in ("torch", "lightning", "transformers", "peft", "bitsandbytes", "accelerate"):
+    try:
+        module = importlib.import_module(name)
+        print(name, getattr(module, "__version__", "?"))
+    except Exception as err:  # report, do not stop: the arms that need it are skipped
+        print(name, "MISSING:", type(err).__name__, str(err)[:200])
+import torch
+print("cuda available:", torch.cuda.is_available(), "| torch cuda:", torch.version.cuda)
+if torch.cuda.is_available():
+    print("device:", torch.cuda.get_device_name(0), f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.1f} GiB")
+PYEOF
+} >"$OUT/env.txt" 2>&1
+cat "$OUT/env.txt" | tee -a "$OUT/run_all.log"
+
+# Arms: LoRA needs peft, the 8-bit arm bitsandbytes (with CUDA support); skip what is missing.
+ARMS="full,lisa-drop,lisa-offload,lisa-keep,lisa-frozen-eh"
+if "$PY" -c "import peft" >/dev/null 2>&1; then
+    ARMS="full,lora16,lora128,${ARMS#full,}"
+else
+    log "peft is missing: LoRA arms skipped"
+fi
+if "$PY" -c "import bitsandbytes" >/dev/null 2>&1; then
+    ARMS="$ARMS,lisa-8bit"
+else
+    log "bitsandbytes is missing: the AdamW8bit arm is skipped"
+fi
+
+if [[ $CHECK == 1 ]]; then
+    DEVICE=cpu
+    DTYPE=fp32
+    SEQ=32
+    SHAPES=("tiny:--no-isolate:120" "tiny:--isolate:300")
+    COMMON=(--steps 2 --warmup 1 --interval 1 --batch-size 1 --threads 1)
+else
+    DEVICE=cuda
+    # shape : process mode : time limit in seconds (all together under 10 minutes)
+    DTYPE=bf16
+    SEQ=1024
+    SHAPES=("tinyllama-1.1b:--no-isolate:180" "llama-2-7b:--isolate:330")
+    COMMON=(--steps 10 --warmup 2 --interval 5 --batch-size 1)
+fi
+
+status=0
+for entry in "${SHAPES[@]}"; do
+    IFS=: read -r shape mode limit <<<"$entry"
+    name="$shape"
+    [[ $CHECK == 1 ]] && name="check_${shape}_${mode#--}"
+    log "estimate $shape"
+    "$PY" -m lightning_lisa.estimate "$shape" --seq-len "$SEQ" --dtype "$DTYPE" --device "$DEVICE" \
+        >"$OUT/estimate_$name.txt" 2>&1 || log "estimate $shape failed (see estimate_$name.txt)"
+    log "memory_speed $shape ($mode, limit ${limit}s): arms $ARMS"
+    timeout --kill-after=20 "$limit" "$PY" benchmarks/memory_speed.py --shape "$shape" \
+        --device "$DEVICE" --dtype "$DTYPE" --seq-len "$SEQ" "${COMMON[@]}" "$mode" --arms "$ARMS" \
+        --json "$OUT/$name.json" >"$OUT/$name.txt" 2>"$OUT/$name.err"
+    rc=$?
+    if [[ $rc != 0 ]]; then
+        status=1
+        log "memory_speed $shape exited with $rc (124: time limit); last lines of $name.err:"
+        tail -n 5 "$OUT/$name.err" | tee -a "$OUT/run_all.log"
+    else
+        log "memory_speed $shape done"
+    fi
+    sed -n '/^shape=/,$p' "$OUT/$name.txt" | tee -a "$OUT/run_all.log"
+done
+log "finished with status $status; results in $OUT"
+exit $status

@@ -1,0 +1,89 @@
+"""The memory/speed and quality benchmarks run end to end at tiny scale and write what they claim."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args: str, cwd: Path) -> str:
+    result = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_memory_speed_smoke(tmp_path: Path):
+    results = tmp_path / "memory_speed.json"
+    out = run(
+        str(ROOT / "benchmarks" / "memory_speed.py"),
+        "--shape=tiny", "--steps=4", "--warmup=2", "--interval=2", "--threads=1", "--json", str(results),
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert "goals:" in out
+    payload = json.loads(results.read_text())
+    arms = {a["key"]: a for a in payload["arms"]}
+    assert set(arms) == {
+        "full", "lora16", "lora128", "lisa-drop", "lisa-offload", "lisa-keep", "lisa-8bit", "lisa-frozen-eh",
+    }  # fmt: skip
+    assert all(a["status"] == "ok" for a in arms.values())
+    full, drop, keep = arms["full"], arms["lisa-drop"], arms["lisa-keep"]
+    state = "optimizer_state_bytes"
+    assert drop[state] < keep[state] <= full[state]
+    assert arms["lisa-8bit"][state] < drop[state]
+    assert arms["lora16"]["trainable_params"] < drop["trainable_params"] < full["trainable_params"]
+    assert arms["lisa-frozen-eh"]["trainable_params"] < drop["trainable_params"]
+    assert drop["training_state_bytes"] < full["training_state_bytes"]
+    for arm in arms.values():
+        assert arm["median_step_seconds"] > 0 and arm["tokens_per_second"] > 0
+        assert len(arm["step_seconds"]) == 6
+        if arm["estimate"] is not None:  # the estimate's exact part is exact, its activations close
+            assert arm["estimate"]["training_state"] == arm["training_state_bytes"], arm["key"]
+            assert abs(arm["estimate"]["activations"] / arm["activation_bytes"] - 1) < 0.1, arm["key"]
+        if arm["key"].startswith("lisa"):
+            assert len(arm["switch_seconds"]) == 2  # periods 1 and 2 of steps 0..5 with K=2
+            assert math.isfinite(arm["switch_overhead_pct"]) and arm["switch_overhead_pct"] >= 0
+    assert payload["goals"]["lisa_drop_training_state_vs_full"] < 1
+
+
+def test_memory_speed_refuses_a_model_too_big_for_the_cpu(tmp_path: Path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "memory_speed.py"), "--shape=llama-3-8b", "--steps=1"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "refused: --shape=llama-3-8b on CPU needs about" in result.stderr
+    assert "--device=cuda" in result.stderr
+
+
+def test_quality_smoke(tmp_path: Path):
+    results = tmp_path / "quality.json"
+    out = run(
+        str(ROOT / "benchmarks" / "quality.py"),
+        "--smoke", "--threads=1", "--cache-dir", str(tmp_path / "cache"), "--json", str(results),
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert "goals" in out
+    payload = json.loads(results.read_text())
+    arms = ["full", "lora", "lisa-uniform", "lisa-weight_norm", "lisa-cyclic"]
+    seeds = payload["args"]["seeds"]
+    assert seeds == 2
+    assert math.isfinite(payload["pretrain"]["english_val_loss"])
+    for task, metrics in (("code", ["test_loss", "forgetting", "val_loss"]), ("arithmetic", ["accuracy", "val_loss"])):
+        assert sorted(payload["results"][task]) == sorted(arms)
+        for arm in arms:
+            result = payload["results"][task][arm]
+            assert float(result["best_lr"]) in payload["grids"][arm]
+            assert sorted(int(s) for s in result["seeds"]) == list(range(seeds))
+            for values in result["seeds"].values():
+                assert all(math.isfinite(values[m]) for m in metrics), (task, arm, values)
+                if task == "arithmetic":
+                    assert 0 <= values["accuracy"] <= 100
+    assert set(payload["goals"]) == {f"{t}/{a}" for t in ("code", "arithmetic") for a in arms[2:]}
