@@ -559,6 +559,8 @@ def report(results: list[ArmResult], args: argparse.Namespace) -> dict[str, Any]
         goals["lisa_drop_step_time_vs_full"] = drop.median_step_seconds / ref.median_step_seconds
     if drop is not None and drop.status == "ok" and lora is not None and lora.status == "ok":
         goals["lisa_drop_step_time_vs_lora16"] = drop.median_step_seconds / lora.median_step_seconds
+        if args.device == "cuda":  # a peak over the whole process: comparable on CUDA, where it excludes the RSS
+            goals["lisa_drop_peak_vs_lora16"] = drop.arm_peak_bytes / lora.arm_peak_bytes
     overheads = [r.switch_overhead_pct for r in ok if r.switch_overhead_pct is not None]
     if overheads:
         goals["max_switch_overhead_pct"] = max(overheads)
@@ -567,6 +569,7 @@ def report(results: list[ArmResult], args: argparse.Namespace) -> dict[str, Any]
         "lisa_drop_training_state_vs_full": 0.6,
         "lisa_drop_step_time_vs_full": 0.8,
         "lisa_drop_step_time_vs_lora16": 1.05,
+        "lisa_drop_peak_vs_lora16": 1.1,
         "max_switch_overhead_pct": 1.0,
         "max_switch_overhead_pct_k20": 1.0,
     }
@@ -599,8 +602,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     isolate.add_argument("--no-isolate", dest="isolate", action="store_false")
     parser.add_argument("--force", action="store_true", help="run even if the estimate exceeds the free memory")
     parser.add_argument("--json", help="write the results to this file")
+    parser.add_argument(
+        "--report",
+        nargs="+",
+        metavar="JSON",
+        help="measure nothing: print the tables of earlier runs' --json files (arms merged, the last run of an "
+        "arm wins; e.g. the arms of a run cut short plus those of a second run)",
+    )
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.report:
+        return args
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
     for name in ("steps", "interval", "n_layers", "seq_len", "batch_size"):
         if getattr(args, name) < 1:
@@ -656,8 +668,34 @@ def quiet() -> Iterator[None]:
     yield
 
 
+def report_saved(paths: list[str], out: str | None) -> int:
+    """Print the report of saved runs (same shape and settings), merging their arms in the usual order."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    settings = ("shape", "device", "dtype", "steps", "warmup", "interval", "n_layers", "seq_len", "batch_size")
+    first = runs[0]["args"]
+    for path, run in zip(paths[1:], runs[1:], strict=True):
+        differ = [k for k in settings if run["args"].get(k) != first.get(k)]
+        if differ:
+            raise SystemExit(f"--report: {path} differs from {paths[0]} in {differ}; only runs alike can be merged")
+    arms: dict[str, ArmResult] = {}
+    for run in runs:
+        for arm in run["arms"]:
+            arms[arm["key"]] = ArmResult(**arm)
+    results = [arms[k] for k in ARMS if k in arms]
+    args = argparse.Namespace(**first)
+    print(f"runs: {', '.join(paths)} ({', '.join(run['date'] for run in runs)}); machine: {runs[0]['machine']}")
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in runs[0]["versions"].items()))
+    goals = report(results, args)
+    if out:
+        payload = {**runs[0], "arms": [asdict(r) for r in results], "goals": goals, "merged_from": paths}
+        Path(out).write_text(json.dumps(payload, indent=1))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.report:
+        return report_saved(args.report, args.json)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     with quiet():

@@ -329,6 +329,17 @@ class Progress(pl.Callback):
             print(f"  pretraining step {step}/{trainer.max_steps}: loss {loss:.3f}, {seconds:.0f} s", flush=True)
 
 
+class LossCurve(pl.Callback):
+    """Records the training loss of every optimizer step (for the loss-curve plots)."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, *args: Any) -> None:
+        if isinstance(outputs, dict) and "loss" in outputs:
+            self.losses.append(float(outputs["loss"]))
+
+
 def fit(module: LM, data: Dataset[Any], batch: int, steps: int, seed: int, pad_id: int, callbacks: list[Any]) -> None:
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(data, batch_size=batch, shuffle=True, generator=generator, collate_fn=collate(pad_id))
@@ -445,14 +456,15 @@ class Benchmark:
         os.replace(tmp, path)
         return model.state_dict(), {**info, "cached": str(path)}
 
-    def run(self, task: str, arm: str, lr: float, seed: int) -> dict[str, float]:
-        """Fine-tune a fresh copy of the pretrained model; return its metrics."""
+    def run(self, task: str, arm: str, lr: float, seed: int) -> dict[str, Any]:
+        """Fine-tune a fresh copy of the pretrained model; return its metrics and its training-loss curve."""
         args, sizes = self.args, self.sizes
         start, cpu = time.perf_counter(), time.process_time()
         torch.manual_seed(seed)
         model: torch.nn.Module = LlamaForCausalLM(self.config)
         model.load_state_dict(self.pretrained)
-        callbacks: list[Any] = []
+        curve = LossCurve()
+        callbacks: list[Any] = [curve]
         if arm == "lora":
             from peft import LoraConfig, get_peft_model
 
@@ -470,7 +482,7 @@ class Benchmark:
             batch = sizes.arith_batch
         fit(module, data, batch, args.steps, seed, self.pad_id, callbacks)
         if task == "code":
-            metrics = {
+            metrics: dict[str, Any] = {
                 "val_loss": mean_loss(model, Rows(self.code["val"]), self.pad_id),
                 "test_loss": mean_loss(model, Rows(self.code["test"]), self.pad_id),
                 "english_loss": mean_loss(model, Rows(self.english_val), self.pad_id),
@@ -483,7 +495,7 @@ class Benchmark:
             }
         metrics["seconds"] = time.perf_counter() - start
         metrics["cpu_seconds"] = time.process_time() - cpu
-        return metrics
+        return {**metrics, "train_loss": curve.losses}
 
 
 def parse_lrs(values: list[str] | None, arms: list[str]) -> dict[str, list[float]]:
@@ -651,7 +663,7 @@ def main(argv: list[str] | None = None) -> int:
     for task in args.task_list:
         select = "val_loss"
         for arm in args.arm_list:
-            grid: dict[float, dict[str, float]] = {}
+            grid: dict[float, dict[str, Any]] = {}
             for lr in args.grids[arm]:
                 grid[lr] = bench.run(task, arm, lr, seed=0)
                 print(f"  {task} {ARM_NAMES[arm]} lr={lr:g} seed=0: {fmt(grid[lr])}", flush=True)
@@ -685,8 +697,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def fmt(metrics: dict[str, float]) -> str:
-    return ", ".join(f"{k} {v:.0f} s" if k.endswith("seconds") else f"{k} {v:.4f}" for k, v in metrics.items())
+def fmt(metrics: dict[str, Any]) -> str:
+    shown = {k: v for k, v in metrics.items() if not isinstance(v, list)}
+    return ", ".join(f"{k} {v:.0f} s" if k.endswith("seconds") else f"{k} {v:.4f}" for k, v in shown.items())
 
 
 if __name__ == "__main__":

@@ -4,14 +4,20 @@ Add :class:`LISA` to a Trainer's callbacks to fine-tune only the embeddings, the
 randomly sampled transformer blocks at a time, at a fraction of full fine-tuning's memory.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from lightning_lisa.callback import LISA, Switch
 from lightning_lisa.fsdp import fully_shard_blocks
+from lightning_lisa.fsdp1 import lisa_auto_wrap_policy
 from lightning_lisa.layers import BLOCK_LISTS, LayerInfo, Unit, find_layers, split_units
 from lightning_lisa.monitor import WeightNormMonitor
 from lightning_lisa.norms import NormRecord, layer_norms, monitored_layers
 from lightning_lisa.optimizer_state import OptimizerStateHandler, optimizer_state_bytes
 from lightning_lisa.plots import plot_heatmap, plot_layer_means
 from lightning_lisa.sampling import sample_layers
+
+if TYPE_CHECKING:
+    from lightning_lisa.estimate import estimate_memory
 
 __version__ = "0.1.0"
 
@@ -24,9 +30,11 @@ __all__ = [
     "Switch",
     "Unit",
     "WeightNormMonitor",
+    "estimate_memory",
     "find_layers",
     "fully_shard_blocks",
     "layer_norms",
+    "lisa_auto_wrap_policy",
     "monitored_layers",
     "optimizer_state_bytes",
     "plot_heatmap",
@@ -34,3 +42,13 @@ __all__ = [
     "sample_layers",
     "split_units",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # ``estimate_memory`` is imported on first use: ``python -m lightning_lisa.estimate`` then runs the
+    # module once, not after the package imported it.
+    if name == "estimate_memory":
+        from lightning_lisa.estimate import estimate_memory
+
+        return estimate_memory
+    raise AttributeError(f"module 'lightning_lisa' has no attribute {name!r}")

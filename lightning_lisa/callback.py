@@ -39,7 +39,7 @@ from lightning_lisa.optimizer_state import (
     optimizer_state_bytes,
 )
 from lightning_lisa.sampling import STRATEGIES, SamplingName, check_probabilities, sample_layers
-from lightning_lisa.strategies import check_strategy, install_comm_hook
+from lightning_lisa.strategies import check_strategy, check_wrapped, install_comm_hook
 
 log = logging.getLogger(__name__)
 
@@ -202,9 +202,11 @@ class LISA(Callback):
         """Validate everything against the model and the strategy before anything is touched."""
         if stage != "fit":
             return
-        check_strategy(trainer.strategy)
+        units = None
         if not is_overridden("configure_model", pl_module):
             self._inspect(pl_module)
+            units = self._units
+        check_strategy(trainer.strategy, units, self.granularity)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Inspect models built in ``configure_model``, which runs after ``setup``."""
@@ -215,6 +217,7 @@ class LISA(Callback):
         """Remember what the user left trainable and start the current period."""
         lazy_init(pl_module)  # FSDP2 must see every trainable parameter before the first freeze
         self._collect_parameters(trainer, pl_module)
+        check_wrapped(trainer.strategy, self._units)
         if self.ddp_comm_hook:
             self.communication = install_comm_hook(trainer.strategy)
         period = trainer.global_step // self.interval

@@ -39,7 +39,7 @@ from torch import nn
 from lightning_lisa.layers import LayerInfo, find_layers
 
 if TYPE_CHECKING:
-    from lightning.pytorch.strategies import ModelParallelStrategy
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
 _PATCHED = "_lisa_partial_optimizer_state"
 
@@ -124,8 +124,8 @@ def checkpoint_names(module: nn.Module) -> list[str]:
     """The name under which each parameter of ``module`` (in ``parameters()`` order) is saved in checkpoints.
 
     ``torch.distributed.checkpoint.state_dict`` drops wrapper prefixes that ``named_parameters()``
-    keeps, e.g. ``_checkpoint_wrapped_module`` of activation checkpointing and ``_orig_mod`` of
-    ``torch.compile``.
+    keeps, e.g. ``_checkpoint_wrapped_module`` of activation checkpointing, ``_orig_mod`` of
+    ``torch.compile`` and ``_fsdp_wrapped_module`` of FSDP1.
     """
     try:
         from torch.distributed.checkpoint.state_dict import _get_fqns
@@ -136,7 +136,7 @@ def checkpoint_names(module: nn.Module) -> list[str]:
 
 def _strip_wrappers(name: str) -> str:
     parts = name.split(".")
-    return ".".join(p for p in parts if p not in ("_checkpoint_wrapped_module", "_orig_mod"))
+    return ".".join(p for p in parts if p not in ("_checkpoint_wrapped_module", "_orig_mod", "_fsdp_wrapped_module"))
 
 
 def params_with_saved_state(
@@ -184,18 +184,19 @@ def params_with_saved_state(
     return found
 
 
-def load_partial_optimizer_state(strategy: ModelParallelStrategy) -> None:
+def load_partial_optimizer_state(strategy: ModelParallelStrategy | FSDPStrategy) -> None:
     """Make ``strategy.load_checkpoint`` accept checkpoints whose optimizer state covers only some parameters.
 
     ``ModelParallelStrategy`` loads optimizer state strictly: it expects saved state for every
     parameter that requires gradients (a distributed checkpoint fails with ``Missing key in
     checkpoint state_dict: optimizer_0.state...``, a full one with ``Missing optimizer state for
-    parameter ...``). While it loads, this freezes the parameters that have no saved state, and
+    parameter ...``); FSDP1's ``FSDPStrategy`` likewise (``... is not in the optimizer state``).
+    While it loads, this freezes the parameters that have no saved state, and
     unfreezes them right after, so they start without state as they would have in the saved run.
     Applied once per strategy; nothing changes for checkpoints with state for every parameter.
 
     Args:
-        strategy: The ``ModelParallelStrategy`` of the Trainer.
+        strategy: The ``ModelParallelStrategy`` or ``FSDPStrategy`` of the Trainer.
     """
     if getattr(strategy, _PATCHED, False):
         return

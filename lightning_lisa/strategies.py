@@ -11,19 +11,25 @@
   and the always-active modules are reduce-scattered. LISA makes the strategy's checkpoint loading
   accept optimizer state for only some parameters
   (:func:`~lightning_lisa.fsdp.load_partial_optimizer_state`).
-* FSDP1 (``FSDPStrategy``) is refused: Lightning runs it on CUDA only, and LISA is not tested with
-  its flat parameters. DeepSpeed is refused (see :data:`UNSUPPORTED_STRATEGIES`).
+* FSDP1 (``FSDPStrategy``, CUDA only): works with ``use_orig_params=True`` (Lightning's default);
+  LISA gives the strategy one FSDP unit per block when it has no ``auto_wrap_policy``, and warns
+  when blocks share a unit after wrapping (see :mod:`lightning_lisa.fsdp1`).
+* DeepSpeed is refused (see :data:`UNSUPPORTED_STRATEGIES`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, Strategy
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_lisa.communication import FrozenSkippingState, frozen_skipping_hook
 from lightning_lisa.fsdp import load_partial_optimizer_state
+from lightning_lisa.fsdp1 import blocks_without_own_unit, prepare_fsdp1
+from lightning_lisa.layers import Unit
 
 #: Strategies LISA refuses, by class name (no import of optional back-ends needed), with the reason.
 UNSUPPORTED_STRATEGIES: dict[str, str] = {
@@ -31,22 +37,21 @@ UNSUPPORTED_STRATEGIES: dict[str, str] = {
         "DeepSpeed ZeRO keeps optimizer state in flat partitions, so the state of frozen blocks cannot "
         "be freed, and parameters frozen when the engine is built are excluded from training for good"
     ),
-    "FSDPStrategy": (
-        "FSDP1 flattens parameters and is not tested with LISA; use FSDP2 instead: "
-        "`ModelParallelStrategy(data_parallel_size=..., tensor_parallel_size=1)` with "
-        "`lightning_lisa.fully_shard_blocks(self.model, mesh=self.device_mesh['data_parallel'])` "
-        "in `configure_model`"
-    ),
 }
 
 
-def check_strategy(strategy: Strategy) -> None:
-    """Raise for strategies LISA cannot run under; make DDP and FSDP2 tolerate frozen blocks.
+def check_strategy(strategy: Strategy, units: Sequence[Unit] | None = None, granularity: str = "block") -> None:
+    """Raise for strategies LISA cannot run under; make DDP, FSDP1 and FSDP2 tolerate frozen blocks.
 
     Must run before the strategy wraps the model (a callback's ``setup`` hook does).
 
+    Args:
+        strategy: The Trainer's strategy.
+        units: What LISA samples, when the model exists already (for FSDP1's wrapping policy).
+        granularity: LISA's ``granularity``.
+
     Raises:
-        MisconfigurationException: For DeepSpeed, FSDP1 (``FSDPStrategy``), and DDP with
+        MisconfigurationException: For DeepSpeed, FSDP1 with ``use_orig_params=False``, and DDP with
             ``static_graph=True``.
     """
     for cls in type(strategy).__mro__:
@@ -54,12 +59,27 @@ def check_strategy(strategy: Strategy) -> None:
             raise MisconfigurationException(
                 f"LISA does not support `strategy={type(strategy).__name__}`: {UNSUPPORTED_STRATEGIES[cls.__name__]}."
                 " Supported: a single device, DDP (`strategy='ddp'`, `'ddp_spawn'`, "
-                "`'ddp_find_unused_parameters_true'`), or FSDP2 (`ModelParallelStrategy`)."
+                "`'ddp_find_unused_parameters_true'`), FSDP2 (`ModelParallelStrategy`) or FSDP1 (`'fsdp'`)."
             )
     if isinstance(strategy, DDPStrategy):
         _prepare_ddp(strategy)
     if isinstance(strategy, ModelParallelStrategy):
         load_partial_optimizer_state(strategy)
+    if isinstance(strategy, FSDPStrategy):
+        prepare_fsdp1(strategy, units, granularity)
+
+
+def check_wrapped(strategy: Strategy, units: Sequence[Unit]) -> None:
+    """After wrapping: warn when FSDP1 put sampled units into shared FSDP units (no compute savings)."""
+    if not isinstance(strategy, FSDPStrategy) or strategy.model is None:
+        return
+    shared = blocks_without_own_unit(strategy.model, units)
+    if shared:
+        rank_zero_warn(
+            f"LISA: {len(shared)} of the {len(units)} sampled units (e.g. {shared[:3]}) are not FSDP units of "
+            "their own, so they compute and reduce-scatter gradients even while frozen (their optimizer state is "
+            "still freed). Use `FSDPStrategy(auto_wrap_policy=lightning_lisa.lisa_auto_wrap_policy(model))`."
+        )
 
 
 def _prepare_ddp(strategy: DDPStrategy) -> None:

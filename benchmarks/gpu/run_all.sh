@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Memory and speed of full fine-tuning, LoRA and LISA on one CUDA GPU (H100/H200), in under 10 minutes:
-# benchmarks/memory_speed.py at the TinyLlama-1.1B and Llama-2-7B shapes (random weights, bf16,
-# batch 1 x 1024 tokens, 10 timed steps after 2 warm-up steps, LISA gamma=2, K=5), plus the estimates.
+# Every GPU check of the project on one CUDA GPU (H100/H200), in under 10 minutes:
+# 1. benchmarks/gpu/fsdp1_check.py: LISA under FSDP1 (FSDPStrategy), which runs on CUDA only.
+# 2. benchmarks/memory_speed.py at the TinyLlama-1.1B and Llama-2-7B shapes (random weights, bf16,
+#    batch 1 x 1024 tokens, 10 timed steps after 2 warm-up steps, LISA gamma=2, K=5), plus the estimates.
 #
 #   OUT=/some/dir bash benchmarks/gpu/run_all.sh           # results in $OUT (default: benchmarks/results/gpu)
 #   bash benchmarks/gpu/run_all.sh --check                 # the same commands on CPU at the tiny shape
 #
-# Written to $OUT: env.txt (GPU, driver, packages), one <shape>.txt (printed tables) and <shape>.json
-# per shape, estimate_<shape>.txt, and run_all.log. Llama-2-7B runs one process per arm (--isolate),
+# Written to $OUT: env.txt (GPU, driver, packages), fsdp1_check.txt and fsdp1_check_<strategy>.json,
+# one <shape>.txt (printed tables) and <shape>.json per shape, estimate_<shape>.txt, and run_all.log. Llama-2-7B runs one process per arm (--isolate),
 # so that an arm running out of memory (full fine-tuning may, on 80 GB) cannot disturb the others.
 # Each shape has a time limit; a shape that fails leaves its partial output and the next one still runs.
 set -uo pipefail
@@ -84,28 +85,51 @@ if [[ $CHECK == 1 ]]; then
     DEVICE=cpu
     DTYPE=fp32
     SEQ=32
-    SHAPES=("tiny:--no-isolate:120" "tiny:--isolate:300")
+    SHAPES=("tiny:--no-isolate:120:all" "tiny:--isolate:300:core")
     COMMON=(--steps 2 --warmup 1 --interval 1 --batch-size 1 --threads 1)
 else
     DEVICE=cuda
-    # shape : process mode : time limit in seconds (all together under 10 minutes)
+    # shape : process mode : time limit in seconds (all together under 10 minutes) : arms
     DTYPE=bf16
     SEQ=1024
-    SHAPES=("tinyllama-1.1b:--no-isolate:180" "llama-2-7b:--isolate:330")
+    SHAPES=("tinyllama-1.1b:--no-isolate:150:all" "llama-2-7b:--isolate:300:core")
     COMMON=(--steps 10 --warmup 2 --interval 5 --batch-size 1)
 fi
 
 status=0
+if [[ $CHECK == 1 ]]; then
+    FSDP_ARGS=(--strategy fsdp2 --accelerator cpu)  # FSDP1 needs CUDA; the same checks under FSDP2
+else
+    FSDP_ARGS=(--strategy fsdp1 --accelerator cuda)
+fi
+log "fsdp1_check ${FSDP_ARGS[*]}"
+timeout --kill-after=10 90 "$PY" benchmarks/gpu/fsdp1_check.py --out "$OUT" "${FSDP_ARGS[@]}" >"$OUT/fsdp1_check.txt" 2>&1
+rc=$?
+grep -E "^(train|resume)_" "$OUT/fsdp1_check.txt" | cut -c 1-400 | tee -a "$OUT/run_all.log"
+if [[ $rc != 0 ]]; then
+    status=1
+    log "fsdp1_check exited with $rc (124: time limit); see fsdp1_check.txt"
+fi
+
+# "core": the arms the goals are held against, most important first (a shape cut short by its time
+# limit keeps the arms it finished); LoRA r=128 and LISA keep run at the smaller shape only.
+CORE=""
+for arm in full lora16 lisa-drop lisa-8bit lisa-offload lisa-frozen-eh; do
+    [[ ",$ARMS," == *",$arm,"* ]] && CORE="${CORE:+$CORE,}$arm"
+done
+
 for entry in "${SHAPES[@]}"; do
-    IFS=: read -r shape mode limit <<<"$entry"
+    IFS=: read -r shape mode limit which <<<"$entry"
+    arms="$ARMS"
+    [[ $which == core ]] && arms="$CORE"
     name="$shape"
     [[ $CHECK == 1 ]] && name="check_${shape}_${mode#--}"
     log "estimate $shape"
     "$PY" -m lightning_lisa.estimate "$shape" --seq-len "$SEQ" --dtype "$DTYPE" --device "$DEVICE" \
         >"$OUT/estimate_$name.txt" 2>&1 || log "estimate $shape failed (see estimate_$name.txt)"
-    log "memory_speed $shape ($mode, limit ${limit}s): arms $ARMS"
+    log "memory_speed $shape ($mode, limit ${limit}s): arms $arms"
     timeout --kill-after=20 "$limit" "$PY" benchmarks/memory_speed.py --shape "$shape" \
-        --device "$DEVICE" --dtype "$DTYPE" --seq-len "$SEQ" "${COMMON[@]}" "$mode" --arms "$ARMS" \
+        --device "$DEVICE" --dtype "$DTYPE" --seq-len "$SEQ" "${COMMON[@]}" "$mode" --arms "$arms" \
         --json "$OUT/$name.json" >"$OUT/$name.txt" 2>"$OUT/$name.err"
     rc=$?
     if [[ $rc != 0 ]]; then

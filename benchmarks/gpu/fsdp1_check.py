@@ -1,0 +1,379 @@
+"""LISA under FSDP1 (Lightning's ``FSDPStrategy``) on one CUDA GPU: what changes, what holds state, resume.
+
+FSDP1 needs an accelerator, so this runs where a GPU is: one process, world size 1 (where FSDP1 runs
+its flat parameters unsharded, ``NO_SHARD``). With ``--strategy fsdp2`` the same checks run under
+``ModelParallelStrategy`` + ``fully_shard``, which also works on CPU (``--accelerator cpu``); that is
+how the checks themselves are tested without a GPU.
+
+Checks, each reported as passed or failed with its figures:
+
+* train (fp32 and bf16 mixed precision), 12 steps, K=3, gamma=2: at every step exactly the sampled
+  blocks plus embeddings and head change; frozen blocks stay bit-identical; optimizer state exists
+  for exactly the trainable parameters and its bytes equal the analytic count; every sampled block
+  is its own FSDP unit; gradient elements reduced per step (all-reduce or reduce-scatter) against the
+  trainable elements.
+* resume (full and sharded checkpoints): 7 steps (in the middle of a LISA period), save, resume to
+  12 equals 12 uninterrupted steps (schedule and weights).
+
+    python benchmarks/gpu/fsdp1_check.py --out DIR                    # FSDP1 on CUDA
+    python benchmarks/gpu/fsdp1_check.py --out DIR --strategy fsdp2 --accelerator cpu
+
+Writes ``DIR/fsdp1_check_<strategy>.json``; exits 1 when a check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+from transformers import LlamaConfig, LlamaForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # lightning_lisa from this tree
+
+from lightning_lisa import LISA
+
+STEPS = 12
+INTERVAL = 3
+N_LAYERS = 2
+BLOCKS = 6
+SAVE_AT = 7  # mid-period: periods start at 0, 3, 6, 9
+ALWAYS = ("embed_tokens", "lm_head")
+
+
+def tiny_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=BLOCKS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=64,
+        attn_implementation="eager",  # deterministic kernels: a resumed run can match bit for bit
+    )
+    return LlamaForCausalLM(config)
+
+
+class LM(pl.LightningModule):
+    """A tiny Llama trained with AdamW (under FSDP1, LISA gives the strategy one unit per block)."""
+
+    def __init__(self, bf16: bool) -> None:
+        super().__init__()
+        self.model = tiny_llama()
+        self.bf16 = bf16
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        loss: torch.Tensor = self.model(input_ids=batch, labels=batch).loss
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.01)
+
+
+class ShardedLM(LM):
+    """Under FSDP2: one ``fully_shard`` unit per block, in ``configure_model``."""
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        from lightning_lisa import fully_shard_blocks
+
+        extra: dict[str, Any] = {}
+        if self.bf16:
+            extra["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        fully_shard_blocks(self.model, mesh=self.device_mesh["data_parallel"], **extra)
+
+
+def loader() -> DataLoader[torch.Tensor]:
+    """One batch per epoch, so a checkpoint saved after any step is at an epoch boundary.
+
+    (Lightning restarts a loader without state from its start when resuming mid-epoch.)
+    """
+    g = torch.Generator().manual_seed(0)
+    return DataLoader(list(torch.randint(0, 256, (4, 32), generator=g)), batch_size=4, shuffle=False)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    to_local: Callable[[], torch.Tensor] | None = getattr(t, "to_local", None)
+    return to_local() if to_local is not None else t
+
+
+class Collectives:
+    """Counts the elements of gradient collectives (all-reduce, reduce-scatter) between optimizer steps."""
+
+    def __init__(self) -> None:
+        self.elements = 0
+        self.calls = 0
+        self._originals: dict[str, Any] = {}
+        for name in ("all_reduce", "reduce_scatter_tensor", "reduce_scatter_single"):
+            if hasattr(dist, name):
+                self._originals[name] = getattr(dist, name)
+                setattr(dist, name, self._wrap(self._originals[name]))
+
+    def _wrap(self, collective: Any) -> Any:
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            if tensors:
+                self.calls += 1
+                self.elements += max(t.numel() for t in tensors)
+            return collective(*args, **kwargs)
+
+        return counted
+
+    def restore(self) -> None:
+        for name, original in self._originals.items():
+            setattr(dist, name, original)
+
+
+def moment_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of AdamW's moment tensors on this rank (the scalar step counters left out)."""
+    tensors = [t for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
+    return sum(local(t).numel() * local(t).element_size() for t in tensors if t.dim() > 0)
+
+
+class Recorder(pl.Callback):
+    """Per optimizer step: changed and trainable parameters, state holders and bytes, reduced elements."""
+
+    def __init__(self, lisa: LISA, counter: Collectives) -> None:
+        self.lisa = lisa
+        self.counter = counter
+        self.steps: list[dict[str, Any]] = []
+        self._before: dict[str, torch.Tensor] = {}
+        self._seen = 0
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        self._before = {n: local(p.detach()).clone() for n, p in pl_module.named_parameters()}
+        self._units_with_grad = flat_params_with_grad(trainer.strategy.model)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if not self._before:
+            return
+        params = dict(pl_module.named_parameters())
+        opt = trainer.optimizers[0]
+        trainable = sorted(n for n, p in params.items() if p.requires_grad)
+        expected_bytes = sum(
+            2 * local(p).numel() * local(p).element_size() for n, p in params.items() if p.requires_grad
+        )
+        self.steps.append(
+            {
+                "step": trainer.global_step,
+                "active": list(self.lisa.active_layers),
+                "changed": sorted(n for n, p in params.items() if not torch.equal(local(p.detach()), self._before[n])),
+                "trainable": trainable,
+                "with_state": sorted(n for n, p in params.items() if opt.state.get(p)),
+                "state_bytes": moment_bytes(opt),
+                "expected_state_bytes": expected_bytes,
+                "trainable_elements": sum(p.numel() for n, p in params.items() if p.requires_grad),
+                "model_elements": sum(p.numel() for p in params.values()),
+                "reduced_elements": self.counter.elements - self._seen,
+                "fsdp1_units_with_grad": self._units_with_grad,
+            }
+        )
+        self._seen = self.counter.elements
+        self._before = {}
+
+
+def flat_params_with_grad(root: Any) -> list[int] | None:
+    """FSDP1 only: [units whose flat parameter has a gradient, all units] (private FSDP1 attributes)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    units = [m for m in root.modules() if isinstance(m, FullyShardedDataParallel)] if root is not None else []
+    handles = [getattr(m, "_handle", None) for m in units]
+    flats = [h.flat_param for h in handles if h is not None]
+    if not flats:
+        return None
+    return [sum(f.grad is not None for f in flats), len(flats)]
+
+
+def block_of(name: str) -> int | None:
+    parts = name.split(".")
+    if "layers" in parts:
+        return int(parts[parts.index("layers") + 1])
+    return None
+
+
+def strategy_for(args: argparse.Namespace, sharded: bool) -> Any:
+    if args.strategy == "fsdp1":
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        return FSDPStrategy(state_dict_type="sharded" if sharded else "full")
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    return ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1, save_distributed_checkpoint=sharded)
+
+
+def fit(
+    args: argparse.Namespace,
+    bf16: bool,
+    max_steps: int,
+    sharded: bool = False,
+    ckpt_path: str | None = None,
+    save_to: str | None = None,
+) -> tuple[LM, LISA, Recorder, pl.Trainer]:
+    module = ShardedLM(bf16) if args.strategy == "fsdp2" else LM(bf16)
+    lisa = LISA(n_layers=N_LAYERS, interval=INTERVAL, seed=3)
+    counter = Collectives()
+    recorder = Recorder(lisa, counter)
+    precision = "bf16-mixed" if bf16 and args.strategy == "fsdp1" else "32-true"
+    trainer = pl.Trainer(
+        accelerator=args.accelerator,
+        devices=1,
+        strategy=strategy_for(args, sharded),
+        precision=precision,  # type: ignore[arg-type]
+        max_steps=max_steps,
+        max_epochs=-1,
+        callbacks=[lisa, recorder],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        deterministic="warn",  # deterministic kernels where torch has them; warn (not fail) elsewhere
+    )
+    try:
+        trainer.fit(module, loader(), ckpt_path=ckpt_path)
+        if save_to is not None:
+            trainer.save_checkpoint(save_to)
+    finally:
+        counter.restore()
+    return module, lisa, recorder, trainer
+
+
+def flat_weights(module: LM) -> torch.Tensor:
+    return torch.cat([local(p.detach()).float().flatten().cpu() for p in module.parameters()])
+
+
+def check_training(args: argparse.Namespace, bf16: bool) -> dict[str, Any]:
+    module, lisa, recorder, trainer = fit(args, bf16, STEPS)
+    names = [n for n, _ in module.named_parameters()]
+    problems: list[str] = []
+    ratios = []
+    for s in recorder.steps:
+        expected = {n for n in names if block_of(n) in s["active"] or any(a in n for a in ALWAYS)}
+        if set(s["trainable"]) != expected:
+            problems.append(f"step {s['step']}: trainable {len(s['trainable'])} != expected {len(expected)}")
+        if set(s["changed"]) != expected:
+            extra = sorted(set(s["changed"]) - expected)[:3]
+            missing = sorted(expected - set(s["changed"]))[:3]
+            problems.append(f"step {s['step']}: changed differs (extra {extra}, missing {missing})")
+        if set(s["with_state"]) != expected:
+            problems.append(f"step {s['step']}: state held by {len(s['with_state'])} != {len(expected)} params")
+        if s["state_bytes"] != s["expected_state_bytes"]:
+            problems.append(f"step {s['step']}: state bytes {s['state_bytes']} != {s['expected_state_bytes']}")
+        if s["reduced_elements"]:
+            ratios.append(s["reduced_elements"] / s["trainable_elements"])
+        with_grad = s["fsdp1_units_with_grad"]
+        if with_grad is not None and with_grad[0] != N_LAYERS + 1:  # the sampled blocks and the root unit
+            problems.append(f"step {s['step']}: {with_grad[0]} of {with_grad[1]} FSDP units have a gradient")
+    from lightning_lisa.strategies import check_wrapped  # noqa: F401  (the warning path is exercised by fit)
+
+    own_units = None
+    if args.strategy == "fsdp1":
+        from lightning_lisa.fsdp1 import blocks_without_own_unit
+
+        assert trainer.strategy.model is not None
+        own_units = not blocks_without_own_unit(trainer.strategy.model, lisa._units)
+        if not own_units:
+            problems.append("some blocks are not FSDP units of their own")
+    return {
+        "passed": not problems,
+        "problems": problems[:10],
+        "steps": len(recorder.steps),
+        "switches": [list(s.active_layers) for s in lisa.history],
+        "blocks_are_own_units": own_units,
+        "state_bytes_per_step": [s["state_bytes"] for s in recorder.steps],
+        "trainable_fraction": [round(s["trainable_elements"] / s["model_elements"], 4) for s in recorder.steps],
+        "reduced_over_trainable": [round(r, 4) for r in ratios],
+        "reduced_calls_seen": bool(ratios),
+        "fsdp1_units_with_grad": [s["fsdp1_units_with_grad"] for s in recorder.steps],
+        "weights_dtype": str(next(module.parameters()).dtype),
+    }
+
+
+def check_resume(args: argparse.Namespace, sharded: bool) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = str(Path(tmp) / ("ckpt" if sharded else "ckpt.ckpt"))
+        full, lisa_full, _, _ = fit(args, False, STEPS, sharded)
+        fit(args, False, SAVE_AT, sharded, save_to=path)
+        resumed, lisa_resumed, recorder, _ = fit(args, False, STEPS, sharded, ckpt_path=path)
+    a, b = flat_weights(full), flat_weights(resumed)
+    schedule_full = [list(s.active_layers) for s in lisa_full.history]
+    schedule_resumed = [list(s.active_layers) for s in lisa_resumed.history]
+    max_diff = float((a - b).abs().max())
+    problems = []
+    if schedule_full != schedule_resumed:
+        problems.append(f"schedules differ: {schedule_full} vs {schedule_resumed}")
+    if max_diff > 1e-5:
+        problems.append(f"weights differ by up to {max_diff:.3g}")
+    return {
+        "passed": not problems,
+        "problems": problems,
+        "checkpoint": "sharded" if sharded else "full",
+        "max_abs_weight_diff": max_diff,
+        "bit_identical": bool(torch.equal(a, b)),
+        "resumed_steps": len(recorder.steps),
+        "schedule": schedule_full,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="folder for fsdp1_check_<strategy>.json")
+    parser.add_argument("--strategy", choices=("fsdp1", "fsdp2"), default="fsdp1")
+    parser.add_argument("--accelerator", choices=("cuda", "cpu"), default="cuda")
+    args = parser.parse_args(argv)
+    if args.strategy == "fsdp1" and args.accelerator != "cuda":
+        parser.error("--strategy fsdp1 needs --accelerator cuda: FSDP1 runs on an accelerator only")
+    if args.accelerator == "cuda" and not torch.cuda.is_available():
+        parser.error("--accelerator cuda, but torch sees no CUDA device")
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    warnings.filterwarnings("ignore")
+    checks: dict[str, Callable[[], dict[str, Any]]] = {
+        "train_fp32": lambda: check_training(args, bf16=False),
+        "train_bf16": lambda: check_training(args, bf16=True),
+        "resume_full": lambda: check_resume(args, sharded=False),
+        "resume_sharded": lambda: check_resume(args, sharded=True),
+    }
+    device = torch.cuda.get_device_name(0) if args.accelerator == "cuda" else f"CPU ({platform.machine()})"
+    report: dict[str, Any] = {
+        "strategy": args.strategy,
+        "device": device,
+        "torch": torch.__version__,
+        "lightning": pl.__version__,
+        "checks": {},
+    }
+    for name, check in checks.items():
+        start = time.perf_counter()
+        try:
+            result = check()
+        except Exception as err:  # one failing check must not hide the others
+            result = {"passed": False, "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
+        result["seconds"] = round(time.perf_counter() - start, 1)
+        report["checks"][name] = result
+        summary = {k: v for k, v in result.items() if k not in ("traceback", "schedule", "switches")}
+        print(f"{name}: {'PASSED' if result['passed'] else 'FAILED'} {json.dumps(summary)[:1500]}", flush=True)
+        if "traceback" in result:
+            print(result["traceback"][-3000:], flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"fsdp1_check_{args.strategy}.json").write_text(json.dumps(report, indent=1))
+    return 0 if all(c["passed"] for c in report["checks"].values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
