@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_CPU ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit docs benchmark clean
+.PHONY: demo test lint typecheck unit docs benchmark figures clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,14 @@ docs: $(STAMP)
 
 benchmark: $(STAMP)
 	$(PY) benchmarks/optimizer_state.py
+
+# the benchmarks page's figures, from the committed results
+GPU_RESULTS := benchmarks/results/gpu_h100
+figures: $(STAMP)
+	$(PY) benchmarks/plot_results.py \
+		--memory $(GPU_RESULTS)/tinyllama-1.1b.json $(GPU_RESULTS)/llama-2-7b_all_arms.json \
+		--memory-out docs/images/memory_h100.png \
+		--quality benchmarks/results/quality_cpu.json --quality-out docs/images/quality_loss_curves.png
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache lightning_logs demo_output

@@ -86,4 +86,17 @@ def test_quality_smoke(tmp_path: Path):
                 assert all(math.isfinite(values[m]) for m in metrics), (task, arm, values)
                 if task == "arithmetic":
                     assert 0 <= values["accuracy"] <= 100
+                steps = payload["args"]["steps"]
+                assert len(values["train_loss"]) == steps and all(math.isfinite(v) for v in values["train_loss"])
     assert set(payload["goals"]) == {f"{t}/{a}" for t in ("code", "arithmetic") for a in arms[2:]}
+
+    # the benchmarks page's figures are drawn from such results (and from the committed GPU results)
+    gpu = ROOT / "benchmarks" / "results" / "gpu_h100"
+    memory_png, quality_png = tmp_path / "memory.png", tmp_path / "quality.png"
+    out = run(
+        str(ROOT / "benchmarks" / "plot_results.py"),
+        "--memory", str(gpu / "tinyllama-1.1b.json"), str(gpu / "llama-2-7b_all_arms.json"),
+        "--memory-out", str(memory_png), "--quality", str(results), "--quality-out", str(quality_png),
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert memory_png.read_bytes()[:8] == quality_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,126 @@
+"""Figures of the benchmarks page from the results the benchmark scripts wrote.
+
+* ``--memory A.json [B.json ...]``: one panel per ``memory_speed.py`` result (e.g. one per model
+  shape): the peak memory of every arm, split into the training state (weights, gradients and
+  optimizer state on the device) and the rest (activations, temporaries), with its ratio to full
+  fine-tuning.
+* ``--quality Q.json``: the training-loss curves of ``quality.py``, per task, one line per arm (the
+  mean over seeds at the arm's chosen learning rate, smoothed over a few steps), seeds as a band.
+
+    make figures    # runs this script on the committed results (see the Makefile for the files)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+GIB = 2**30
+QUALITY_NAMES = {
+    "full": "full fine-tuning",
+    "lora": "LoRA r=16",
+    "lisa-uniform": "LISA uniform",
+    "lisa-weight_norm": "LISA weight_norm",
+    "lisa-cyclic": "LISA cyclic",
+}
+TASK_TITLES = {"code": "domain shift: Python source", "arithmetic": "arithmetic word problems"}
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_memory(paths: list[Path], out: Path) -> None:
+    """Horizontal bars of peak memory per arm, one panel per result file."""
+    plt = _pyplot()
+    runs = [json.loads(p.read_text()) for p in paths]
+    fig, axes = plt.subplots(1, len(runs), figsize=(6.2 * len(runs), 4.1), squeeze=False)
+    for ax, run in zip(axes[0], runs, strict=True):
+        arms = [a for a in run["arms"] if a["status"] == "ok"]
+        full = next((a for a in arms if a["key"] == "full"), None)
+        names = [a["name"] for a in arms][::-1]
+        state = [a["training_state_bytes"] / GIB for a in arms][::-1]
+        rest = [max(0, a["arm_peak_bytes"] - a["training_state_bytes"]) / GIB for a in arms][::-1]
+        ax.barh(names, state, color="#4c72b0", label="training state (weights, grads, optimizer state)")
+        ax.barh(names, rest, left=state, color="#dd8452", label="activations and temporaries")
+        for i, a in enumerate(arms[::-1]):
+            peak = a["arm_peak_bytes"] / GIB
+            label = f"{peak:.1f}" + (f"  ({a['arm_peak_bytes'] / full['arm_peak_bytes']:.2f}x)" if full else "")
+            ax.text(peak, i, " " + label, va="center", fontsize=8)
+        args = run["args"]
+        ax.set_title(f"{args['shape']}, {args['dtype']}, batch {args['batch_size']} x {args['seq_len']}", fontsize=10)
+        ax.set_xlabel(f"peak memory, GiB ({run['machine'].split(',')[0]})")
+        ax.set_xlim(0, 1.3 * max(a["arm_peak_bytes"] for a in arms) / GIB)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def smooth(values: list[float], window: int) -> list[float]:
+    """Trailing moving average (the first points average what exists so far)."""
+    return [statistics.mean(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
+
+
+def plot_quality(path: Path, out: Path, window: int = 5) -> None:
+    """Training-loss curves per task: the mean over seeds of each arm, with the seeds' range as a band."""
+    plt = _pyplot()
+    run = json.loads(path.read_text())
+    tasks = [t for t in run["results"] if run["results"][t]]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6.2 * len(tasks), 3.8), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        for arm, result in run["results"][task].items():
+            curves = [s["train_loss"] for s in result["seeds"].values() if s.get("train_loss")]
+            if not curves:
+                continue
+            steps = min(len(c) for c in curves)
+            curves = [smooth(c[:steps], window) for c in curves]
+            mean = [statistics.mean(c[i] for c in curves) for i in range(steps)]
+            low = [min(c[i] for c in curves) for i in range(steps)]
+            high = [max(c[i] for c in curves) for i in range(steps)]
+            x = list(range(1, steps + 1))
+            line = ax.plot(x, mean, label=f"{QUALITY_NAMES.get(arm, arm)} (lr {result['best_lr']:g})", lw=1.4)
+            ax.fill_between(x, low, high, color=line[0].get_color(), alpha=0.15, lw=0)
+        ax.set_title(f"{TASK_TITLES.get(task, task)}: training loss", fontsize=10)
+        ax.set_xlabel(f"optimizer step (moving average over {window})")
+        ax.set_ylabel("loss")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--memory", nargs="+", type=Path, default=[], help="memory_speed.py --json results")
+    parser.add_argument("--memory-out", type=Path, default=Path("docs/images/memory_h100.png"))
+    parser.add_argument("--quality", type=Path, help="a quality.py --json result")
+    parser.add_argument("--quality-out", type=Path, default=Path("docs/images/quality_loss_curves.png"))
+    args = parser.parse_args(argv)
+    if not args.memory and args.quality is None:
+        parser.error("nothing to plot: give --memory and/or --quality")
+    for path in [*args.memory, *([args.quality] if args.quality else [])]:
+        if not path.is_file():
+            parser.error(f"{path} does not exist")
+    if args.memory:
+        plot_memory(args.memory, args.memory_out)
+        print(f"wrote {args.memory_out}")
+    if args.quality:
+        plot_quality(args.quality, args.quality_out)
+        print(f"wrote {args.quality_out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
