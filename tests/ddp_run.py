@@ -1,11 +1,17 @@
-"""Run by tests/test_ddp.py: LISA under DDP with 2 CPU processes (gloo); each rank writes what it saw."""
+"""Run by tests/test_ddp.py: LISA under DDP with 2 CPU processes (gloo); each rank writes what it saw.
+
+Usage: ``python ddp_run.py OUT STRATEGY hook|no-hook`` (writes ``OUT/rank<r>.json``) or
+``python ddp_run.py OUT resume MODE`` (writes ``OUT/resume-<MODE>-rank<r>.json``).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -87,5 +93,63 @@ def main(out: Path, strategy: str, hook: bool) -> None:
     (out / f"rank{rank}.json").write_text(json.dumps(result))
 
 
+def resume(out: Path, mode: str) -> None:
+    """Uninterrupted 4 epochs vs 2 epochs + save + resume to 4 epochs; the save falls mid-period (step 6 of 4..7)."""
+    options: dict[str, Any] = {"n_layers": 2, "interval": 4, "seed": 11, "optimizer_state": mode, "verify_ranks": True}
+    data = {"n_batches": 6}  # 12 sequences, 2 per batch: 3 batches per rank and epoch
+
+    def fit(epochs: int, ckpt: Path | None = None, save: Path | None = None) -> dict[str, Any]:
+        lisa = LISA(**options)
+        agree = AgreeingRanks(lisa)
+        module = CausalLM()
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            devices=2,
+            strategy="ddp",
+            max_epochs=epochs,
+            callbacks=[lisa, agree],
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        trainer.fit(module, token_loader(**data), ckpt_path=str(ckpt) if ckpt else None)
+        if save is not None:
+            trainer.save_checkpoint(save)
+        params = dict(module.named_parameters())
+        return {
+            "history": [[s.step, *s.active_layers] for s in lisa.history],
+            "gathered": agree.gathered,
+            "global_step": trainer.global_step,
+            "weights": {n: p.detach().clone() for n, p in params.items()},
+            "state_names": sorted(n for n, p in params.items() if trainer.optimizers[0].state.get(p)),
+        }
+
+    ckpt = out / f"stop-{mode}.ckpt"
+    reference = fit(4)
+    first = fit(2, save=ckpt)
+    resumed = fit(4, ckpt=ckpt)
+
+    def compare(run: dict[str, Any]) -> dict[str, Any]:
+        weights = run["weights"]
+        return {
+            "history": run["history"],
+            "gathered": run["gathered"],
+            "global_step": run["global_step"],
+            "state_names": run["state_names"],
+            "digest": {n: hashlib.sha256(w.numpy().tobytes()).hexdigest() for n, w in weights.items()},
+            "identical": all(torch.equal(weights[n], w) for n, w in reference["weights"].items()),
+            "max_abs_diff": {n: (weights[n] - w).abs().max().item() for n, w in reference["weights"].items()},
+        }
+
+    result = {"reference": compare(reference), "first": compare(first), "resumed": compare(resumed)}
+    rank = torch.distributed.get_rank()
+    (out / f"resume-{mode}-rank{rank}.json").write_text(json.dumps(result))
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2], sys.argv[3] == "hook")
+    if sys.argv[2] == "resume":
+        warnings.filterwarnings("ignore")
+        resume(Path(sys.argv[1]), sys.argv[3])
+    else:
+        main(Path(sys.argv[1]), sys.argv[2], sys.argv[3] == "hook")

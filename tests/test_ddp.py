@@ -15,11 +15,12 @@ HERE = Path(__file__).resolve().parent
 ALWAYS = {"model.model.embed_tokens.weight", "model.lm_head.weight"}
 
 
-def run_ddp(out: Path, strategy: str, hook: bool) -> list[dict]:
+def launch(out: Path, *args: str) -> None:
+    """Run ddp_run.py with ``args`` in ``out``; it starts the second process itself."""
     out.mkdir()
     env = subprocess_env(PYTHONPATH=str(HERE))
     result = subprocess.run(
-        [sys.executable, str(HERE / "ddp_run.py"), str(out), strategy, "hook" if hook else "no-hook"],
+        [sys.executable, str(HERE / "ddp_run.py"), str(out), *args],
         cwd=out,
         env=env,
         capture_output=True,
@@ -28,6 +29,10 @@ def run_ddp(out: Path, strategy: str, hook: bool) -> list[dict]:
         check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def run_ddp(out: Path, strategy: str, hook: bool) -> list[dict]:
+    launch(out, strategy, "hook" if hook else "no-hook")
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
@@ -73,3 +78,31 @@ def test_hook_all_reduces_only_trainable_gradients(with_hook, without_hook):
     # and training is unchanged by it: same weights as plain DDP
     for name, value in zero["weights"].items():
         assert value == pytest.approx(without_hook[0]["weights"][name], rel=1e-6, abs=1e-9), name
+
+
+@pytest.mark.parametrize("mode", ["drop", "offload"])
+def test_resume_under_ddp_matches_uninterrupted_run(tmp_path: Path, mode: str):
+    """Stop after 2 of 4 epochs (step 6, mid-period 4..7), save, resume: the same weights and schedule."""
+    out = tmp_path / "resume"
+    launch(out, "resume", mode)
+    zero, one = (json.loads((out / f"resume-{mode}-rank{r}.json").read_text()) for r in range(2))
+    for run in ("reference", "first", "resumed"):  # the two ranks agree in every run
+        for key in ("history", "global_step", "digest", "state_names"):
+            assert zero[run][key] == one[run][key], (run, key)
+        for gathered in zero[run]["gathered"]:
+            assert gathered[0] == gathered[1], run
+    for rank in (zero, one):
+        reference, first, resumed = rank["reference"], rank["first"], rank["resumed"]
+        assert reference["global_step"] == resumed["global_step"] == 12
+        assert first["global_step"] == 6
+        # periods start at steps 0, 4, 8 and block 2 trains in periods 0 and 2: "offload" must carry its state
+        assert [h[0] for h in reference["history"]] == [0, 4, 8]
+        assert 2 in reference["history"][0][1:] and 2 in reference["history"][2][1:]
+        assert 2 not in reference["history"][1][1:]
+        assert first["history"] == reference["history"][:2]
+        assert resumed["history"] == reference["history"]
+        assert resumed["gathered"] == reference["gathered"][6:]  # the blocks of every resumed step
+        assert resumed["state_names"] == reference["state_names"]
+        assert resumed["identical"], {n: d for n, d in resumed["max_abs_diff"].items() if d}
+        assert resumed["digest"] == reference["digest"]
+        assert not first["identical"]  # the comparison is not vacuous
