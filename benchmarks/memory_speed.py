@@ -55,6 +55,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import common
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
@@ -446,15 +447,7 @@ def estimates(args: argparse.Namespace, keys: list[str]) -> dict[str, ArmEstimat
 
 
 def versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    found = {"python": platform.python_version()}
-    for package in ("torch", "lightning", "transformers", "peft", "bitsandbytes", "lightning-lisa"):
-        try:
-            found[package] = md.version(package)
-        except md.PackageNotFoundError:
-            found[package] = "not installed"
-    return found
+    return common.versions("torch", "lightning", "transformers", "peft", "bitsandbytes")
 
 
 def machine(device: str) -> str:

@@ -49,6 +49,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import common
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -578,15 +579,7 @@ def report(results: dict[str, Any], arms: list[str], tasks: list[str]) -> dict[s
 
 
 def versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    found = {"python": platform.python_version()}
-    for package in ("torch", "lightning", "transformers", "peft", "tokenizers", "lightning-lisa"):
-        try:
-            found[package] = md.version(package)
-        except md.PackageNotFoundError:
-            found[package] = "not installed"
-    return found
+    return common.versions("torch", "lightning", "transformers", "peft", "tokenizers")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
