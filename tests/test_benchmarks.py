@@ -100,3 +100,27 @@ def test_quality_smoke(tmp_path: Path):
         cwd=tmp_path,
     )  # fmt: skip
     assert memory_png.read_bytes()[:8] == quality_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_memory_speed_report_merges_saved_runs(tmp_path: Path):
+    gpu = ROOT / "benchmarks" / "results" / "gpu_h100"
+    merged = tmp_path / "merged.json"
+    out = run(
+        str(ROOT / "benchmarks" / "memory_speed.py"),
+        "--report", str(gpu / "llama-2-7b.json"), str(gpu / "llama-2-7b_frozen-eh.json"), "--json", str(merged),
+        cwd=tmp_path,
+    )  # fmt: skip
+    payload = json.loads(merged.read_text())
+    keys = [a["key"] for a in payload["arms"]]
+    assert keys == ["full", "lora16", "lisa-drop", "lisa-offload", "lisa-8bit", "lisa-frozen-eh"]
+    drop, lora = (next(a for a in payload["arms"] if a["key"] == k) for k in ("lisa-drop", "lora16"))
+    assert payload["goals"]["lisa_drop_peak_vs_lora16"] == drop["arm_peak_bytes"] / lora["arm_peak_bytes"]
+    assert "LISA frozen E+H" in out and "lisa_drop_peak_vs_lora16" in out
+    # runs with other settings are not merged
+    other = json.loads((gpu / "tinyllama-1.1b.json").read_text())
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "memory_speed.py"), "--report", str(gpu / "llama-2-7b.json"),
+         str(gpu / "tinyllama-1.1b.json")],
+        cwd=tmp_path, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert result.returncode != 0 and "differs from" in result.stderr and other["args"]["shape"] == "tinyllama-1.1b"
