@@ -124,3 +124,18 @@ def test_memory_speed_report_merges_saved_runs(tmp_path: Path):
         cwd=tmp_path, capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert result.returncode != 0 and "differs from" in result.stderr and other["args"]["shape"] == "tinyllama-1.1b"
+
+
+def test_fsdp_check_runs_its_checks_under_fsdp2_on_cpu(tmp_path: Path):
+    # benchmarks/gpu/fsdp1_check.py needs CUDA for FSDP1; its checks run here under FSDP2, so they cannot rot
+    out = run(
+        str(ROOT / "benchmarks" / "gpu" / "fsdp1_check.py"), "--out", str(tmp_path), "--strategy", "fsdp2",
+        "--accelerator", "cpu",
+        cwd=tmp_path,
+    )  # fmt: skip
+    report = json.loads((tmp_path / "fsdp1_check_fsdp2.json").read_text())
+    assert set(report["checks"]) == {"train_fp32", "train_bf16", "resume_full", "resume_sharded"}
+    assert all(check["passed"] for check in report["checks"].values()), out
+    train = report["checks"]["train_fp32"]
+    assert train["steps"] == 12 and len(train["switches"]) == 4  # K=3: periods at steps 0, 3, 6, 9
+    assert report["checks"]["resume_sharded"]["bit_identical"]

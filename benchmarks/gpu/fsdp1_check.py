@@ -17,8 +17,11 @@ Checks, each reported as passed or failed with its figures:
 
     python benchmarks/gpu/fsdp1_check.py --out DIR                    # FSDP1 on CUDA
     python benchmarks/gpu/fsdp1_check.py --out DIR --strategy fsdp2 --accelerator cpu
+    python benchmarks/gpu/fsdp1_check.py --out DIR --devices 2           # FSDP1 on 2 GPUs (sharded)
 
-Writes ``DIR/fsdp1_check_<strategy>.json``; exits 1 when a check fails.
+With ``--devices N`` (N > 1) every rank runs the checks on its own shards and writes
+``DIR/fsdp1_check_<strategy>_rank<r>.json``; otherwise ``DIR/fsdp1_check_<strategy>.json``. Exits 1
+when a check fails.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -52,6 +56,7 @@ N_LAYERS = 2
 BLOCKS = 6
 SAVE_AT = 7  # mid-period: periods start at 0, 3, 6, 9
 ALWAYS = ("embed_tokens", "lm_head")
+SCRATCH = "LISA_FSDP_CHECK_SCRATCH"  # checkpoints; set by the first process, inherited by the ranks it starts
 
 
 def tiny_llama() -> LlamaForCausalLM:
@@ -214,7 +219,9 @@ def strategy_for(args: argparse.Namespace, sharded: bool) -> Any:
         return FSDPStrategy(state_dict_type="sharded" if sharded else "full")
     from lightning.pytorch.strategies import ModelParallelStrategy
 
-    return ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1, save_distributed_checkpoint=sharded)
+    return ModelParallelStrategy(
+        data_parallel_size=args.devices, tensor_parallel_size=1, save_distributed_checkpoint=sharded
+    )
 
 
 def fit(
@@ -232,7 +239,7 @@ def fit(
     precision = "bf16-mixed" if bf16 and args.strategy == "fsdp1" else "32-true"
     trainer = pl.Trainer(
         accelerator=args.accelerator,
-        devices=1,
+        devices=args.devices,
         strategy=strategy_for(args, sharded),
         precision=precision,  # type: ignore[arg-type]
         max_steps=max_steps,
@@ -261,17 +268,19 @@ def flat_weights(module: LM) -> torch.Tensor:
 def check_training(args: argparse.Namespace, bf16: bool) -> dict[str, Any]:
     module, lisa, recorder, trainer = fit(args, bf16, STEPS)
     names = [n for n, _ in module.named_parameters()]
+    # with sharded flat parameters (FSDP1, world size > 1) a rank may hold none of a parameter
+    held = {n for n, p in module.named_parameters() if local(p).numel() > 0}
     problems: list[str] = []
     ratios = []
     for s in recorder.steps:
         expected = {n for n in names if block_of(n) in s["active"] or any(a in n for a in ALWAYS)}
         if set(s["trainable"]) != expected:
             problems.append(f"step {s['step']}: trainable {len(s['trainable'])} != expected {len(expected)}")
-        if set(s["changed"]) != expected:
+        if set(s["changed"]) != expected & held:
             extra = sorted(set(s["changed"]) - expected)[:3]
-            missing = sorted(expected - set(s["changed"]))[:3]
+            missing = sorted((expected & held) - set(s["changed"]))[:3]
             problems.append(f"step {s['step']}: changed differs (extra {extra}, missing {missing})")
-        if set(s["with_state"]) != expected:
+        if set(s["with_state"]) - expected or (expected & held) - set(s["with_state"]):
             problems.append(f"step {s['step']}: state held by {len(s['with_state'])} != {len(expected)} params")
         if s["state_bytes"] != s["expected_state_bytes"]:
             problems.append(f"step {s['step']}: state bytes {s['state_bytes']} != {s['expected_state_bytes']}")
@@ -280,8 +289,6 @@ def check_training(args: argparse.Namespace, bf16: bool) -> dict[str, Any]:
         with_grad = s["fsdp1_units_with_grad"]
         if with_grad is not None and with_grad[0] != N_LAYERS + 1:  # the sampled blocks and the root unit
             problems.append(f"step {s['step']}: {with_grad[0]} of {with_grad[1]} FSDP units have a gradient")
-    from lightning_lisa.strategies import check_wrapped  # noqa: F401  (the warning path is exercised by fit)
-
     own_units = None
     if args.strategy == "fsdp1":
         from lightning_lisa.fsdp1 import blocks_without_own_unit
@@ -306,11 +313,10 @@ def check_training(args: argparse.Namespace, bf16: bool) -> dict[str, Any]:
 
 
 def check_resume(args: argparse.Namespace, sharded: bool) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = str(Path(tmp) / ("ckpt" if sharded else "ckpt.ckpt"))
-        full, lisa_full, _, _ = fit(args, False, STEPS, sharded)
-        fit(args, False, SAVE_AT, sharded, save_to=path)
-        resumed, lisa_resumed, recorder, _ = fit(args, False, STEPS, sharded, ckpt_path=path)
+    path = str(Path(os.environ[SCRATCH]) / ("ckpt" if sharded else "ckpt.ckpt"))  # the same folder on every rank
+    full, lisa_full, _, _ = fit(args, False, STEPS, sharded)
+    fit(args, False, SAVE_AT, sharded, save_to=path)
+    resumed, lisa_resumed, recorder, _ = fit(args, False, STEPS, sharded, ckpt_path=path)
     a, b = flat_weights(full), flat_weights(resumed)
     schedule_full = [list(s.active_layers) for s in lisa_full.history]
     schedule_resumed = [list(s.active_layers) for s in lisa_resumed.history]
@@ -336,12 +342,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="folder for fsdp1_check_<strategy>.json")
     parser.add_argument("--strategy", choices=("fsdp1", "fsdp2"), default="fsdp1")
     parser.add_argument("--accelerator", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--devices", type=int, default=1, help="processes (GPUs); each writes its own results")
     args = parser.parse_args(argv)
+    if args.devices < 1:
+        parser.error(f"--devices={args.devices}: give 1 or more")
     if args.strategy == "fsdp1" and args.accelerator != "cuda":
         parser.error("--strategy fsdp1 needs --accelerator cuda: FSDP1 runs on an accelerator only")
     if args.accelerator == "cuda" and not torch.cuda.is_available():
         parser.error("--accelerator cuda, but torch sees no CUDA device")
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    first = SCRATCH not in os.environ  # Lightning starts ranks 1.. as copies of this process, with its environment
+    if first:
+        os.environ[SCRATCH] = tempfile.mkdtemp(prefix="lisa_fsdp_check_")
     warnings.filterwarnings("ignore")
     checks: dict[str, Callable[[], dict[str, Any]]] = {
         "train_fp32": lambda: check_training(args, bf16=False),
@@ -366,12 +378,18 @@ def main(argv: list[str] | None = None) -> int:
         result["seconds"] = round(time.perf_counter() - start, 1)
         report["checks"][name] = result
         summary = {k: v for k, v in result.items() if k not in ("traceback", "schedule", "switches")}
-        print(f"{name}: {'PASSED' if result['passed'] else 'FAILED'} {json.dumps(summary)[:1500]}", flush=True)
+        rank_of = f"[rank {os.environ.get('LOCAL_RANK', '0')}] " if args.devices > 1 else ""
+        print(f"{rank_of}{name}: {'PASSED' if result['passed'] else 'FAILED'} {json.dumps(summary)[:1500]}", flush=True)
         if "traceback" in result:
             print(result["traceback"][-3000:], flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"fsdp1_check_{args.strategy}.json").write_text(json.dumps(report, indent=1))
+    rank = int(os.environ.get("LOCAL_RANK", "0"))
+    suffix = f"_rank{rank}" if args.devices > 1 else ""
+    report["rank"] = rank
+    (out / f"fsdp1_check_{args.strategy}{suffix}.json").write_text(json.dumps(report, indent=1))
+    if first:
+        shutil.rmtree(os.environ[SCRATCH], ignore_errors=True)
     return 0 if all(c["passed"] for c in report["checks"].values()) else 1
 
 
