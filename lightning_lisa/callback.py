@@ -26,12 +26,15 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import FSDPStrategy, Strategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch import nn
 
 from lightning_lisa.communication import FrozenSkippingState
 from lightning_lisa.fsdp import lazy_init
 from lightning_lisa.layers import LayerInfo, Unit, find_layers, resolve_modules, split_units, unique_parameters
+from lightning_lisa.norms import PlainTensors, layer_norms
 from lightning_lisa.optimizer_state import (
     OPTIMIZER_STATE_MODES,
     OptimizerStateHandler,
@@ -228,7 +231,7 @@ class LISA(Callback):
         if restored is not None and restored["period"] == period and self._valid(restored["active_layers"]):
             active = list(restored["active_layers"])
         else:
-            active = self._sample(period)
+            active = self._sample(trainer, period)
         self._switch(trainer, period, active, first=True)
 
     def on_train_batch_start(
@@ -239,7 +242,7 @@ class LISA(Callback):
             return
         period = trainer.global_step // self.interval
         if period != self._period:
-            self._switch(trainer, period, self._sample(period))
+            self._switch(trainer, period, self._sample(trainer, period))
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -326,15 +329,15 @@ class LISA(Callback):
             self.history.append(switch)
         self._log(trainer, switch)
 
-    def _sample(self, period: int) -> list[int]:
+    def _sample(self, trainer: pl.Trainer, period: int) -> list[int]:
         """Draw the units of ``period`` among those with trainable parameters."""
         candidates = self._candidates
         sampling = self.sampling
         if not isinstance(sampling, str):
             sampling = [sampling[i] for i in candidates]
         norms = None
-        if sampling == "weight_norm":
-            norms = [_norm(self._units[i]) for i in candidates]
+        if sampling == "weight_norm":  # every rank calls this at the same step: the norms are all-reduced
+            norms = _unit_norms([self._units[i] for i in candidates], trainer.strategy)
         chosen = sample_layers(
             sampling, len(candidates), self.n_layers, self.seed, period, norms=norms, temperature=self.temperature
         )
@@ -434,10 +437,15 @@ def _verify_ranks(trainer: pl.Trainer, active: list[int]) -> None:
         raise RuntimeError(f"LISA: ranks disagree on the active blocks at step {trainer.global_step}: {gathered}")
 
 
-def _norm(unit: Unit) -> float:
-    """The L2 norm of all the weights of ``unit`` (frozen or not)."""
-    squares = [p.detach().float().pow(2).sum() for p in unique_parameters(unit.modules)]
-    return float(torch.stack(squares).sum().sqrt()) if squares else 0.0
+def _unit_norms(units: Sequence[Unit], strategy: Strategy) -> list[float]:
+    """The L2 norm of all the weights of each unit (frozen or not), the same on every rank.
+
+    Under FSDP1 each rank holds a plain slice of each parameter, under FSDP2 a ``DTensor`` shard:
+    the squares of what each rank holds are summed in one all-reduce.
+    """
+    plain: PlainTensors = "sharded" if isinstance(strategy, FSDPStrategy) else "replicated"
+    named = [(unit.name, nn.ModuleList(unit.modules)) for unit in units]
+    return list(layer_norms(named, plain=plain).values())
 
 
 def _check_sampling(sampling: object) -> None:

@@ -6,8 +6,9 @@ keep their identity (so LISA and the optimizer hold the same objects before and 
 and may differ in ``requires_grad``; before every forward FSDP1 sets ``requires_grad`` of each flat
 parameter to whether any of its original parameters requires it. What follows from that:
 
-* A unit whose parameters are all frozen computes no gradients and sends nothing in the
-  reduce-scatter. LISA's compute and communication savings therefore need one FSDP unit per block
+* A unit whose parameters are all frozen computes no weight gradients and sends nothing in the
+  reduce-scatter (it is still gathered for the forward and backward passes, and gradients still
+  flow through it to the layers below). LISA's compute and communication savings therefore need one FSDP unit per block
   (per attention/MLP module with ``granularity="module"``): :func:`lisa_auto_wrap_policy` gives that
   policy, and LISA sets it on the strategy when it has none.
 * In a unit that mixes trainable and frozen parameters (e.g. a whole model wrapped as one unit),
@@ -19,15 +20,19 @@ parameter to whether any of its original parameters requires it. What follows fr
   their state; it is refused.
 * Popping a parameter's entry from ``optimizer.state`` frees this rank's shard of its state: the
   original parameters are views of the local shard (empty on ranks that hold none of it).
-* Checkpoints. FSDP1 saves and loads optimizer state per flat parameter and insists on state for
-  every original parameter that requires gradients at that moment. Between fits (e.g.
-  ``trainer.save_checkpoint`` after ``fit``, and while a checkpoint is restored before LISA freezes
-  anything) every parameter requires gradients, but only the trained blocks have state.
-  :func:`save_partial_optimizer_state` and :func:`~lightning_lisa.fsdp.load_partial_optimizer_state`
-  freeze the parameters without (saved) state while the strategy saves or loads it.
+* Checkpoints. FSDP1 saves optimizer state per flat parameter and insists on state for every
+  original parameter of it that requires gradients at that moment. Between fits (e.g.
+  ``trainer.save_checkpoint`` after ``fit``) every parameter requires gradients, but only the
+  trained blocks have state: :func:`save_partial_optimizer_state` freezes the parameters without
+  state while the strategy saves. FSDP1's loading skips parameters without saved state by itself;
+  LISA applies :func:`~lightning_lisa.fsdp.load_partial_optimizer_state` as under FSDP2 (that is how
+  the resume check ran).
+* ``sampling="weight_norm"``: each rank holds a slice of each parameter, so the norms of the units
+  are summed over ranks (one all-reduce) before sampling.
 
 FSDP1 runs on CUDA only (``FullyShardedDataParallel`` needs an accelerator, and Lightning checks
-for CUDA). Its figures come from ``benchmarks/gpu/fsdp1_check.py``.
+for CUDA). Its figures come from ``benchmarks/gpu/fsdp1_check.py``, so far run on one GPU only (world
+size 1, where FSDP1 keeps its flat parameters unsharded).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Which blocks train in each period: deterministic, rank-consistent sampling strategies.
 
 The choice for period ``i`` depends only on ``(seed, i)`` (and, for ``"weight_norm"``, on the current
-weights, which every rank holds identically): a ``torch.Generator`` is seeded from the pair, so every
+weights, whose norms LISA all-reduces so that every rank has the same, sharded or not): a
+``torch.Generator`` is seeded from the pair, so every
 rank of a distributed run picks the same blocks with no communication, and a resumed run picks
 exactly what the uninterrupted run picked. Every strategy samples without replacement.
 

@@ -97,3 +97,27 @@ def test_saving_freezes_parameters_without_state_meanwhile():
 def test_blocks_without_own_unit_is_empty_without_fsdp():
     model = tiny_llama(2)
     assert blocks_without_own_unit(model, split_units(find_layers(model), "block")) == []
+
+
+def test_weight_norm_sampling_sums_fsdp1_slices_across_ranks(monkeypatch):
+    # under FSDP1 each rank holds a plain slice of each parameter: the norms must add every rank's squares
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    import lightning_lisa.callback as callback
+
+    units = split_units(find_layers(tiny_llama(3)), "block")
+    expected = [float(torch.cat([p.detach().flatten() for p in u.modules[0].parameters()]).norm()) for u in units]
+    single = SingleDeviceStrategy(device=torch.device("cpu"))
+    assert callback._unit_norms(units, single) == pytest.approx(expected, rel=1e-6)
+    assert callback._unit_norms(units, FSDPStrategy()) == pytest.approx(expected, rel=1e-6)  # one process
+    layouts: list[str] = []
+    original = callback.layer_norms
+
+    def spy(named, plain="replicated", **kwargs):  # type: ignore[no-untyped-def]
+        layouts.append(plain)
+        return original(named, plain=plain, **kwargs)
+
+    monkeypatch.setattr(callback, "layer_norms", spy)
+    callback._unit_norms(units, FSDPStrategy())
+    callback._unit_norms(units, single)
+    assert layouts == ["sharded", "replicated"]
