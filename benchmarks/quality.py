@@ -56,8 +56,8 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from lightning_lisa import LISA
-from lightning_lisa.corpus import embedded_corpus
-from lightning_lisa.tokenizer import default_cache_dir, default_tokenizer
+from lightning_lisa.recipes.corpus import embedded_corpus
+from lightning_lisa.recipes.tokenizer import default_cache_dir, default_tokenizer
 
 IGNORE = -100
 ARMS = ("full", "lora", "lisa-uniform", "lisa-weight_norm", "lisa-cyclic")

@@ -18,7 +18,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lightning_lisa import LISA  # LISA (1/3)
-from lightning_lisa.data import TextDataModule
+from lightning_lisa.recipes.data import TextDataModule
 
 
 class MyLanguageModel(pl.LightningModule):

@@ -7,14 +7,13 @@ randomly sampled transformer blocks at a time, at a fraction of full fine-tuning
 from typing import TYPE_CHECKING, Any
 
 from lightning_lisa.callback import LISA, Switch
-from lightning_lisa.fsdp import fully_shard_blocks
-from lightning_lisa.fsdp1 import lisa_auto_wrap_policy
 from lightning_lisa.layers import BLOCK_LISTS, LayerInfo, Unit, find_layers, split_units
-from lightning_lisa.monitor import WeightNormMonitor
+from lightning_lisa.monitoring import WeightNormMonitor, plot_heatmap, plot_layer_means
 from lightning_lisa.norms import NormRecord, layer_norms, monitored_layers
 from lightning_lisa.optimizer_state import OptimizerStateHandler, optimizer_state_bytes
-from lightning_lisa.plots import plot_heatmap, plot_layer_means
 from lightning_lisa.sampling import sample_layers
+from lightning_lisa.strategies.fsdp1 import lisa_auto_wrap_policy
+from lightning_lisa.strategies.fsdp2 import fully_shard_blocks
 
 if TYPE_CHECKING:
     from lightning_lisa.estimate import estimate_memory
@@ -45,8 +44,7 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    # ``estimate_memory`` is imported on first use: ``python -m lightning_lisa.estimate`` then runs the
-    # module once, not after the package imported it.
+    # The estimate is imported on first use: it is an application of the core, which never imports it.
     if name == "estimate_memory":
         from lightning_lisa.estimate import estimate_memory
 

@@ -24,15 +24,13 @@ from typing import Any, Literal, get_args
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import FSDPStrategy, Strategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
-from lightning_lisa.communication import FrozenSkippingState
-from lightning_lisa.fsdp import lazy_init
+from lightning_lisa.errors import LISAConfigError
 from lightning_lisa.layers import LayerInfo, Unit, find_layers, resolve_modules, split_units, unique_parameters
 from lightning_lisa.norms import PlainTensors, layer_norms
 from lightning_lisa.optimizer_state import (
@@ -42,7 +40,9 @@ from lightning_lisa.optimizer_state import (
     optimizer_state_bytes,
 )
 from lightning_lisa.sampling import STRATEGIES, SamplingName, check_probabilities, sample_layers
-from lightning_lisa.strategies import check_strategy, check_wrapped, install_comm_hook
+from lightning_lisa.strategies.checks import check_strategy, check_wrapped, install_comm_hook
+from lightning_lisa.strategies.ddp import FrozenSkippingState
+from lightning_lisa.strategies.fsdp2 import lazy_init
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class LISA(Callback):
         train_head: With ``always_active=None``, keep the output head trainable.
         train_final_norm: With ``always_active=None``, also keep the final norm trainable.
         ddp_comm_hook: Under DDP, install a communication hook that all-reduces only the gradients
-            of trainable parameters (see :mod:`lightning_lisa.communication`).
+            of trainable parameters (see :mod:`lightning_lisa.strategies.ddp`).
         verify_ranks: At every switch, all-gather the active blocks and raise if the ranks disagree
             (a debugging aid; costs one small collective per switch).
 
@@ -143,22 +143,18 @@ class LISA(Callback):
         _check_names("always_active", always_active, allow_str=False)
         _check_sampling(sampling)
         if optimizer_state not in OPTIMIZER_STATE_MODES:
-            raise MisconfigurationException(
-                f"`optimizer_state={optimizer_state!r}` is not one of {list(OPTIMIZER_STATE_MODES)}."
-            )
+            raise LISAConfigError(f"`optimizer_state={optimizer_state!r}` is not one of {list(OPTIMIZER_STATE_MODES)}.")
         if not isinstance(temperature, int | float) or isinstance(temperature, bool) or not temperature > 0:
-            raise MisconfigurationException(f"`temperature={temperature!r}` is not allowed; it must be a number > 0.")
+            raise LISAConfigError(f"`temperature={temperature!r}` is not allowed; it must be a number > 0.")
         if granularity not in get_args(Granularity):
-            raise MisconfigurationException(
-                f"`granularity={granularity!r}` is not one of {list(get_args(Granularity))}."
-            )
+            raise LISAConfigError(f"`granularity={granularity!r}` is not one of {list(get_args(Granularity))}.")
         flags = {"train_embeddings": train_embeddings, "train_head": train_head, "train_final_norm": train_final_norm}
         for name, value in {**flags, "ddp_comm_hook": ddp_comm_hook, "verify_ranks": verify_ranks}.items():
             if not isinstance(value, bool):
-                raise MisconfigurationException(f"`{name}={value!r}` is not allowed; it must be True or False.")
+                raise LISAConfigError(f"`{name}={value!r}` is not allowed; it must be True or False.")
         changed = [f"{k}={v}" for k, v in flags.items() if v != (k != "train_final_norm")]
         if always_active is not None and changed:
-            raise MisconfigurationException(
+            raise LISAConfigError(
                 f"`always_active={always_active!r}` and `{', '.join(changed)}` both choose what always trains; "
                 "give the list of names, or the flags with always_active=None."
             )
@@ -351,7 +347,7 @@ class LISA(Callback):
         units = split_units(info, self.granularity)
         what = "blocks" if self.granularity == "block" else "block modules"
         if self.n_layers > len(units):
-            raise MisconfigurationException(
+            raise LISAConfigError(
                 f"`n_layers={self.n_layers}` is larger than the {len(units)} {what} of `{info.path}`; "
                 f"allowed: 1 to {len(units)}."
             )
@@ -372,7 +368,7 @@ class LISA(Callback):
         head = unique_parameters(resolve_modules(pl_module, info.head_names, "always_active"))
         tied = {id(p) for p in embeddings} & {id(p) for p in head}
         if tied and self.train_embeddings != self.train_head:
-            raise MisconfigurationException(
+            raise LISAConfigError(
                 f"`train_embeddings={self.train_embeddings}` and `train_head={self.train_head}` differ, but the input "
                 f"embeddings {list(info.embedding_names)} and the head {list(info.head_names)} share (tie) their "
                 "weights in this model; set both alike."
@@ -381,7 +377,7 @@ class LISA(Callback):
         names += list(info.head_names) if self.train_head else []
         if self.train_final_norm:
             if not info.final_norm_names:
-                raise MisconfigurationException(
+                raise LISAConfigError(
                     f"`train_final_norm=True`, but no final norm was found after `{info.path}`; name it in "
                     "`always_active` instead."
                 )
@@ -396,7 +392,7 @@ class LISA(Callback):
         self._always_params = [p for p in unique_parameters(self._always_active_modules) if id(p) in managed]
         self._candidates = [i for i, params in enumerate(self._unit_params) if params]
         if len(self._candidates) < self.n_layers:
-            raise MisconfigurationException(
+            raise LISAConfigError(
                 f"`n_layers={self.n_layers}`, but only {len(self._candidates)} {self.granularity}s of "
                 f"`{self.layer_info.path}` have trainable parameters (the others were frozen before fit)."
             )
@@ -451,14 +447,14 @@ def _unit_norms(units: Sequence[Unit], strategy: Strategy) -> list[float]:
 def _check_sampling(sampling: object) -> None:
     if isinstance(sampling, str):
         if sampling not in STRATEGIES:
-            raise MisconfigurationException(
+            raise LISAConfigError(
                 f"`sampling={sampling!r}` is not one of {list(STRATEGIES)} or a list of per-block probabilities."
             )
         return
     if not isinstance(sampling, Sequence) or not all(
         isinstance(p, int | float) and not isinstance(p, bool) for p in sampling
     ):
-        raise MisconfigurationException(
+        raise LISAConfigError(
             f"`sampling={sampling!r}` is not allowed; give one of {list(STRATEGIES)} or a list of numbers."
         )
 
@@ -466,16 +462,14 @@ def _check_sampling(sampling: object) -> None:
 def _check_int(name: str, value: object, minimum: int | None) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or (minimum is not None and value < minimum):
         allowed = "an integer" if minimum is None else f"an integer >= {minimum}"
-        raise MisconfigurationException(f"`{name}={value!r}` is not allowed; `{name}` must be {allowed}.")
+        raise LISAConfigError(f"`{name}={value!r}` is not allowed; `{name}` must be {allowed}.")
 
 
 def _check_names(name: str, value: object, allow_str: bool) -> None:
     if value is None or (allow_str and isinstance(value, str)):
         return
     if isinstance(value, str):
-        raise MisconfigurationException(
-            f"`{name}={value!r}` must be a list of names, e.g. `{name}=[{value!r}]`, or None."
-        )
+        raise LISAConfigError(f"`{name}={value!r}` must be a list of names, e.g. `{name}=[{value!r}]`, or None.")
     if not isinstance(value, Sequence) or not all(isinstance(v, str) for v in value):
         allowed = "a dotted path, a list of dotted paths" if allow_str else "a list of dotted names"
-        raise MisconfigurationException(f"`{name}={value!r}` is not allowed; `{name}` must be {allowed} or None.")
+        raise LISAConfigError(f"`{name}={value!r}` is not allowed; `{name}` must be {allowed} or None.")

@@ -15,8 +15,9 @@ import difflib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
-from lightning.fabric.utilities.exceptions import MisconfigurationException
 from torch import nn
+
+from lightning_lisa.errors import LISAConfigError
 
 #: Names of the block lists of known Hugging Face architectures, by ``config.model_type``.
 #: A name matches a ``nn.ModuleList`` whose dotted path equals it or ends with ``"." + name``, so the
@@ -110,7 +111,7 @@ def find_layers(module: nn.Module, layers: str | Sequence[str] | None = None) ->
         A :class:`LayerInfo` whose names are relative to ``module``.
 
     Raises:
-        MisconfigurationException: If ``layers`` names no ``nn.ModuleList``, or no block list
+        LISAConfigError: If ``layers`` names no ``nn.ModuleList``, or no block list
             can be found.
 
     Examples:
@@ -247,7 +248,7 @@ def resolve_modules(module: nn.Module, names: Iterable[str], argument: str) -> l
         One module per name; a parameter name yields a ``nn.ParameterList`` holding it.
 
     Raises:
-        MisconfigurationException: If a name matches neither a module nor a parameter.
+        LISAConfigError: If a name matches neither a module nor a parameter.
     """
     resolved: list[nn.Module] = []
     for name in names:
@@ -262,7 +263,7 @@ def resolve_modules(module: nn.Module, names: Iterable[str], argument: str) -> l
             known = [n for n, _ in module.named_modules() if n] + [n for n, _ in module.named_parameters()]
             close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
             hint = f" Close matches: {close}." if close else ""
-            raise MisconfigurationException(
+            raise LISAConfigError(
                 f"`{argument}` names {name!r}, which is neither a module nor a parameter of "
                 f"{type(module).__name__}. Names are dotted paths relative to the LightningModule.{hint}"
             ) from None
@@ -304,7 +305,7 @@ def _module_list(module: nn.Module, path: str) -> nn.ModuleList:
 def _resolve_explicit_paths(module: nn.Module, layers: str | Sequence[str]) -> list[str]:
     paths = [layers] if isinstance(layers, str) else list(layers)
     if not paths:
-        raise MisconfigurationException("`layers` is an empty list; give at least one dotted path or None.")
+        raise LISAConfigError("`layers` is an empty list; give at least one dotted path or None.")
     for path in paths:
         try:
             found = module.get_submodule(path)
@@ -312,7 +313,7 @@ def _resolve_explicit_paths(module: nn.Module, layers: str | Sequence[str]) -> l
             found = None
         if not isinstance(found, nn.ModuleList):
             what = "does not exist" if found is None else f"is a {type(found).__name__}, not an nn.ModuleList"
-            raise MisconfigurationException(
+            raise LISAConfigError(
                 f"`layers={layers!r}`: {path!r} {what} in {type(module).__name__}. "
                 f"Block lists found: {module_list_candidates(module) or 'none'}."
             )
@@ -335,7 +336,7 @@ def _structural_search(module: nn.Module) -> list[str]:
     """The path of the ``nn.ModuleList`` of identical blocks holding the most parameters."""
     candidates = module_list_candidates(module)
     if not candidates:
-        raise MisconfigurationException(
+        raise LISAConfigError(
             f"LISA found no block list in {type(module).__name__}: it needs an nn.ModuleList of at least two "
             "identical blocks (e.g. `model.model.layers`). Pass `layers=` with the dotted path of yours."
         )

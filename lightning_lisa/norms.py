@@ -38,10 +38,10 @@ from typing import Any, Literal, get_args
 
 import torch
 import torch.distributed as dist
-from lightning.fabric.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from torchmetrics import Metric
 
+from lightning_lisa.errors import LISAConfigError
 from lightning_lisa.layers import find_layers, unique_parameters
 
 #: The norms :func:`layer_norms` and the monitor compute.
@@ -285,7 +285,7 @@ def monitored_layers(module: nn.Module, layers: str | Sequence[str] | None = Non
             ``None`` to detect them.
 
     Raises:
-        MisconfigurationException: From :func:`~lightning_lisa.find_layers`, when ``layers`` names
+        LISAConfigError: From :func:`~lightning_lisa.find_layers`, when ``layers`` names
             no ``nn.ModuleList`` or no block list can be found.
 
     Examples:
@@ -320,4 +320,4 @@ def _all_reduce(tensor: Tensor, group: Any = None, op: str = "sum") -> list[Tens
 
 def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise MisconfigurationException(f"`{name}={value!r}` is not allowed; `{name}` must be one of {list(allowed)}.")
+        raise LISAConfigError(f"`{name}={value!r}` is not allowed; `{name}` must be one of {list(allowed)}.")

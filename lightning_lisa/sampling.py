@@ -27,7 +27,8 @@ from collections.abc import Callable, Sequence
 from typing import Literal, get_args
 
 import torch
-from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+from lightning_lisa.errors import LISAConfigError
 
 _MASK64 = (1 << 64) - 1
 
@@ -107,7 +108,7 @@ def check_probabilities(probabilities: Sequence[float], num_blocks: int, n_layer
     """Validate explicit per-block probabilities and normalise them.
 
     Raises:
-        MisconfigurationException: For a wrong length, NaN or infinite, negative or all-zero values,
+        LISAConfigError: For a wrong length, NaN or infinite, negative or all-zero values,
             or fewer positive values than ``n_layers``.
 
     Examples:
@@ -126,7 +127,7 @@ def check_probabilities(probabilities: Sequence[float], num_blocks: int, n_layer
         problem = f"has {int((values > 0).sum())} positive values, fewer than n_layers={n_layers}"
     else:
         return values / values.sum()
-    raise MisconfigurationException(
+    raise LISAConfigError(
         f"`sampling={shown}` {problem}; a probability list needs one finite, non-negative value per block, "
         f"at least n_layers of them positive."
     )
@@ -181,7 +182,7 @@ def sample_layers(
     """
     if isinstance(sampling, str):
         if sampling not in STRATEGIES:
-            raise MisconfigurationException(
+            raise LISAConfigError(
                 f"`sampling={sampling!r}` is not one of {list(STRATEGIES)} or a list of probabilities."
             )
         chosen = STRATEGIES[sampling](num_blocks, n_layers, seed, period, norms, temperature)

@@ -22,7 +22,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.fsdp import MixedPrecisionPolicy
 
 import lightning_lisa.callback
-import lightning_lisa.fsdp as fsdp
+import lightning_lisa.strategies.fsdp2 as fsdp
 from lightning_lisa import LISA
 
 ALWAYS = ("model.model.embed_tokens.weight", "model.lm_head.weight")

@@ -16,7 +16,7 @@ import yaml
 from cli_args import tiny, torch_threads
 
 from lightning_lisa import LISA
-from lightning_lisa.cli import LisaCLI, cli_main
+from lightning_lisa.recipes.cli import LisaCLI, cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "examples" / "configs"

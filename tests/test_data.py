@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_lisa import tokenizer as tokenizer_module
-from lightning_lisa.corpus import ALPACA_PROMPT_NO_INPUT, read_corpus
-from lightning_lisa.data import IGNORE_INDEX, TextDataModule
-from lightning_lisa.tokenizer import bpe_cache_path, default_tokenizer
+from lightning_lisa.recipes import tokenizer as tokenizer_module
+from lightning_lisa.recipes.corpus import ALPACA_PROMPT_NO_INPUT, read_corpus
+from lightning_lisa.recipes.data import IGNORE_INDEX, TextDataModule
+from lightning_lisa.recipes.tokenizer import bpe_cache_path, default_tokenizer
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 40
 

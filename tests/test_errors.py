@@ -9,7 +9,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
 from lightning_lisa import LISA
-from lightning_lisa.strategies import check_strategy
+from lightning_lisa.strategies.checks import check_strategy
 
 
 @pytest.mark.parametrize(

@@ -17,9 +17,9 @@ from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaDecoderLayer, LlamaMLP
 
 from lightning_lisa import LISA, lisa_auto_wrap_policy
-from lightning_lisa.fsdp1 import blocks_without_own_unit, save_partial_optimizer_state
 from lightning_lisa.layers import find_layers, split_units
-from lightning_lisa.strategies import check_strategy
+from lightning_lisa.strategies.checks import check_strategy
+from lightning_lisa.strategies.fsdp1 import blocks_without_own_unit, save_partial_optimizer_state
 
 
 def classes(policy: object) -> set[type[nn.Module]]:

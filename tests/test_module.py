@@ -14,9 +14,9 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lightning_lisa import LISA
-from lightning_lisa.data import TextDataModule
-from lightning_lisa.module import CausalLMModule
-from lightning_lisa.optim import lr_lambda
+from lightning_lisa.recipes.data import TextDataModule
+from lightning_lisa.recipes.module import CausalLMModule
+from lightning_lisa.recipes.optim import lr_lambda
 
 
 @pytest.fixture(autouse=True)

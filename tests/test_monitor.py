@@ -19,7 +19,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.logger import Logger
 
 from lightning_lisa import LISA
-from lightning_lisa.monitor import WeightNormMonitor
+from lightning_lisa.monitoring.monitor import WeightNormMonitor
 from lightning_lisa.norms import layer_norms
 
 LAYERS = [

@@ -11,7 +11,7 @@ import pytest
 from cli_args import tiny, torch_threads
 from helpers import subprocess_env
 
-from lightning_lisa.cli import cli_main
+from lightning_lisa.recipes.cli import cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
 

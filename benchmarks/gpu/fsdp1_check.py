@@ -291,7 +291,7 @@ def check_training(args: argparse.Namespace, bf16: bool) -> dict[str, Any]:
             problems.append(f"step {s['step']}: {with_grad[0]} of {with_grad[1]} FSDP units have a gradient")
     own_units = None
     if args.strategy == "fsdp1":
-        from lightning_lisa.fsdp1 import blocks_without_own_unit
+        from lightning_lisa.strategies.fsdp1 import blocks_without_own_unit
 
         assert trainer.strategy.model is not None
         own_units = not blocks_without_own_unit(trainer.strategy.model, lisa._units)

@@ -29,13 +29,14 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
+from lightning_lisa.errors import LISAConfigError
 from lightning_lisa.layers import unique_parameters
+from lightning_lisa.monitoring.plots import plot_heatmap, plot_layer_means, read_image
 from lightning_lisa.norms import (
     NORM_TYPES,
     Kind,
@@ -49,7 +50,6 @@ from lightning_lisa.norms import (
     partial_norm,
     partial_norms,
 )
-from lightning_lisa.plots import plot_heatmap, plot_layer_means, read_image
 
 #: Metric-key prefix of each kind of value; a key is ``f"{prefix}/{layer name}"``.
 KEY_PREFIXES: dict[Kind, str] = {"weight": "weight_norm", "change": "weight_change", "grad": "grad_norm"}
@@ -67,7 +67,7 @@ class WeightNormMonitor(Callback):
     Every ``logging_interval`` optimizer steps, and when training starts, the monitor measures each
     monitored layer and calls ``logger.log_metrics(metrics, step=trainer.global_step)`` on every
     logger of the Trainer, with the keys ``weight_norm/<layer>``, ``weight_change/<layer>`` and
-    ``grad_norm/<layer>`` described in :mod:`lightning_lisa.monitor`. When several optimizer steps
+    ``grad_norm/<layer>`` described in :mod:`lightning_lisa.monitoring.monitor`. When several optimizer steps
     pass in one batch (manual optimization), a row is logged at the first step at or past each
     multiple of ``logging_interval``. At the end of fit, rank zero saves the figures (see
     :meth:`save_plots`) and logs them as images to loggers that take images.
@@ -90,7 +90,7 @@ class WeightNormMonitor(Callback):
         layer_names: The monitored layers, in model order (set when fit starts).
 
     Raises:
-        MisconfigurationException: For an argument of the wrong type or value; at ``setup``, for
+        LISAConfigError: For an argument of the wrong type or value; at ``setup``, for
             DeepSpeed ZeRO-3 (whose parameters are empty placeholders outside forward) and for
             ``track_grad=True`` under DeepSpeed (gradients live in DeepSpeed's buffers, not in ``.grad``).
 
@@ -112,16 +112,14 @@ class WeightNormMonitor(Callback):
         plot: bool = True,
     ) -> None:
         if not isinstance(logging_interval, int) or isinstance(logging_interval, bool) or logging_interval < 1:
-            raise MisconfigurationException(
+            raise LISAConfigError(
                 f"`logging_interval={logging_interval!r}` is not allowed; `logging_interval` must be an integer >= 1."
             )
         if norm not in NORM_TYPES:
-            raise MisconfigurationException(
-                f"`norm={norm!r}` is not allowed; `norm` must be one of {list(NORM_TYPES)}."
-            )
+            raise LISAConfigError(f"`norm={norm!r}` is not allowed; `norm` must be one of {list(NORM_TYPES)}.")
         for name, value in (("track_change", track_change), ("track_grad", track_grad), ("plot", plot)):
             if not isinstance(value, bool):
-                raise MisconfigurationException(f"`{name}={value!r}` is not allowed; `{name}` must be True or False.")
+                raise LISAConfigError(f"`{name}={value!r}` is not allowed; `{name}` must be True or False.")
         _check_layers(layers)
         self.logging_interval = logging_interval
         self.norm = norm
@@ -351,7 +349,7 @@ def _check_layers(layers: object) -> None:
     if layers is None or isinstance(layers, str):
         return
     if not isinstance(layers, Sequence) or not layers or not all(isinstance(v, str) for v in layers):
-        raise MisconfigurationException(
+        raise LISAConfigError(
             f"`layers={layers!r}` is not allowed; `layers` must be a dotted path, a non-empty list of dotted paths "
             "(e.g. 'model.model.layers'), or None to detect the blocks."
         )
@@ -362,12 +360,12 @@ def _check_strategy(strategy: Strategy, track_grad: bool) -> PlainTensors:
     names = {cls.__name__ for cls in type(strategy).__mro__}
     if "DeepSpeedStrategy" in names:
         if getattr(strategy, "zero_stage_3", False):
-            raise MisconfigurationException(
+            raise LISAConfigError(
                 "WeightNormMonitor does not support DeepSpeed ZeRO stage 3: its parameters are empty placeholders "
                 "outside forward. Supported: a single device, DDP, FSDP, model parallelism, DeepSpeed ZeRO-1/2."
             )
         if track_grad:
-            raise MisconfigurationException(
+            raise LISAConfigError(
                 "`track_grad=True` is not allowed under DeepSpeed: gradients live in DeepSpeed's buffers, not in "
                 "`.grad`. Use `track_grad=False`."
             )

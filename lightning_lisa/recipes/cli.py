@@ -1,4 +1,4 @@
-"""The ``lightning-lisa`` command: Lightning's CLI for :class:`~lightning_lisa.module.CausalLMModule`.
+"""The ``lightning-lisa`` command: Lightning's CLI for :class:`~lightning_lisa.recipes.module.CausalLMModule`.
 
 ``lightning-lisa fit|validate|test|predict`` takes ``--config`` files and ``--key=value`` overrides for
 the Trainer (``trainer.*``), the model (``model.*``), the data (``data.*``) and, optionally, LISA:
@@ -25,9 +25,9 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from lightning_lisa.callback import LISA
-from lightning_lisa.data import TextDataModule
-from lightning_lisa.module import CausalLMModule
-from lightning_lisa.summary import (
+from lightning_lisa.recipes.data import TextDataModule
+from lightning_lisa.recipes.module import CausalLMModule
+from lightning_lisa.recipes.summary import (
     FitReport,
     OptimizerStateTracker,
     SummaryOptions,

@@ -813,7 +813,3 @@ def _check_int(name: str, value: object, minimum: int) -> None:
 def _check_choice(name: str, value: object, allowed: list[str]) -> None:
     if value not in allowed:
         raise ValueError(f"`{name}={value!r}` is not one of {allowed}.")
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

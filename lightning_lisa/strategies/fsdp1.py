@@ -25,7 +25,7 @@ parameter to whether any of its original parameters requires it. What follows fr
   ``trainer.save_checkpoint`` after ``fit``) every parameter requires gradients, but only the
   trained blocks have state: :func:`save_partial_optimizer_state` freezes the parameters without
   state while the strategy saves. FSDP1's loading skips parameters without saved state by itself;
-  LISA applies :func:`~lightning_lisa.fsdp.load_partial_optimizer_state` as under FSDP2 (that is how
+  LISA applies :func:`~lightning_lisa.strategies.fsdp2.load_partial_optimizer_state` as under FSDP2 (that is how
   the resume check ran).
 * ``sampling="weight_norm"``: each rank holds a slice of each parameter, so the norms of the units
   are summed over ranks (one all-reduce) before sampling.
@@ -41,12 +41,12 @@ import functools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from lightning_lisa.fsdp import load_partial_optimizer_state
+from lightning_lisa.errors import LISAConfigError
 from lightning_lisa.layers import Unit, find_layers, split_units
+from lightning_lisa.strategies.fsdp2 import load_partial_optimizer_state
 
 if TYPE_CHECKING:
     from lightning.pytorch.strategies import FSDPStrategy
@@ -103,7 +103,8 @@ def prepare_fsdp1(strategy: FSDPStrategy, units: Sequence[Unit] | None, granular
     """Check an ``FSDPStrategy`` before it wraps the model, and give it one unit per block if it has no policy.
 
     Also makes the strategy save and load checkpoints whose optimizer state covers only the trained
-    parameters (:func:`save_partial_optimizer_state`, :func:`~lightning_lisa.fsdp.load_partial_optimizer_state`).
+    parameters (:func:`save_partial_optimizer_state`,
+    :func:`~lightning_lisa.strategies.fsdp2.load_partial_optimizer_state`).
 
     Args:
         strategy: The Trainer's ``FSDPStrategy``, not yet set up.
@@ -111,13 +112,13 @@ def prepare_fsdp1(strategy: FSDPStrategy, units: Sequence[Unit] | None, granular
         granularity: LISA's ``granularity``, for the messages.
 
     Raises:
-        MisconfigurationException: For ``use_orig_params=False``.
+        LISAConfigError: For ``use_orig_params=False``.
     """
     kwargs = strategy.kwargs
     save_partial_optimizer_state(strategy)
     load_partial_optimizer_state(strategy)
     if not kwargs.get("use_orig_params", False):
-        raise MisconfigurationException(
+        raise LISAConfigError(
             f"LISA needs `FSDPStrategy(use_orig_params=True)` (Lightning's default), got "
             f"`use_orig_params={kwargs.get('use_orig_params')!r}`: without it the optimizer holds FSDP's flat "
             "parameters, and the optimizer state of frozen blocks cannot be freed."

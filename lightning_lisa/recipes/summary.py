@@ -1,6 +1,6 @@
 """What a fit did, in a few lines: validation loss, LISA's blocks per period, optimizer-state bytes.
 
-:class:`~lightning_lisa.cli.LisaCLI` prints :func:`format_summary` after ``fit``. The optimizer-state
+:class:`~lightning_lisa.recipes.cli.LisaCLI` prints :func:`format_summary` after ``fit``. The optimizer-state
 bytes of LISA are the peak over all optimizer steps (:class:`OptimizerStateTracker`); those of full
 fine-tuning are either measured for real (one optimizer step of every parameter on a copy of the
 model, :func:`measure_full_finetuning_state`) or estimated from the parameter count.
@@ -87,7 +87,7 @@ def measure_full_finetuning_state(
     Args:
         model: A Hugging Face model that returns a loss for ``model(**batch)``; it is not changed.
         make_optimizer: Builds the run's optimizer over a model's parameters (e.g.
-            :meth:`~lightning_lisa.module.CausalLMModule.make_optimizer`).
+            :meth:`~lightning_lisa.recipes.module.CausalLMModule.make_optimizer`).
         batch: One training batch.
 
     Examples:

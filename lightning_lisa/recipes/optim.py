@@ -1,4 +1,4 @@
-"""Optimizers and learning-rate schedules for :class:`~lightning_lisa.module.CausalLMModule`.
+"""Optimizers and learning-rate schedules for :class:`~lightning_lisa.recipes.module.CausalLMModule`.
 
 The optimizer is always built over every parameter of the model, trainable or not: LISA decides
 what trains by flipping ``requires_grad`` and frees the optimizer state of what it freezes, so a

@@ -1,7 +1,7 @@
 """A ``LightningDataModule`` of tokenized text for causal language modelling.
 
-:class:`TextDataModule` reads a corpus (see :mod:`lightning_lisa.corpus`), tokenizes it with any
-Hugging Face tokenizer (or the default BPE of :mod:`lightning_lisa.tokenizer`), and either packs the
+:class:`TextDataModule` reads a corpus (see :mod:`lightning_lisa.recipes.corpus`), tokenizes it with any
+Hugging Face tokenizer (or the default BPE of :mod:`lightning_lisa.recipes.tokenizer`), and either packs the
 token stream into ``max_length`` sequences or pads one example per sequence. A seeded share of the
 sequences is held out for validation; ``test`` and ``predict`` use the validation sequences.
 """
@@ -18,8 +18,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
-from lightning_lisa.corpus import CorpusFormat, Example, embedded_corpus, read_corpus
-from lightning_lisa.tokenizer import default_tokenizer, load_tokenizer
+from lightning_lisa.recipes.corpus import CorpusFormat, Example, embedded_corpus, read_corpus
+from lightning_lisa.recipes.tokenizer import default_tokenizer, load_tokenizer
 
 IGNORE_INDEX = -100
 Batch = dict[str, torch.Tensor]
@@ -193,7 +193,7 @@ class TextDataModule(pl.LightningDataModule):
     # ------------------------------------------------------------------------------- helpers
 
     def examples(self) -> list[Example]:
-        """The corpus, as :class:`~lightning_lisa.corpus.Example` records (first ``max_examples``)."""
+        """The corpus, as :class:`~lightning_lisa.recipes.corpus.Example` records (first ``max_examples``)."""
         examples = embedded_corpus() if self.path is None else read_corpus(self.path, self.format)
         return examples[: self.max_examples] if self.max_examples is not None else examples
 

@@ -2,7 +2,7 @@
 
 :class:`CausalLMModule` loads a model with ``AutoModelForCausalLM.from_pretrained`` (a local
 directory works offline) or builds one with random weights from a config, trains it on batches of
-``input_ids``/``labels`` (see :class:`~lightning_lisa.data.TextDataModule`), logs loss and
+``input_ids``/``labels`` (see :class:`~lightning_lisa.recipes.data.TextDataModule`), logs loss and
 perplexity, and can save a Hugging Face directory at the end of fit. Its optimizer is built over
 all parameters, as :class:`~lightning_lisa.LISA` needs.
 """
@@ -20,8 +20,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.aggregation import MeanMetric
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from lightning_lisa.data import IGNORE_INDEX, Batch
-from lightning_lisa.optim import OptimizerName, ScheduleName, build_optimizer, lr_lambda, parameter_groups
+from lightning_lisa.recipes.data import IGNORE_INDEX, Batch
+from lightning_lisa.recipes.optim import OptimizerName, ScheduleName, build_optimizer, lr_lambda, parameter_groups
 
 
 def build_config(config: str | dict[str, Any]) -> PretrainedConfig:

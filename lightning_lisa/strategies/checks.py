@@ -4,16 +4,16 @@
 * DDP (``ddp``, ``ddp_spawn``, ...): frozen blocks produce no gradients, so DDP must be built with
   ``find_unused_parameters=True``. LISA sets it (with a notice) when the user did not; an explicit
   ``static_graph=True`` cannot work (the graph changes at every switch) and is refused. Once the
-  model is wrapped, LISA installs :func:`~lightning_lisa.communication.frozen_skipping_hook` so only
+  model is wrapped, LISA installs :func:`~lightning_lisa.strategies.ddp.frozen_skipping_hook` so only
   trainable gradients are all-reduced (unless the strategy already has a communication hook).
 * FSDP2 (``ModelParallelStrategy`` with ``fully_shard`` in ``configure_model``, e.g. through
-  :func:`~lightning_lisa.fsdp.fully_shard_blocks`): works; only the gradients of the sampled blocks
+  :func:`~lightning_lisa.strategies.fsdp2.fully_shard_blocks`): works; only the gradients of the sampled blocks
   and the always-active modules are reduce-scattered. LISA makes the strategy's checkpoint loading
   accept optimizer state for only some parameters
-  (:func:`~lightning_lisa.fsdp.load_partial_optimizer_state`).
+  (:func:`~lightning_lisa.strategies.fsdp2.load_partial_optimizer_state`).
 * FSDP1 (``FSDPStrategy``, CUDA only): works with ``use_orig_params=True`` (Lightning's default);
   LISA gives the strategy one FSDP unit per block when it has no ``auto_wrap_policy``, and warns
-  when blocks share a unit after wrapping (see :mod:`lightning_lisa.fsdp1`).
+  when blocks share a unit after wrapping (see :mod:`lightning_lisa.strategies.fsdp1`).
 * DeepSpeed is refused (see :data:`UNSUPPORTED_STRATEGIES`).
 """
 
@@ -21,15 +21,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.nn.parallel import DistributedDataParallel
 
-from lightning_lisa.communication import FrozenSkippingState, frozen_skipping_hook
-from lightning_lisa.fsdp import load_partial_optimizer_state
-from lightning_lisa.fsdp1 import blocks_without_own_unit, prepare_fsdp1
+from lightning_lisa.errors import LISAConfigError
 from lightning_lisa.layers import Unit
+from lightning_lisa.strategies.ddp import FrozenSkippingState, frozen_skipping_hook
+from lightning_lisa.strategies.fsdp1 import blocks_without_own_unit, prepare_fsdp1
+from lightning_lisa.strategies.fsdp2 import load_partial_optimizer_state
 
 #: Strategies LISA refuses, by class name (no import of optional back-ends needed), with the reason.
 UNSUPPORTED_STRATEGIES: dict[str, str] = {
@@ -51,12 +51,12 @@ def check_strategy(strategy: Strategy, units: Sequence[Unit] | None = None, gran
         granularity: LISA's ``granularity``.
 
     Raises:
-        MisconfigurationException: For DeepSpeed, FSDP1 with ``use_orig_params=False``, and DDP with
+        LISAConfigError: For DeepSpeed, FSDP1 with ``use_orig_params=False``, and DDP with
             ``static_graph=True``.
     """
     for cls in type(strategy).__mro__:
         if cls.__name__ in UNSUPPORTED_STRATEGIES:
-            raise MisconfigurationException(
+            raise LISAConfigError(
                 f"LISA does not support `strategy={type(strategy).__name__}`: {UNSUPPORTED_STRATEGIES[cls.__name__]}."
                 " Supported: a single device, DDP (`strategy='ddp'`, `'ddp_spawn'`, "
                 "`'ddp_find_unused_parameters_true'`), FSDP2 (`ModelParallelStrategy`) or FSDP1 (`'fsdp'`)."
@@ -85,12 +85,12 @@ def check_wrapped(strategy: Strategy, units: Sequence[Unit]) -> None:
 def _prepare_ddp(strategy: DDPStrategy) -> None:
     kwargs = getattr(strategy, "_ddp_kwargs", None)
     if not isinstance(kwargs, dict):
-        raise MisconfigurationException(
+        raise LISAConfigError(
             "LISA could not check this DDP strategy's `find_unused_parameters`; use "
             "`strategy='ddp_find_unused_parameters_true'` or DDPStrategy(find_unused_parameters=True)."
         )
     if kwargs.get("static_graph"):
-        raise MisconfigurationException(
+        raise LISAConfigError(
             "LISA cannot run with `DDPStrategy(static_graph=True)`: the set of parameters that receive "
             "gradients changes every `interval` steps. Use `strategy='ddp_find_unused_parameters_true'`."
         )
