@@ -1,12 +1,16 @@
 """Discovery of the transformer blocks, input embeddings and output head of a model.
 
-LISA samples among the *blocks* of a model (the ``nn.ModuleList`` of identical decoder or encoder
-layers) and keeps the input embeddings and output head trainable. :func:`find_layers` locates these
-through any wrapper: a ``LightningModule`` attribute, a DDP/FSDP ``.module``, a PEFT model.
+LISA samples among the *blocks* of a model (the ``nn.ModuleList`` or ``nn.Sequential`` of transformer
+layers) and keeps the input side (embeddings, learned positions, class tokens) and the output head
+trainable. :func:`find_layers` locates these through any wrapper: a ``LightningModule`` attribute, a
+DDP/FSDP ``.module``, a PEFT model, a compiled module.
 
 Known Hugging Face architectures are looked up in :data:`BLOCK_LISTS`, a table from
-``config.model_type`` to the names of their block lists; anything else falls back to a structural
-search for the largest ``nn.ModuleList`` of identical blocks.
+``config.model_type`` to the names of their block lists. Anything else goes through a structural
+search (see :func:`find_layers`): every outermost list of blocks is a *stack*, and every stack is
+sampled, so both stacks of an encoder-decoder train. In a multimodal model (a module with a
+``language_model`` or ``text_model`` child beside other towers) only the language model's blocks are
+sampled; the other towers stay frozen and their projectors train all the time.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import difflib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_lisa.errors import LISAConfigError
@@ -60,22 +65,47 @@ BLOCK_LISTS: dict[str, tuple[str, ...]] = {
 #: (e.g. ``BertForSequenceClassification.classifier``, ``LlamaForSequenceClassification.score``).
 HEAD_ATTRIBUTES: tuple[str, ...] = ("lm_head", "score", "classifier", "qa_outputs")
 
+#: Names of the language model inside a multimodal model (``LlavaModel.language_model``,
+#: ``Idefics3Model.text_model``). A module with such a child and another child holding a block list is
+#: multimodal: its other children holding block lists are *towers*, the rest are *projectors*.
+LANGUAGE_MODEL_NAMES: tuple[str, ...] = ("language_model", "text_model")
+
+#: A block list that is not sampled although it holds at least this share of the parameters of the
+#: largest sampled one makes the choice ambiguous: :func:`find_layers` warns.
+SIMILAR_SIZE = 0.5
+
+#: Sampled blocks holding less than this share of the model's parameters: :func:`find_layers` warns.
+SMALL_SHARE = 0.2
+
 
 @dataclass(frozen=True)
 class LayerInfo:
     """What :func:`find_layers` found in a model. All names are relative to the module searched.
 
     Attributes:
-        block_paths: Dotted paths of the block ``nn.ModuleList`` objects (two for encoder-decoders).
+        block_paths: Dotted paths of the block lists (``nn.ModuleList`` or ``nn.Sequential``), one per
+            stack (two for encoder-decoders).
         block_names: Dotted name of every block, in order; block ``i`` of LISA is ``block_names[i]``.
         blocks: The block modules themselves, in the same order.
-        embedding_names: Names of the input-embedding modules (usually one).
+        embedding_names: Names of the input-embedding modules (usually one: the token embedding, or
+            the patch embedding of a vision model).
         head_names: Names of the output-head modules (may share weights with the embeddings).
         final_norm_names: Names of the norms applied after the last block of each stack
             (e.g. ``model.norm``), if any; a sibling of the block list in the module tree.
         model_type: The Hugging Face ``config.model_type``, or ``None`` for other models.
         from_table: Whether the blocks came from :data:`BLOCK_LISTS` (``False``: structural search
             or an explicit path).
+        extra_embedding_names: The rest of the input side, outside the blocks and the frozen towers:
+            learned position embeddings, token-type embeddings, embedding norms (BART's
+            ``layernorm_embedding``), and parameters held directly by a container module (a ViT's
+            ``cls_token`` and ``pos_embed``). Trained with the embeddings by default.
+        projector_names: In a multimodal model, the modules (and parameters) beside the language
+            model and the towers, such as ``multi_modal_projector`` or ``connector``. Trained all the
+            time by default.
+        tower_names: In a multimodal model, the towers whose blocks are not sampled (e.g.
+            ``model.vision_tower``); they stay frozen unless named in ``layers`` or ``always_active``.
+        warnings: Why the automatic choice may not be the one wanted (empty when ``layers`` was given);
+            :func:`find_layers` warns with each.
     """
 
     block_paths: tuple[str, ...]
@@ -86,6 +116,10 @@ class LayerInfo:
     final_norm_names: tuple[str, ...]
     model_type: str | None
     from_table: bool
+    extra_embedding_names: tuple[str, ...] = ()
+    projector_names: tuple[str, ...] = ()
+    tower_names: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
 
     @property
     def num_blocks(self) -> int:
@@ -98,21 +132,39 @@ class LayerInfo:
         return ",".join(self.block_paths)
 
 
-def find_layers(module: nn.Module, layers: str | Sequence[str] | None = None) -> LayerInfo:
-    """Find the transformer blocks, input embeddings and output head of ``module``.
+def find_layers(module: nn.Module, layers: str | Sequence[str] | None = None, warn: bool = True) -> LayerInfo:
+    """Find the transformer blocks, input side and output head of ``module``.
+
+    Without ``layers``, the blocks come from :data:`BLOCK_LISTS` for known Hugging Face
+    architectures, and otherwise from a structural search:
+
+    * a *block list* is an ``nn.ModuleList`` of at least two children with parameters, all of one
+      class or all composite (hybrid stacks such as Zamba2's mix Mamba and attention layers), or an
+      ``nn.Sequential`` of at least two children of one class with parameters (timm's ``blocks``);
+    * lists inside the blocks of another list (experts, adapters) are not candidates;
+    * every remaining list whose blocks are composite modules is a stack, and every stack is sampled
+      (both stacks of an encoder-decoder); lists of single layers (e.g. of ``nn.Linear``) are sampled
+      only when there is nothing else;
+    * in a multimodal model, lists inside a tower other than the language model are not sampled.
+
+    It warns (see :attr:`LayerInfo.warnings`) when a list that is not sampled holds at least
+    :data:`SIMILAR_SIZE` of the parameters of the largest sampled one, and when the sampled blocks hold
+    less than :data:`SMALL_SHARE` of the model's parameters.
 
     Args:
         module: A Hugging Face model, a plain torch model, or anything that holds one (a
             ``LightningModule``, a DDP/FSDP wrapper, a PEFT model).
-        layers: Dotted path(s) of the block ``nn.ModuleList`` relative to ``module``, to bypass
-            detection, e.g. ``"model.model.layers"``. ``None`` detects them.
+        layers: Dotted path(s) of the block lists relative to ``module``, to bypass detection, e.g.
+            ``"model.model.layers"``; an ``nn.ModuleList`` or an ``nn.Sequential``. ``None`` detects
+            them.
+        warn: Emit :attr:`LayerInfo.warnings` as warnings (on rank 0).
 
     Returns:
         A :class:`LayerInfo` whose names are relative to ``module``.
 
     Raises:
-        LISAConfigError: If ``layers`` names no ``nn.ModuleList``, or no block list
-            can be found.
+        LISAConfigError: If ``layers`` names no ``nn.ModuleList`` or ``nn.Sequential``, or no block
+            list can be found.
 
     Examples:
         >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -121,10 +173,18 @@ def find_layers(module: nn.Module, layers: str | Sequence[str] | None = None) ->
         >>> info = find_layers(LlamaForCausalLM(config))
         >>> info.path, info.num_blocks, info.embedding_names, info.head_names
         ('model.layers', 3, ('model.embed_tokens',), ('lm_head',))
+
+        A plain torch encoder-decoder: both stacks are sampled.
+
+        >>> from lightning.pytorch.demos import Transformer
+        >>> find_layers(Transformer(vocab_size=64, ninp=16, nhead=2, nhid=32, nlayers=2)).block_paths
+        ('transformer.encoder.layers', 'transformer.decoder.layers')
     """
     names = {id(m): name for name, m in module.named_modules()}
     hf_model = _find_hf_model(module)
     model_type = _model_type(hf_model)
+    multimodal = _find_multimodal(module)
+    towers = multimodal.towers if multimodal is not None else []
 
     from_table = False
     if layers is not None:
@@ -132,19 +192,32 @@ def find_layers(module: nn.Module, layers: str | Sequence[str] | None = None) ->
     elif model_type in BLOCK_LISTS and (found := _paths_from_table(module, BLOCK_LISTS[model_type])):
         paths, from_table = found, True
     else:
-        paths = _structural_search(module)
+        paths = _structural_search(module, towers)
+    towers = [t for t in towers if not any(_inside(path, t) for path in paths)]  # a tower named in `layers` is sampled
+    notes = [] if layers is not None else _ambiguities(module, paths, towers)
 
     block_names: list[str] = []
     blocks: list[nn.Module] = []
     for path in paths:
-        for index, block in enumerate(_module_list(module, path)):
-            block_names.append(f"{path}.{index}")
+        for name, block in _block_list(module, path):
+            block_names.append(name)
             blocks.append(block)
     in_blocks = {id(m) for block in blocks for m in block.modules()}
+    in_towers = {id(m) for t in towers for m in module.get_submodule(t).modules()}
 
-    embeddings, heads = _embeddings_and_head(module, hf_model, in_blocks)
+    embeddings, heads = _embeddings_and_head(module, hf_model, in_blocks | in_towers)
+    projectors = multimodal.projectors if multimodal is not None else []
+    in_projectors = {
+        id(m) for name in projectors if _is_module(module, name) for m in module.get_submodule(name).modules()
+    }
+    stop = in_blocks | in_towers | in_projectors | {id(m) for e in embeddings + heads for m in e.modules()}
+    stop_params = {id(p) for m in embeddings + heads for p in m.parameters()}
+    extras = _input_side(module, stop, stop_params)
     excluded = in_blocks | {id(m) for m in embeddings + heads}
     final_norms = [_final_norm(module, path, excluded) for path in paths]
+    if warn:
+        for note in notes:
+            rank_zero_warn(note)
     return LayerInfo(
         block_paths=tuple(paths),
         block_names=tuple(block_names),
@@ -154,7 +227,56 @@ def find_layers(module: nn.Module, layers: str | Sequence[str] | None = None) ->
         final_norm_names=tuple(dict.fromkeys(name for name in final_norms if name is not None)),
         model_type=model_type,
         from_table=from_table,
+        extra_embedding_names=tuple(extras),
+        projector_names=tuple(projectors),
+        tower_names=tuple(towers),
+        warnings=tuple(notes),
     )
+
+
+def default_always_active(
+    module: nn.Module,
+    info: LayerInfo,
+    train_embeddings: bool = True,
+    train_head: bool = True,
+    train_final_norm: bool = False,
+) -> list[str]:
+    """The names LISA trains all the time when ``always_active=None``.
+
+    The input side (:attr:`LayerInfo.embedding_names` and :attr:`LayerInfo.extra_embedding_names`)
+    with ``train_embeddings``, the head with ``train_head``, the final norms with ``train_final_norm``,
+    and a multimodal model's projectors (:attr:`LayerInfo.projector_names`) always.
+
+    Raises:
+        LISAConfigError: If the embeddings and the head are tied but only one of them should train,
+            or ``train_final_norm=True`` and there is no final norm.
+
+    Examples:
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> model = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=64, n_positions=32))
+        >>> default_always_active(model, find_layers(model))
+        ['transformer.wte', 'transformer.wpe', 'lm_head']
+    """
+    embeddings = unique_parameters(resolve_modules(module, info.embedding_names, "always_active"))
+    head = unique_parameters(resolve_modules(module, info.head_names, "always_active"))
+    tied = {id(p) for p in embeddings} & {id(p) for p in head}
+    if tied and train_embeddings != train_head:
+        raise LISAConfigError(
+            f"`train_embeddings={train_embeddings}` and `train_head={train_head}` differ, but the input "
+            f"embeddings {list(info.embedding_names)} and the head {list(info.head_names)} share (tie) their "
+            "weights in this model; set both alike."
+        )
+    names = list(info.embedding_names) + list(info.extra_embedding_names) if train_embeddings else []
+    names += list(info.head_names) if train_head else []
+    names += list(info.projector_names)
+    if train_final_norm:
+        if not info.final_norm_names:
+            raise LISAConfigError(
+                f"`train_final_norm=True`, but no final norm was found after `{info.path}`; name it in "
+                "`always_active` instead."
+            )
+        names += list(info.final_norm_names)
+    return list(dict.fromkeys(names))
 
 
 @dataclass(frozen=True)
@@ -232,8 +354,28 @@ def unique_parameters(modules: Iterable[nn.Module]) -> list[nn.Parameter]:
 
 
 def module_list_candidates(module: nn.Module) -> list[str]:
-    """Dotted paths of every ``nn.ModuleList`` with at least two children of one class."""
-    return [name for name, m in module.named_modules() if name and _is_block_list(m)]
+    """Dotted paths of the outermost block lists of ``module``, in model order.
+
+    A block list is an ``nn.ModuleList`` of at least two children with parameters, all of one class or all
+    composite, or an ``nn.Sequential`` of at least two children of one class with parameters. Lists inside
+    the children of another block list (MoE experts, adapters) are left out.
+
+    Examples:
+        >>> from torch import nn
+        >>> model = nn.Module()
+        >>> model.blocks = nn.Sequential(*[nn.TransformerEncoderLayer(8, 2, 16) for _ in range(3)])
+        >>> module_list_candidates(model)
+        ['blocks']
+    """
+    found: list[str] = []
+    inside: set[int] = set()
+    for name, m in module.named_modules():
+        if not name or id(m) in inside:
+            continue
+        if _is_block_list(m):
+            found.append(name)
+            inside.update(id(x) for x in m.modules())
+    return found
 
 
 def resolve_modules(module: nn.Module, names: Iterable[str], argument: str) -> list[nn.Module]:
@@ -292,14 +434,43 @@ def _model_type(hf_model: nn.Module | None) -> str | None:
     return str(model_type) if model_type else None
 
 
+def _has_params(m: nn.Module) -> bool:
+    return any(True for _ in m.parameters())
+
+
+def _is_composite(m: nn.Module) -> bool:
+    return any(True for _ in m.children())
+
+
 def _is_block_list(m: nn.Module) -> bool:
-    return isinstance(m, nn.ModuleList) and len(m) >= 2 and len({type(child) for child in m}) == 1
+    children = list(m.children())
+    if len(children) < 2 or not all(_has_params(c) for c in children):
+        return False
+    one_class = len({type(c) for c in children}) == 1
+    if isinstance(m, nn.ModuleList):
+        return one_class or all(_is_composite(c) for c in children)
+    return isinstance(m, nn.Sequential) and one_class
 
 
-def _module_list(module: nn.Module, path: str) -> nn.ModuleList:
-    found = module.get_submodule(path)
-    assert isinstance(found, nn.ModuleList)
-    return found
+def _block_list(module: nn.Module, path: str) -> list[tuple[str, nn.Module]]:
+    """The blocks of the list at ``path`` with their dotted names (the container's own child names)."""
+    return [(f"{path}.{name}", block) for name, block in module.get_submodule(path).named_children()]
+
+
+def _inside(path: str, prefix: str) -> bool:
+    return path == prefix or path.startswith(prefix + ".")
+
+
+def _is_module(module: nn.Module, name: str) -> bool:
+    try:
+        module.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def _size(module: nn.Module, paths: Iterable[str]) -> int:
+    return sum(p.numel() for p in unique_parameters(module.get_submodule(path) for path in paths))
 
 
 def _resolve_explicit_paths(module: nn.Module, layers: str | Sequence[str]) -> list[str]:
@@ -311,8 +482,13 @@ def _resolve_explicit_paths(module: nn.Module, layers: str | Sequence[str]) -> l
             found = module.get_submodule(path)
         except AttributeError:
             found = None
-        if not isinstance(found, nn.ModuleList):
-            what = "does not exist" if found is None else f"is a {type(found).__name__}, not an nn.ModuleList"
+        if not isinstance(found, nn.ModuleList | nn.Sequential) or len(found) == 0:
+            if found is None:
+                what = "does not exist"
+            elif isinstance(found, nn.ModuleList | nn.Sequential):
+                what = f"is an empty {type(found).__name__}"
+            else:
+                what = f"is a {type(found).__name__}, not an nn.ModuleList or nn.Sequential"
             raise LISAConfigError(
                 f"`layers={layers!r}`: {path!r} {what} in {type(module).__name__}. "
                 f"Block lists found: {module_list_candidates(module) or 'none'}."
@@ -322,7 +498,7 @@ def _resolve_explicit_paths(module: nn.Module, layers: str | Sequence[str]) -> l
 
 def _paths_from_table(module: nn.Module, suffixes: tuple[str, ...]) -> list[str] | None:
     """The block-list paths for a table entry, or ``None`` when the model does not match it."""
-    lists = [name for name, m in module.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    lists = [name for name, m in module.named_modules() if isinstance(m, nn.ModuleList | nn.Sequential) and len(m) > 0]
     paths: list[str] = []
     for suffix in suffixes:
         matches = [name for name in lists if name == suffix or name.endswith("." + suffix)]
@@ -332,19 +508,83 @@ def _paths_from_table(module: nn.Module, suffixes: tuple[str, ...]) -> list[str]
     return paths
 
 
-def _structural_search(module: nn.Module) -> list[str]:
-    """The path of the ``nn.ModuleList`` of identical blocks holding the most parameters."""
+@dataclass(frozen=True)
+class _Multimodal:
+    language_model: str
+    towers: list[str]
+    projectors: list[str]
+
+
+def _find_multimodal(module: nn.Module) -> _Multimodal | None:
+    """The outermost module with a language-model child beside another child holding a block list."""
+    for name, m in module.named_modules():
+        children = dict(m.named_children())
+        lm = next((n for n in LANGUAGE_MODEL_NAMES if n in children), None)
+        if lm is None:
+            continue
+        prefix = f"{name}." if name else ""
+        towers: list[str] = []
+        projectors: list[str] = []
+        for child_name, child in children.items():
+            if child_name == lm or not _has_params(child):
+                continue
+            holds_blocks = any(_is_block_list(x) for x in child.modules())
+            (towers if holds_blocks else projectors).append(prefix + child_name)
+        if towers:
+            projectors += [prefix + n for n, _ in m.named_parameters(recurse=False)]
+            return _Multimodal(prefix + lm, towers, projectors)
+    return None
+
+
+def _structural_search(module: nn.Module, towers: Sequence[str]) -> list[str]:
+    """Every outermost list of composite blocks outside the towers; else the largest list of single layers."""
     candidates = module_list_candidates(module)
     if not candidates:
         raise LISAConfigError(
-            f"LISA found no block list in {type(module).__name__}: it needs an nn.ModuleList of at least two "
-            "identical blocks (e.g. `model.model.layers`). Pass `layers=` with the dotted path of yours."
+            f"LISA found no block list in {type(module).__name__}: it needs an nn.ModuleList or nn.Sequential of "
+            "at least two blocks (e.g. `model.model.layers`). Pass `layers=` with the dotted path of yours."
         )
+    outside = [c for c in candidates if not any(_inside(c, t) for t in towers)] or candidates
+    composite = [c for c in outside if all(_is_composite(b) for _, b in _block_list(module, c))]
+    if composite:
+        return composite
+    return [max(outside, key=lambda path: _size(module, [path]))]
 
-    def size(path: str) -> int:
-        return sum(p.numel() for p in unique_parameters([module.get_submodule(path)]))
 
-    return [max(candidates, key=size)]
+def _ambiguities(module: nn.Module, paths: Sequence[str], towers: Sequence[str]) -> list[str]:
+    """Warnings about an automatic choice of block lists that may not be the one wanted."""
+    total = _size(module, [""])
+    if total == 0:
+        return []
+    largest = max(_size(module, [p]) for p in paths)
+    notes: list[str] = []
+    for candidate in module_list_candidates(module):
+        if any(_inside(candidate, p) or _inside(p, candidate) for p in paths):
+            continue
+        size = _size(module, [candidate])
+        if size < SIMILAR_SIZE * largest:
+            continue
+        tower = next((t for t in towers if _inside(candidate, t)), None)
+        if tower is not None:
+            why = f"it is in `{tower}`, a tower beside the language model, which stays frozen in a multimodal model"
+        elif not all(_is_composite(b) for _, b in _block_list(module, candidate)):
+            why = "its entries are single layers, not blocks"
+        else:
+            why = "it is not in this model type's entry of lightning_lisa.BLOCK_LISTS"
+        count = len(_block_list(module, candidate))
+        notes.append(
+            f"LISA samples the blocks of {list(paths)}, but `{candidate}` ({count} entries, {size / total:.0%} of the "
+            f"model's parameters) is not sampled: {why}. To sample it too, pass `layers={[*paths, candidate]}`; "
+            f"to keep this choice without this warning, pass `layers={list(paths)}`."
+        )
+    chosen = _size(module, paths)
+    if chosen < SMALL_SHARE * total:
+        notes.append(
+            f"LISA samples the blocks of {list(paths)}, which hold only {chosen / total:.0%} of the model's "
+            "parameters. Check in LISA's start-up report what stays frozen for the whole run, and pass `layers=` "
+            "(the block lists to sample) or `always_active=` if this is not the choice you want."
+        )
+    return notes
 
 
 def _embeddings_and_head(
@@ -363,10 +603,44 @@ def _embeddings_and_head(
         if head is not None:
             heads.append(head)
         return embeddings, heads
-    outside = [m for m in _walk(module) if id(m) not in in_blocks]
-    embeddings = [m for m in outside if isinstance(m, nn.Embedding)]
-    linears: list[nn.Module] = [m for m in outside if isinstance(m, nn.Linear)]
+    outside = [(name, m) for name, m in module.named_modules() if id(m) not in in_blocks]
+    embeddings = [m for _, m in outside if isinstance(m, nn.Embedding)]
+    if not embeddings:  # a vision model: its patch embedding (timm's `patch_embed`)
+        embedded = [m for name, m in outside if "embed" in name.rpartition(".")[2].lower() and _has_params(m)]
+        embeddings = embedded[:1]
+    linears: list[nn.Module] = [m for _, m in outside if isinstance(m, nn.Linear)]
     return embeddings, linears[-1:]
+
+
+def _is_input_side(name: str, m: nn.Module) -> bool:
+    return isinstance(m, nn.Embedding) or "embed" in name.lower()
+
+
+def _input_side(module: nn.Module, stop: set[int], stop_params: set[int]) -> list[str]:
+    """Names of the input side outside ``stop``, outermost first.
+
+    Embeddings, modules named ``*embed*`` and parameters held directly by container modules (class
+    tokens, learned positions).
+    """
+    found: list[str] = []
+
+    def visit(prefix: str, m: nn.Module, take_all: bool) -> None:
+        for child_name, child in m.named_children():
+            if id(child) in stop or all(id(p) in stop_params for p in child.parameters()):
+                continue  # also skips modules without parameters
+            holds_stop = any(id(x) in stop for x in child.modules())
+            if take_all or _is_input_side(child_name, child):
+                if holds_stop:
+                    visit(f"{prefix}{child_name}.", child, True)
+                else:
+                    found.append(prefix + child_name)
+            else:
+                visit(f"{prefix}{child_name}.", child, False)
+        if take_all or _is_composite(m):
+            found.extend(prefix + n for n, p in m.named_parameters(recurse=False) if id(p) not in stop_params)
+
+    visit("", module, False)
+    return found
 
 
 def _final_norm(module: nn.Module, path: str, excluded: set[int]) -> str | None:
