@@ -7,12 +7,13 @@ randomly sampled transformer blocks at a time, at a fraction of full fine-tuning
 from typing import TYPE_CHECKING, Any
 
 from lightning_lisa.callback import LISA, Switch
+from lightning_lisa.errors import LISAConfigError
 from lightning_lisa.layers import BLOCK_LISTS, LayerInfo, Unit, find_layers, split_units
 from lightning_lisa.monitoring import WeightNormMonitor, plot_heatmap, plot_layer_means
 from lightning_lisa.norms import NormRecord, layer_norms, monitored_layers
 from lightning_lisa.optimizer_state import OptimizerStateHandler, optimizer_state_bytes
 from lightning_lisa.sampling import sample_layers
-from lightning_lisa.strategies.fsdp1 import lisa_auto_wrap_policy
+from lightning_lisa.strategies.fsdp1 import LISAFSDPStrategy, lisa_auto_wrap_policy
 from lightning_lisa.strategies.fsdp2 import fully_shard_blocks
 
 if TYPE_CHECKING:
@@ -23,6 +24,8 @@ __version__ = "0.1.0"
 __all__ = [
     "BLOCK_LISTS",
     "LISA",
+    "LISAConfigError",
+    "LISAFSDPStrategy",
     "LayerInfo",
     "NormRecord",
     "OptimizerStateHandler",

@@ -1,12 +1,12 @@
-"""Which blocks train in each period: deterministic, rank-consistent sampling strategies.
+"""Which units train in each period: deterministic, rank-consistent samplers.
 
 The choice for period ``i`` depends only on ``(seed, i)`` (and, for ``"weight_norm"``, on the current
 weights, whose norms LISA all-reduces so that every rank has the same, sharded or not): a
 ``torch.Generator`` is seeded from the pair, so every
 rank of a distributed run picks the same blocks with no communication, and a resumed run picks
-exactly what the uninterrupted run picked. Every strategy samples without replacement.
+exactly what the uninterrupted run picked. Every sampler samples without replacement.
 
-Strategies, by the value of ``LISA(sampling=...)``:
+Samplers, by the value of ``LISA(sampling=...)``:
 
 * ``"uniform"``: every block equally likely (the paper's choice).
 * ``"cyclic"``: a fresh random permutation of the blocks for each pass of ``ceil(N / n_layers)``
@@ -23,6 +23,7 @@ period less skewed than its probability (exactly proportional for ``n_layers == 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Literal, get_args
 
@@ -34,7 +35,7 @@ _MASK64 = (1 << 64) - 1
 
 Norms = Sequence[float] | None
 
-#: The named strategies; ``LISA(sampling=...)`` also accepts a list of per-block probabilities.
+#: The named samplers; ``LISA(sampling=...)`` also accepts a list of per-block probabilities.
 SamplingName = Literal["uniform", "cyclic", "weight_norm"]
 SAMPLING_STRATEGIES: tuple[str, ...] = get_args(SamplingName)
 
@@ -144,11 +145,39 @@ def norm_probabilities(norms: Sequence[float], temperature: float) -> torch.Tens
     return torch.softmax(logits, dim=0)
 
 
-#: A named strategy: ``(num_blocks, n_layers, seed, period, norms, temperature) -> distinct indices``.
-Strategy = Callable[[int, int, int, int, Norms, float], list[int]]
+#: A named sampler: ``(num_blocks, n_layers, seed, period, norms, temperature) -> distinct indices``.
+Sampler = Callable[[int, int, int, int, Norms, float], list[int]]
 
-#: The named strategies of ``LISA(sampling=...)``.
-STRATEGIES: dict[str, Strategy] = {"uniform": uniform, "cyclic": cyclic, "weight_norm": weight_norm}
+#: The named samplers of ``LISA(sampling=...)``.
+SAMPLERS: dict[str, Sampler] = {"uniform": uniform, "cyclic": cyclic, "weight_norm": weight_norm}
+
+
+def check_sampling(sampling: object) -> None:
+    """Raise :class:`~lightning_lisa.errors.LISAConfigError` unless ``sampling`` is a sampler name or a list of numbers.
+
+    Examples:
+        >>> check_sampling("cyclic")
+        >>> check_sampling([0.5, 0.5])
+    """
+    if isinstance(sampling, str):
+        if sampling not in SAMPLERS:
+            raise LISAConfigError(
+                f"`sampling={sampling!r}` is not one of {list(SAMPLERS)} or a list of per-block probabilities."
+            )
+        return
+    if not isinstance(sampling, Sequence) or not all(
+        isinstance(p, int | float) and not isinstance(p, bool) for p in sampling
+    ):
+        raise LISAConfigError(
+            f"`sampling={sampling!r}` is not allowed; give one of {list(SAMPLERS)} or a list of numbers."
+        )
+
+
+def __getattr__(name: str) -> object:
+    if name == "STRATEGIES":  # the old name of SAMPLERS, kept for one release
+        warnings.warn("`lightning_lisa.sampling.STRATEGIES` is now `SAMPLERS`.", DeprecationWarning, stacklevel=2)
+        return SAMPLERS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def sample_layers(
@@ -180,12 +209,9 @@ def sample_layers(
         >>> sample_layers([0, 0, 1, 0], num_blocks=4, n_layers=1, seed=0, period=0)
         [2]
     """
+    check_sampling(sampling)
     if isinstance(sampling, str):
-        if sampling not in STRATEGIES:
-            raise LISAConfigError(
-                f"`sampling={sampling!r}` is not one of {list(STRATEGIES)} or a list of probabilities."
-            )
-        chosen = STRATEGIES[sampling](num_blocks, n_layers, seed, period, norms, temperature)
+        chosen = SAMPLERS[sampling](num_blocks, n_layers, seed, period, norms, temperature)
     else:
         chosen = weighted(check_probabilities(sampling, num_blocks, n_layers), n_layers, seed, period)
     if len(set(chosen)) != n_layers or not all(0 <= i < num_blocks for i in chosen):

@@ -75,7 +75,7 @@ def main(out: Path, strategy: str, hook: bool) -> None:
     trainer.fit(module, token_loader(n_batches=40))
     rank = trainer.global_rank
     result = {
-        "find_unused_parameters": trainer.strategy._ddp_kwargs.get("find_unused_parameters"),
+        "find_unused_parameters": trainer.strategy.model.find_unused_parameters,
         "history": [list(s.active_layers) for s in lisa.history],
         "gathered": agree.gathered,
         "steps": [
@@ -105,7 +105,7 @@ def resume(out: Path, mode: str) -> None:
         trainer = pl.Trainer(
             accelerator="cpu",
             devices=2,
-            strategy="ddp",
+            strategy="ddp_find_unused_parameters_true",
             max_epochs=epochs,
             callbacks=[lisa, agree],
             logger=False,

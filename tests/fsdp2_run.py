@@ -148,7 +148,7 @@ def full_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def train(out: Path, precision: str, sampling: str, lazy: bool) -> None:
     if not lazy:  # what happens without the forced lazy initialization
-        lightning_lisa.callback.lazy_init = lambda module: 0
+        lightning_lisa.strategies.fsdp2.lazy_init = lambda module: 0
     counter = ReduceScatterCounter()
     lisa = LISA(n_layers=2, interval=3, seed=9, sampling=sampling, verify_ranks=True)
     recorder = ShardRecorder(lisa, counter)

@@ -38,7 +38,7 @@ def run_ddp(out: Path, strategy: str, hook: bool) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def with_hook(tmp_path_factory) -> list[dict]:
-    return run_ddp(tmp_path_factory.mktemp("ddp") / "hook", "ddp", hook=True)
+    return run_ddp(tmp_path_factory.mktemp("ddp") / "hook", "ddp_find_unused_parameters_true", hook=True)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def without_hook(tmp_path_factory) -> list[dict]:
 def test_ddp_ranks_agree_and_train_only_sampled_blocks(run: str, request):
     ranks = request.getfixturevalue(run)
     zero, one = ranks
-    # plain "ddp" gets find_unused_parameters=True from LISA; without it the 2nd batch would fail
+    # LISA refuses DDP without find_unused_parameters=True (test_errors); without it the 2nd batch would fail
     assert zero["find_unused_parameters"] is True
     assert zero["history"] == one["history"]
     assert len(zero["history"]) == 3

@@ -9,7 +9,8 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
 from lightning_lisa import LISA
-from lightning_lisa.strategies.checks import check_strategy
+from lightning_lisa.errors import LISAConfigError
+from lightning_lisa.strategies import adapter_for, check_supported
 
 
 @pytest.mark.parametrize(
@@ -116,44 +117,56 @@ def test_two_lisa_callbacks():
         trainer([LISA(), LISA()], max_steps=1)
 
 
+class _WrappedDDP:
+    """What the DDP adapter reads of a wrapped model (DistributedDataParallel's public attributes)."""
+
+    def __init__(self, find_unused_parameters: bool, static_graph: bool) -> None:
+        self.find_unused_parameters = find_unused_parameters
+        self.static_graph = static_graph
+
+
+def _ddp_prepare(find_unused_parameters: bool, static_graph: bool) -> None:
+    from torch.nn.parallel import DistributedDataParallel
+
+    adapter = adapter_for(DDPStrategy())
+    model = _WrappedDDP(find_unused_parameters, static_graph)
+    model.__class__ = type("DDP", (_WrappedDDP, DistributedDataParallel), {})
+    adapter.strategy.model = model  # type: ignore[assignment]
+    adapter.prepare(None, [])  # type: ignore[arg-type]
+
+
 def test_ddp_static_graph_is_refused():
-    with pytest.raises(MisconfigurationException, match=r"static_graph=True.*ddp_find_unused_parameters_true"):
-        check_strategy(DDPStrategy(static_graph=True))
+    with pytest.raises(LISAConfigError, match=r"static_graph=True.*ddp_find_unused_parameters_true"):
+        _ddp_prepare(find_unused_parameters=True, static_graph=True)
 
 
-def test_ddp_gets_find_unused_parameters():
-    strategy = DDPStrategy()
-    check_strategy(strategy)
-    assert strategy._ddp_kwargs["find_unused_parameters"] is True
-    strategy = DDPStrategy(find_unused_parameters=True)
-    check_strategy(strategy)
-    assert strategy._ddp_kwargs["find_unused_parameters"] is True
+def test_ddp_without_find_unused_parameters_is_refused_with_the_fix():
+    # Lightning's public DDP settings cannot be changed after construction: LISA names the fix instead
+    with pytest.raises(LISAConfigError, match=r"find_unused_parameters=True.*'ddp_find_unused_parameters_true'"):
+        _ddp_prepare(find_unused_parameters=False, static_graph=False)
+    _ddp_prepare(find_unused_parameters=True, static_graph=False)
 
 
 def test_deepspeed_is_refused():
     # recognised by class name, so the optional back-end need not be installed
     strategy_cls = type("DeepSpeedStrategy", (SingleDeviceStrategy,), {})
     with pytest.raises(MisconfigurationException, match=r"LISA does not support `strategy=DeepSpeedStrategy`"):
-        check_strategy(strategy_cls(device=torch.device("cpu")))
+        check_supported(strategy_cls(device=torch.device("cpu")))
 
 
 def test_fsdp1_without_original_parameters_is_refused():
     from lightning.pytorch.strategies import FSDPStrategy
 
     with pytest.raises(MisconfigurationException, match=r"use_orig_params=True.*got `use_orig_params=False`"):
-        check_strategy(FSDPStrategy(use_orig_params=False))
+        adapter_for(FSDPStrategy(use_orig_params=False)).check(None, "block")
 
 
-def test_model_parallel_strategy_is_accepted_and_loads_partial_optimizer_state():
+def test_model_parallel_strategy_is_accepted():
     from lightning.pytorch.strategies import ModelParallelStrategy
 
-    strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
-    check_strategy(strategy)
-    wrapped = strategy.load_checkpoint
-    assert wrapped.__name__ == "load_checkpoint"
-    assert wrapped.__wrapped__.__func__ is ModelParallelStrategy.load_checkpoint  # the original, bound
-    check_strategy(strategy)  # a second fit: not wrapped twice
-    assert strategy.load_checkpoint is wrapped
+    adapter = adapter_for(ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1))
+    adapter.check(None, "block")
+    assert adapter.name.startswith("FSDP2")
 
 
 def test_empty_layers_list():
@@ -166,4 +179,8 @@ def test_final_norm_requested_where_there_is_none():
             super().__init__()
             self.model.model.norm = torch.nn.Identity()
 
-    fit_fails(LISA(train_final_norm=True), r"`train_final_norm=True`, but no final norm was found", NoFinalNorm())
+    fit_fails(
+        LISA(train_final_norm=True),
+        r"`train_final_norm=True`, but no final normalization layer was found",
+        NoFinalNorm(),
+    )

@@ -17,9 +17,11 @@ from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaDecoderLayer, LlamaMLP
 
 from lightning_lisa import LISA, lisa_auto_wrap_policy
+from lightning_lisa.errors import LISAConfigError
 from lightning_lisa.layers import find_layers, split_units
-from lightning_lisa.strategies.checks import check_strategy
-from lightning_lisa.strategies.fsdp1 import blocks_without_own_unit, save_partial_optimizer_state
+from lightning_lisa.parameters import ParameterSet
+from lightning_lisa.strategies import adapter_for
+from lightning_lisa.strategies.fsdp1 import LISAFSDPStrategy, blocks_without_own_unit
 
 
 def classes(policy: object) -> set[type[nn.Module]]:
@@ -35,26 +37,46 @@ def test_auto_wrap_policy_has_one_unit_per_block_or_module():
         lisa_auto_wrap_policy(model, granularity="layer")
 
 
-def test_lisa_sets_the_policy_when_the_strategy_has_none(caplog):
+class _Trainer:
+    """What ``LISAFSDPStrategy.setup`` reads of a Trainer: its callbacks."""
+
+    def __init__(self, units) -> None:
+        self.callbacks = [type("LISA", (), {"units": units})()]
+
+
+def _setup_policy(strategy: LISAFSDPStrategy, units, monkeypatch) -> None:
+    """Run ``LISAFSDPStrategy.setup`` up to the point where ``FSDPStrategy.setup`` would wrap the model."""
+    monkeypatch.setattr(FSDPStrategy, "setup", lambda self, trainer: None)
+    strategy.setup(_Trainer(units))
+
+
+def test_lisa_strategy_sets_one_unit_per_block_when_it_has_no_policy(caplog, monkeypatch):
     units = split_units(find_layers(tiny_llama(3)), "block")
-    strategy = FSDPStrategy()
+    strategy = LISAFSDPStrategy()
     with caplog.at_level(logging.INFO):
-        check_strategy(strategy, units, "block")
+        _setup_policy(strategy, units, monkeypatch)
     assert classes(strategy.kwargs["auto_wrap_policy"]) == {LlamaDecoderLayer}
-    assert "auto_wrap_policy" in caplog.text
+    assert "one FSDP unit per sampled unit" in caplog.text
 
 
-def test_lisa_keeps_the_users_policy():
+def test_lisa_strategy_keeps_the_users_policy(monkeypatch):
     units = split_units(find_layers(tiny_llama(3)), "block")
-    strategy = FSDPStrategy(auto_wrap_policy={LlamaMLP})
-    check_strategy(strategy, units, "block")
+    strategy = LISAFSDPStrategy(auto_wrap_policy={LlamaMLP})
+    _setup_policy(strategy, units, monkeypatch)
     assert classes(strategy.kwargs["auto_wrap_policy"]) == {LlamaMLP}
 
 
+def test_plain_fsdp_strategy_is_refused_with_the_fix():
+    # A plain FSDPStrategy cannot save LISA's partial optimizer state after fit; LISA names the subclass.
+    units = split_units(find_layers(tiny_llama(3)), "block")
+    with pytest.raises(LISAConfigError, match=r"needs `strategy=lightning_lisa.LISAFSDPStrategy\(...\)`"):
+        adapter_for(FSDPStrategy()).check(units, "block")
+
+
 def test_model_built_in_configure_model_gets_a_warning():
-    strategy = FSDPStrategy()
+    strategy = LISAFSDPStrategy()
     with pytest.warns(UserWarning, match="no `auto_wrap_policy`"):
-        check_strategy(strategy, None, "block")
+        adapter_for(strategy).check(None, "block")
     assert strategy.kwargs.get("auto_wrap_policy") is None
 
 
@@ -63,33 +85,32 @@ def test_setup_with_fsdp_strategy_prepares_it():
     from helpers import CausalLM
 
     lisa = LISA(n_layers=1)
-    strategy = FSDPStrategy()
 
     class Trainer:
         pass
 
     trainer = Trainer()
-    trainer.strategy = strategy  # type: ignore[attr-defined]
+    trainer.strategy = LISAFSDPStrategy()  # type: ignore[attr-defined]
     lisa.setup(trainer, CausalLM(num_layers=3), "fit")  # type: ignore[arg-type]
-    assert classes(strategy.kwargs["auto_wrap_policy"]) == {LlamaDecoderLayer}
+    assert len(lisa.units) == 3
+    trainer.strategy = FSDPStrategy()  # type: ignore[attr-defined]
+    with pytest.raises(LISAConfigError, match="LISAFSDPStrategy"):
+        lisa.setup(trainer, CausalLM(num_layers=3), "fit")  # type: ignore[arg-type]
 
 
-def test_saving_freezes_parameters_without_state_meanwhile():
+def test_saving_freezes_parameters_without_state_meanwhile(monkeypatch):
     model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
     optimizer = torch.optim.AdamW(model.parameters())
     model[0](torch.ones(1, 2)).sum().backward()
     optimizer.step()  # state for model[0] only
-    strategy = FSDPStrategy()
     seen: list[list[bool]] = []
 
-    def original(opt: torch.optim.Optimizer) -> dict[str, object]:
+    def original(self, opt: torch.optim.Optimizer) -> dict[str, object]:
         seen.append([p.requires_grad for p in model.parameters()])
         return {"ok": True}
 
-    strategy.optimizer_state = original  # type: ignore[method-assign]
-    save_partial_optimizer_state(strategy)
-    save_partial_optimizer_state(strategy)  # applied once
-    assert strategy.optimizer_state(optimizer) == {"ok": True}
+    monkeypatch.setattr(FSDPStrategy, "optimizer_state", original)
+    assert LISAFSDPStrategy().optimizer_state(optimizer) == {"ok": True}
     assert seen == [[True, True, False, False]]
     assert all(p.requires_grad for p in model.parameters())
 
@@ -105,19 +126,38 @@ def test_weight_norm_sampling_sums_fsdp1_slices_across_ranks(monkeypatch):
 
     import lightning_lisa.callback as callback
 
-    units = split_units(find_layers(tiny_llama(3)), "block")
-    expected = [float(torch.cat([p.detach().flatten() for p in u.modules[0].parameters()]).norm()) for u in units]
     single = SingleDeviceStrategy(device=torch.device("cpu"))
-    assert callback._unit_norms(units, single) == pytest.approx(expected, rel=1e-6)
-    assert callback._unit_norms(units, FSDPStrategy()) == pytest.approx(expected, rel=1e-6)  # one process
+    assert adapter_for(FSDPStrategy()).plain_tensors == "sharded"
+    assert adapter_for(single).plain_tensors == "replicated"
+    module = CausalLMForNorms()
+    lisa = LISA(n_layers=1, sampling="weight_norm")
+    lisa.setup(FakeTrainer(single), module, "fit")  # type: ignore[arg-type]
+    lisa._params = ParameterSet(module, lisa.units, [])
+    expected = [float(torch.cat([p.detach().flatten() for p in u.modules[0].parameters()]).norm()) for u in lisa.units]
     layouts: list[str] = []
+    seen: list[list[float]] = []
     original = callback.layer_norms
 
     def spy(named, plain="replicated", **kwargs):  # type: ignore[no-untyped-def]
         layouts.append(plain)
-        return original(named, plain=plain, **kwargs)
+        values = original(named, plain=plain, **kwargs)
+        seen.append(list(values.values()))
+        return values
 
     monkeypatch.setattr(callback, "layer_norms", spy)
-    callback._unit_norms(units, FSDPStrategy())
-    callback._unit_norms(units, single)
+    lisa._draw(FakeTrainer(FSDPStrategy()), 0)  # type: ignore[arg-type]
+    lisa._draw(FakeTrainer(single), 0)  # type: ignore[arg-type]
     assert layouts == ["sharded", "replicated"]
+    assert seen[0] == pytest.approx(expected, rel=1e-6)  # one process: its slice is the whole tensor
+    assert seen[1] == pytest.approx(expected, rel=1e-6)
+
+
+class FakeTrainer:
+    def __init__(self, strategy) -> None:
+        self.strategy = strategy
+
+
+def CausalLMForNorms():  # noqa: N802 - a factory named like the class it returns
+    from helpers import CausalLM
+
+    return CausalLM(num_layers=3)

@@ -50,6 +50,7 @@ from lightning_lisa.norms import (
     partial_norm,
     partial_norms,
 )
+from lightning_lisa.strategies import adapter_for, unsupported_reason
 
 #: Metric-key prefix of each kind of value; a key is ``f"{prefix}/{layer name}"``.
 KEY_PREFIXES: dict[Kind, str] = {"weight": "weight_norm", "change": "weight_change", "grad": "grad_norm"}
@@ -357,8 +358,7 @@ def _check_layers(layers: object) -> None:
 
 def _check_strategy(strategy: Strategy, track_grad: bool) -> PlainTensors:
     """How plain parameters are laid out under ``strategy``; refuse what the monitor cannot read."""
-    names = {cls.__name__ for cls in type(strategy).__mro__}
-    if "DeepSpeedStrategy" in names:
+    if unsupported_reason(strategy) is not None:  # DeepSpeed: LISA refuses it, the monitor reads ZeRO-1/2
         if getattr(strategy, "zero_stage_3", False):
             raise LISAConfigError(
                 "WeightNormMonitor does not support DeepSpeed ZeRO stage 3: its parameters are empty placeholders "
@@ -369,7 +369,7 @@ def _check_strategy(strategy: Strategy, track_grad: bool) -> PlainTensors:
                 "`track_grad=True` is not allowed under DeepSpeed: gradients live in DeepSpeed's buffers, not in "
                 "`.grad`. Use `track_grad=False`."
             )
-    return "sharded" if "FSDPStrategy" in names else "replicated"
+    return adapter_for(strategy).plain_tensors
 
 
 def _plot_directory(trainer: pl.Trainer) -> Path:

@@ -1,4 +1,8 @@
-"""A DDP communication hook that all-reduces the gradients of trainable parameters only.
+"""DDP: the strategy checks, and a communication hook that all-reduces the gradients of trainable parameters only.
+
+DDP must be built with ``find_unused_parameters=True`` (frozen blocks produce no gradients) and
+without ``static_graph`` (the graph changes at every switch); :class:`DDPAdapter` refuses anything
+else, naming ``strategy="ddp_find_unused_parameters_true"``.
 
 Under DDP, frozen blocks still sit in gradient buckets, and the default hook all-reduces every bucket
 whole: a LISA run communicates as much as full fine-tuning. This hook, which :class:`~lightning_lisa.LISA`
@@ -13,14 +17,24 @@ rank makes the same decision for each bucket and the collectives stay matched. T
 per step are therefore those of the trainable parameters, whatever the bucket boundaries.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_info
+from torch.nn.parallel import DistributedDataParallel
 
-# The class torch.distributed.GradBucket, imported where type checkers can see it. Annotations here are
-# evaluated (no `from __future__ import annotations`): DDP checks the hook's signature against the class.
-from torch._C._distributed_c10d import GradBucket
+from lightning_lisa.errors import LISAConfigError
+from lightning_lisa.layers import Unit
+from lightning_lisa.strategies.base import StrategyAdapter
+
+if TYPE_CHECKING:  # torch's stubs declare the class only in its C module; at run time we use the public name
+    from torch._C._distributed_c10d import GradBucket
+else:  # annotations here are evaluated (no `from __future__ import annotations`): DDP checks the hook's signature
+    GradBucket = dist.GradBucket
 
 
 @dataclass
@@ -85,3 +99,43 @@ def frozen_skipping_hook(state: FrozenSkippingState, bucket: GradBucket) -> torc
     assert work is not None
     future: torch.futures.Future[torch.Tensor] = work.get_future().then(unpack)
     return future
+
+
+class DDPAdapter(StrategyAdapter):
+    """DDP: refuse a graph DDP cannot follow; install :func:`frozen_skipping_hook`."""
+
+    name = "DDP"
+
+    def prepare(self, trainer: pl.Trainer, units: Sequence[Unit]) -> list[torch.nn.Parameter]:
+        """Refuse a DDP model built without ``find_unused_parameters`` or with ``static_graph``."""
+        model = self.strategy.model
+        if not isinstance(model, DistributedDataParallel):
+            return []
+        if model.static_graph:
+            raise LISAConfigError(
+                "LISA cannot run with `DDPStrategy(static_graph=True)`: the set of parameters that receive "
+                "gradients changes every `interval` steps. Use `strategy='ddp_find_unused_parameters_true'`."
+            )
+        if not model.find_unused_parameters:
+            raise LISAConfigError(
+                "LISA needs DDP built with `find_unused_parameters=True`, because frozen blocks receive no "
+                "gradients (DDP would fail at the second batch). Use `strategy='ddp_find_unused_parameters_true'` "
+                "or `DDPStrategy(find_unused_parameters=True)`."
+            )
+        return []
+
+    def start(self, trainer: pl.Trainer, comm_hook: bool) -> FrozenSkippingState | None:
+        """Register :func:`frozen_skipping_hook`, unless the strategy registered a hook of its own."""
+        model = self.strategy.model
+        if not comm_hook or trainer.world_size < 2 or not isinstance(model, DistributedDataParallel):
+            return None
+        state = FrozenSkippingState(process_group=model.process_group)
+        try:
+            model.register_comm_hook(state, frozen_skipping_hook)
+        except RuntimeError:  # DDP takes one hook: the user gave the strategy a `ddp_comm_hook`
+            rank_zero_info(
+                "LISA: the DDP strategy has its own `ddp_comm_hook`, so LISA does not install the hook that skips "
+                "frozen gradients; every bucket is all-reduced."
+            )
+            return None
+        return state

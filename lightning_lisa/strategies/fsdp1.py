@@ -9,8 +9,8 @@ parameter to whether any of its original parameters requires it. What follows fr
 * A unit whose parameters are all frozen computes no weight gradients and sends nothing in the
   reduce-scatter (it is still gathered for the forward and backward passes, and gradients still
   flow through it to the layers below). LISA's compute and communication savings therefore need one FSDP unit per block
-  (per attention/MLP module with ``granularity="module"``): :func:`lisa_auto_wrap_policy` gives that
-  policy, and LISA sets it on the strategy when it has none.
+  (per attention/MLP module with ``granularity="module"``): :class:`LISAFSDPStrategy` wraps that way
+  when it is given no ``auto_wrap_policy``, and :func:`lisa_auto_wrap_policy` gives the same policy.
 * In a unit that mixes trainable and frozen parameters (e.g. a whole model wrapped as one unit),
   FSDP1 computes and reduces the gradient of the whole flat parameter, and only drops it for the
   frozen views afterwards: training is still correct and the optimizer state of frozen parameters is
@@ -23,10 +23,9 @@ parameter to whether any of its original parameters requires it. What follows fr
 * Checkpoints. FSDP1 saves optimizer state per flat parameter and insists on state for every
   original parameter of it that requires gradients at that moment. Between fits (e.g.
   ``trainer.save_checkpoint`` after ``fit``) every parameter requires gradients, but only the
-  trained blocks have state: :func:`save_partial_optimizer_state` freezes the parameters without
-  state while the strategy saves. FSDP1's loading skips parameters without saved state by itself;
-  LISA applies :func:`~lightning_lisa.strategies.fsdp2.load_partial_optimizer_state` as under FSDP2 (that is how
-  the resume check ran).
+  trained blocks have state: :class:`LISAFSDPStrategy` freezes the parameters without state while it
+  saves, which is why LISA requires it under FSDP1 (a plain ``FSDPStrategy`` is refused with that fix).
+  While a checkpoint loads, LISA holds back the parameters without saved state, as under FSDP2.
 * ``sampling="weight_norm"``: each rank holds a slice of each parameter, so the norms of the units
   are summed over ranks (one all-reduce) before sampling.
 
@@ -37,22 +36,22 @@ size 1, where FSDP1 keeps its flat parameters unsharded).
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lightning_lisa.errors import LISAConfigError
 from lightning_lisa.layers import Unit, find_layers, split_units
-from lightning_lisa.strategies.fsdp2 import load_partial_optimizer_state
+from lightning_lisa.norms import PlainTensors
+from lightning_lisa.strategies.base import StrategyAdapter, held_parameters
 
 if TYPE_CHECKING:
-    from lightning.pytorch.strategies import FSDPStrategy
+    import lightning.pytorch as pl
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-
-_PATCHED = "_lisa_partial_optimizer_state_save"
 
 
 def wrap_classes(units: Sequence[Unit]) -> set[type[nn.Module]]:
@@ -72,8 +71,8 @@ def lisa_auto_wrap_policy(
 ) -> ModuleWrapPolicy:
     """An FSDP1 ``auto_wrap_policy`` with one unit per transformer block (or per attention/MLP module).
 
-    Pass it to ``FSDPStrategy(auto_wrap_policy=...)``. LISA sets the same policy itself when the
-    strategy has none, so this is only needed to combine it with settings of your own.
+    Pass it to ``LISAFSDPStrategy(auto_wrap_policy=...)``. The strategy chooses the same policy itself
+    when it is given none, so this is only needed to combine it with settings of your own.
 
     Args:
         module: The model (the Hugging Face model or the ``LightningModule`` holding it).
@@ -99,47 +98,95 @@ def lisa_auto_wrap_policy(
     return ModuleWrapPolicy(wrap_classes(split_units(find_layers(module, layers), granularity)))
 
 
-def prepare_fsdp1(strategy: FSDPStrategy, units: Sequence[Unit] | None, granularity: str) -> None:
-    """Check an ``FSDPStrategy`` before it wraps the model, and give it one unit per block if it has no policy.
+class LISAFSDPStrategy(FSDPStrategy):
+    """Lightning's ``FSDPStrategy`` with what LISA needs: one FSDP unit per block, and partial optimizer state.
 
-    Also makes the strategy save and load checkpoints whose optimizer state covers only the trained
-    parameters (:func:`save_partial_optimizer_state`,
-    :func:`~lightning_lisa.strategies.fsdp2.load_partial_optimizer_state`).
+    It takes every argument of ``FSDPStrategy``. In addition:
 
-    Args:
-        strategy: The Trainer's ``FSDPStrategy``, not yet set up.
-        units: What LISA samples, or ``None`` when the model is built later (in ``configure_model``).
-        granularity: LISA's ``granularity``, for the messages.
+    * Without an ``auto_wrap_policy``, it wraps each unit that the Trainer's :class:`~lightning_lisa.LISA`
+      samples (each block, or each attention/MLP module with ``granularity="module"``) as an FSDP unit of
+      its own, so that frozen ones compute and send no gradients. A policy you pass is kept.
+    * Its ``optimizer_state`` accepts optimizers that hold state for only some parameters: FSDP1's
+      ``optim_state_dict`` refuses a parameter that requires gradients but has no state when another
+      parameter of its flat parameter has some, which is the case after ``fit`` (every parameter trains
+      again, only the sampled blocks have state). Those parameters are frozen while the state is collected.
 
-    Raises:
-        LISAConfigError: For ``use_orig_params=False``.
+    Examples:
+        >>> import lightning.pytorch as pl
+        >>> from lightning_lisa import LISA
+        >>> strategy = LISAFSDPStrategy(sharding_strategy="FULL_SHARD")
     """
-    kwargs = strategy.kwargs
-    save_partial_optimizer_state(strategy)
-    load_partial_optimizer_state(strategy)
-    if not kwargs.get("use_orig_params", False):
-        raise LISAConfigError(
-            f"LISA needs `FSDPStrategy(use_orig_params=True)` (Lightning's default), got "
-            f"`use_orig_params={kwargs.get('use_orig_params')!r}`: without it the optimizer holds FSDP's flat "
-            "parameters, and the optimizer state of frozen blocks cannot be freed."
-        )
-    if kwargs.get("auto_wrap_policy") is not None:
-        return
-    if units is None:
-        rank_zero_warn(
-            "LISA: the `FSDPStrategy` has no `auto_wrap_policy` and the model is built in `configure_model`, so "
-            "LISA cannot set one. Pass `auto_wrap_policy={<your block class>}` to the strategy; without one unit "
-            "per block, frozen blocks still compute and reduce gradients."
-        )
-        return
-    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-    classes = wrap_classes(units)
-    kwargs["auto_wrap_policy"] = ModuleWrapPolicy(classes)
-    rank_zero_info(
-        f"LISA: set the `FSDPStrategy`'s `auto_wrap_policy` to one FSDP unit per {granularity} "
-        f"({sorted(c.__name__ for c in classes)}), so that frozen ones compute and send no gradients."
-    )
+    def setup(self, trainer: pl.Trainer) -> None:
+        """Choose the wrapping policy from LISA's units, then set up as ``FSDPStrategy`` does."""
+        if self.kwargs.get("auto_wrap_policy") is None:
+            units = next((list(c.units) for c in trainer.callbacks if hasattr(c, "units") and c.units), [])  # type: ignore[attr-defined]
+            if units:
+                from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+                classes = wrap_classes(units)
+                self.kwargs["auto_wrap_policy"] = ModuleWrapPolicy(classes)
+                rank_zero_info(
+                    f"LISA: one FSDP unit per sampled unit ({sorted(c.__name__ for c in classes)}), so that frozen "
+                    "ones compute and send no gradients."
+                )
+        super().setup(trainer)
+
+    def optimizer_state(self, optimizer: Any) -> dict[str, torch.Tensor]:
+        """The optimizer's state for a checkpoint, with parameters that have no state left out."""
+        inner = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer wraps the optimizer
+        params = [p for group in inner.param_groups for p in group["params"]]
+        frozen = [p for p in dict.fromkeys(params) if p.requires_grad and not inner.state.get(p)]
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            return super().optimizer_state(optimizer)
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+
+
+class FSDP1Adapter(StrategyAdapter):
+    """FSDP1 (``FSDPStrategy``): refuse what cannot work, warn when blocks share FSDP units."""
+
+    plain_tensors: PlainTensors = "sharded"
+    name = "FSDP1 (FSDPStrategy)"
+
+    def check(self, units: Sequence[Unit] | None, granularity: str) -> None:
+        """Refuse ``use_orig_params=False`` and a plain ``FSDPStrategy``; say when no policy can be chosen."""
+        strategy = self.strategy
+        assert isinstance(strategy, FSDPStrategy)
+        if not strategy.kwargs.get("use_orig_params", False):
+            raise LISAConfigError(
+                f"LISA needs `FSDPStrategy(use_orig_params=True)` (Lightning's default), got "
+                f"`use_orig_params={strategy.kwargs.get('use_orig_params')!r}`: without it the optimizer holds FSDP's "
+                "flat parameters, and the optimizer state of frozen blocks cannot be freed."
+            )
+        if not isinstance(strategy, LISAFSDPStrategy):
+            raise LISAConfigError(
+                f"LISA under FSDP1 needs `strategy=lightning_lisa.LISAFSDPStrategy(...)` (it takes every argument of "
+                f"`FSDPStrategy`), got `{type(strategy).__name__}`: it wraps one FSDP unit per {granularity} and saves "
+                "checkpoints whose optimizer state covers only the blocks that trained."
+            )
+        if strategy.kwargs.get("auto_wrap_policy") is None and units is None:
+            rank_zero_warn(
+                "LISA: the `FSDPStrategy` has no `auto_wrap_policy` and the model is built in `configure_model`, so "
+                "no policy can be chosen for it. Pass `auto_wrap_policy={<your block class>}` to the strategy; "
+                "without one unit per block, frozen blocks still compute and reduce gradients."
+            )
+
+    def prepare(self, trainer: pl.Trainer, units: Sequence[Unit]) -> list[torch.nn.Parameter]:
+        """Warn when sampled units share FSDP units; hold back parameters without saved optimizer state."""
+        model = self.strategy.model
+        shared = blocks_without_own_unit(model, units) if model is not None else []
+        if shared:
+            rank_zero_warn(
+                f"LISA: {len(shared)} of the {len(units)} sampled units (e.g. {shared[:3]}) are not FSDP units of "
+                "their own, so they compute and reduce-scatter gradients even while frozen (their optimizer state is "
+                "still freed). Use `LISAFSDPStrategy()` without an `auto_wrap_policy`, or "
+                "`auto_wrap_policy=lightning_lisa.lisa_auto_wrap_policy(model)`."
+            )
+        return held_parameters(trainer)
 
 
 def blocks_without_own_unit(root: nn.Module, units: Sequence[Unit]) -> list[str]:
@@ -160,35 +207,3 @@ def blocks_without_own_unit(root: nn.Module, units: Sequence[Unit]) -> list[str]
     # a model inspected after wrapping holds the wrappers themselves, one inspected before their contents
     wrapped = {id(m.module) for m in units_fsdp} | {id(m) for m in units_fsdp}
     return [u.name for u in units if id(u.modules[0]) not in wrapped]
-
-
-def save_partial_optimizer_state(strategy: FSDPStrategy) -> None:
-    """Make ``strategy.optimizer_state`` accept optimizers with state for only some parameters.
-
-    FSDP1's ``optim_state_dict`` raises ``... is not in the optimizer state`` for a parameter that
-    requires gradients but has no state, when another parameter of its flat parameter has some. While
-    the strategy collects the state, this freezes the parameters without state, and unfreezes them
-    right after. Applied once per strategy.
-
-    Args:
-        strategy: The Trainer's ``FSDPStrategy``.
-    """
-    if getattr(strategy, _PATCHED, False):
-        return
-    original = strategy.optimizer_state
-
-    @functools.wraps(original)
-    def optimizer_state(optimizer: Any) -> dict[str, Any]:
-        inner = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps the optimizer
-        params = [p for group in inner.param_groups for p in group["params"]]
-        frozen = [p for p in dict.fromkeys(params) if p.requires_grad and not inner.state.get(p)]
-        for p in frozen:
-            p.requires_grad_(False)
-        try:
-            return original(optimizer)
-        finally:
-            for p in frozen:
-                p.requires_grad_(True)
-
-    strategy.optimizer_state = optimizer_state  # type: ignore[method-assign]
-    setattr(strategy, _PATCHED, True)

@@ -1,0 +1,103 @@
+"""Which parameters of a model have optimizer state in a checkpoint of a sharded strategy.
+
+LISA saves optimizer state only for the parameters it trained. ``ModelParallelStrategy`` (FSDP2)
+and ``FSDPStrategy`` (FSDP1) load optimizer state strictly: they expect saved state for every
+parameter that requires gradients (a distributed checkpoint fails with ``Missing key in checkpoint
+state_dict: optimizer_0.state...``, a full one with ``Missing optimizer state for parameter ...``).
+LISA's ``on_fit_start`` runs after the strategy wrapped the model and before it loads the
+checkpoint, so it freezes the parameters that :func:`params_without_saved_state` returns, and
+``on_train_start`` lets them train again: they start without state, as they would have in the saved run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+def checkpoint_names(module: nn.Module) -> list[str]:
+    """The name under which each parameter of ``module`` (in ``parameters()`` order) is saved in checkpoints.
+
+    ``torch.distributed.checkpoint.state_dict`` drops wrapper prefixes that ``named_parameters()``
+    keeps, e.g. ``_checkpoint_wrapped_module`` of activation checkpointing, ``_orig_mod`` of
+    ``torch.compile`` and ``_fsdp_wrapped_module`` of FSDP1.
+    """
+    try:
+        # Private, but it is the function torch.distributed.checkpoint itself names parameters with; the
+        # fallback below strips the wrapper prefixes we know of.
+        from torch.distributed.checkpoint.state_dict import _get_fqns
+    except ImportError:  # pragma: no cover - older or newer torch
+        return [_strip_wrappers(name) for name, _ in module.named_parameters()]
+    return [next(iter(_get_fqns(module, name))) for name, _ in module.named_parameters()]
+
+
+def _strip_wrappers(name: str) -> str:
+    parts = name.split(".")
+    return ".".join(p for p in parts if p not in ("_checkpoint_wrapped_module", "_orig_mod", "_fsdp_wrapped_module"))
+
+
+def params_with_saved_state(
+    path: str | Path, module: nn.Module, num_optimizers: int, weights_only: bool | None = None
+) -> set[str]:
+    """Names of the parameters of ``module`` that have optimizer state in a ``ModelParallelStrategy`` checkpoint.
+
+    Args:
+        path: A distributed checkpoint (a folder) or a full checkpoint (a file).
+        module: The module the strategy saved (``strategy.model``).
+        num_optimizers: How many optimizers the checkpoint holds (``optimizer_0``, ...).
+        weights_only: Passed to ``torch.load`` for a full checkpoint (``None``: ``False``, as Lightning
+            loads its own checkpoints).
+
+    Returns:
+        The names, as :func:`checkpoint_names` gives them, with an entry in the saved state of any of
+        the optimizers.
+    """
+    names = checkpoint_names(module)
+    known = set(names)
+    path = Path(path)
+    found: set[str] = set()
+    if path.is_dir():
+        from torch.distributed.checkpoint.filesystem import FileSystemReader
+
+        keys = FileSystemReader(path).read_metadata().state_dict_metadata.keys()
+        prefixes = [f"optimizer_{i}.state." for i in range(num_optimizers)]
+        for key in keys:
+            prefix = next((p for p in prefixes if key.startswith(p)), None)
+            if prefix is None:
+                continue
+            rest = key[len(prefix) :]  # "<parameter name>.<state name>"
+            while "." in rest and rest not in known:
+                rest = rest.rsplit(".", 1)[0]
+            if rest in known:
+                found.add(rest)
+        return found
+    checkpoint = torch.load(path, mmap=True, map_location="cpu", weights_only=bool(weights_only))
+    for state in checkpoint.get("optimizer_states", [])[:num_optimizers]:
+        for key in state.get("state", {}):
+            if isinstance(key, int) and 0 <= key < len(names):  # keyed by position in parameters()
+                found.add(names[key])
+            elif isinstance(key, str) and key in known:
+                found.add(key)
+    return found
+
+
+def params_without_saved_state(
+    path: str | Path, module: nn.Module, num_optimizers: int, weights_only: bool | None = None
+) -> list[nn.Parameter]:
+    """The parameters of ``module`` that require gradients but have no optimizer state in the checkpoint.
+
+    Empty when the checkpoint holds no optimizer state at all (then nothing is loaded strictly).
+
+    Args:
+        path: A distributed checkpoint (a folder) or a full checkpoint (a file).
+        module: The wrapped model (``strategy.model``).
+        num_optimizers: How many optimizers the checkpoint holds.
+        weights_only: Passed to ``torch.load`` for a full checkpoint.
+    """
+    saved = params_with_saved_state(path, module, num_optimizers, weights_only)
+    if not saved:
+        return []
+    params = zip(checkpoint_names(module), module.parameters(), strict=True)
+    return [p for name, p in params if p.requires_grad and name not in saved]
