@@ -19,6 +19,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_lisa.callback import LISA
+from lightning_lisa.estimate import optimizer_state_nbytes
 from lightning_lisa.optimizer_state import optimizer_state_bytes
 
 
@@ -97,7 +98,7 @@ def measure_full_finetuning_state(
         >>> ids = torch.randint(0, 32, (1, 4))
         >>> state = measure_full_finetuning_state(model, lambda m: torch.optim.AdamW(m.parameters()), {"input_ids": ids,
         ...     "labels": ids})
-        >>> state == estimate_full_finetuning_state(model) + 4 * len(list(model.parameters()))  # + the step counters
+        >>> state == estimate_full_finetuning_state(model)
         True
     """
     copied = copy.deepcopy(model).requires_grad_(True).train()
@@ -111,26 +112,21 @@ def measure_full_finetuning_state(
 
 
 def estimate_full_finetuning_state(model: torch.nn.Module, optimizer: str = "adamw") -> int:
-    """Optimizer-state bytes of full fine-tuning, from the parameters: Adam's two moments per element.
+    """Optimizer-state bytes of full fine-tuning, from the parameters (tied weights once).
 
-    ``"adamw"`` keeps them in the parameters' dtype; ``"adamw8bit"`` in one byte each for tensors of
-    at least 4096 elements (plus a 4-byte scale per 256 elements), in float32 for smaller ones.
+    The count of the memory estimate, :func:`lightning_lisa.estimate.optimizer_state_nbytes`:
+    ``"adamw"`` keeps two moments in each parameter's dtype and a 4-byte step per tensor;
+    ``"adamw8bit"`` one byte per moment for tensors of at least 4096 elements (plus a 4-byte scale per
+    256 elements and the quantization maps), float32 moments for smaller ones.
 
     Examples:
         >>> estimate_full_finetuning_state(torch.nn.Linear(100, 100, bias=False))
-        80000
+        80004
         >>> estimate_full_finetuning_state(torch.nn.Linear(100, 100, bias=False), "adamw8bit")
-        20320
+        22368
     """
-    total = 0
-    for p in model.parameters():
-        if optimizer == "adamw8bit" and p.numel() >= 4096:
-            total += 2 * (p.numel() + 4 * -(-p.numel() // 256))
-        elif optimizer == "adamw8bit":
-            total += 2 * 4 * p.numel()
-        else:
-            total += 2 * p.numel() * p.element_size()
-    return total
+    params = list(dict.fromkeys(model.parameters()))
+    return optimizer_state_nbytes(((p.numel(), p.element_size()) for p in params), optimizer)
 
 
 def validation_loss(results: Sequence[Mapping[str, float]]) -> float | None:
