@@ -20,7 +20,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.aggregation import MeanMetric
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from lightning_lisa.errors import check_int
 from lightning_lisa.recipes.data import IGNORE_INDEX, Batch
+from lightning_lisa.recipes.loss import causal_lm_loss
 from lightning_lisa.recipes.optim import OptimizerName, ScheduleName, build_optimizer, lr_lambda, parameter_groups
 
 
@@ -76,6 +78,9 @@ class CausalLMModule(pl.LightningModule):
         gradient_checkpointing: Recompute block activations in the backward pass to save memory.
         save_hf_dir: If set, ``save_pretrained`` the model (and the data module's tokenizer) there at
             the end of fit.
+        loss_chunk_size: If set, the training loss computes the head, the logits and the cross-entropy
+            this many tokens at a time (:func:`~lightning_lisa.recipes.loss.causal_lm_loss`), so the
+            float32 logits of the whole batch never exist at once; same loss and gradients.
 
     Examples:
         >>> module = CausalLMModule(config={"model_type": "llama", "vocab_size": 64, "hidden_size": 16,
@@ -99,6 +104,7 @@ class CausalLMModule(pl.LightningModule):
         min_lr_ratio: float = 0.0,
         gradient_checkpointing: bool = False,
         save_hf_dir: str | None = None,
+        loss_chunk_size: int | None = None,
     ) -> None:
         super().__init__()
         if (model_name_or_path is None) == (config is None):
@@ -106,6 +112,8 @@ class CausalLMModule(pl.LightningModule):
                 f"Give exactly one of `model_name_or_path` (a pretrained model) and `config` (random weights); got "
                 f"model_name_or_path={model_name_or_path!r} and config={config!r}."
             )
+        if loss_chunk_size is not None:
+            check_int("loss_chunk_size", loss_chunk_size, 1)
         self.save_hyperparameters()
         # fail now, not at the first optimizer step
         lr_lambda(lr_schedule, warmup_steps, total_steps=1, min_lr_ratio=min_lr_ratio)
@@ -126,11 +134,20 @@ class CausalLMModule(pl.LightningModule):
         """The Hugging Face model's output for a batch of ``input_ids`` (and ``labels``, ``attention_mask``)."""
         return self.model(**batch)
 
+    def chunked_loss(self, batch: Batch, chunk_size: int) -> torch.Tensor:
+        """The model's next-token loss, computed ``chunk_size`` tokens at a time from the last hidden states."""
+        model: Any = self.model  # get_decoder and get_output_embeddings are untyped in transformers
+        hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))[0]
+        softcap = getattr(model.config, "final_logit_softcapping", None)
+        head = model.get_output_embeddings()
+        return causal_lm_loss(hidden, head, batch["labels"], chunk_size=chunk_size, softcap=softcap)
+
     # ------------------------------------------------------------------------------- steps
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         """Next-token loss of the batch; logs ``train_loss`` and ``train_ppl``."""
-        loss: torch.Tensor = self(batch).loss
+        chunk = self.hparams.get("loss_chunk_size")
+        loss: torch.Tensor = self(batch).loss if chunk is None else self.chunked_loss(batch, chunk)
         size = batch["input_ids"].shape[0]
         self.log("train_loss", loss, prog_bar=True, batch_size=size)
         self.log("train_ppl", torch.exp(loss.detach()), batch_size=size)
