@@ -30,12 +30,14 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
+from lightning_lisa.compile import warn_whole_model_compile
 from lightning_lisa.errors import LISAConfigError, check_bool, check_choice, check_int, check_names, check_positive
 from lightning_lisa.layers import LayerInfo, Unit, find_layers, resolve_modules, split_units, unique_parameters
 from lightning_lisa.norms import layer_norms
 from lightning_lisa.optimizer_state import OPTIMIZER_STATE_MODES, OptimizerStateHandler, OptimizerStateMode
 from lightning_lisa.optimizer_state import optimizer_state_bytes as state_bytes
 from lightning_lisa.parameters import ParameterSet
+from lightning_lisa.report import LISAReport, build_report
 from lightning_lisa.sampling import SamplingName, check_probabilities, check_sampling
 from lightning_lisa.schedule import Schedule, Switch
 from lightning_lisa.strategies import StrategyAdapter, adapter_for, check_supported
@@ -88,6 +90,8 @@ class LISA(Callback):
         unit_names: The names of what is sampled, after ``setup``: block names, or sub-module names.
         history: Every :class:`~lightning_lisa.schedule.Switch` of the run, the first included.
         layer_info: What :func:`~lightning_lisa.find_layers` found, after ``setup``.
+        report: The start-up report (:class:`~lightning_lisa.report.LISAReport`), logged once after
+            ``setup``: what is sampled, always trained, and frozen for the whole run.
         communication: Under DDP with ``ddp_comm_hook=True``, the hook's counters of all-reduced
             gradient elements.
 
@@ -142,6 +146,7 @@ class LISA(Callback):
         self.active_layers: list[int] = []
         self.history: list[Switch] = []
         self.layer_info: LayerInfo | None = None
+        self.report: LISAReport | None = None
         self.units: list[Unit] = []
         self.communication: FrozenSkippingState | None = None
         self._always_active_modules: list[nn.Module] = []
@@ -309,10 +314,9 @@ class LISA(Callback):
             names = _default_always_active(info, self._flags, tied=_tied(pl_module, info))
         self._always_active_modules = resolve_modules(pl_module, names, "always_active")
         self.layer_info, self.units = info, units
-        rank_zero_info(
-            f"LISA: sampling {self.n_layers} of {len(units)} {what} in `{info.path}` every {self.interval} steps; "
-            f"always trained: {list(names) or 'nothing else'}."
-        )
+        self.report = build_report(pl_module, info, units, names, self.n_layers, self.interval)
+        rank_zero_info(str(self.report))
+        warn_whole_model_compile(pl_module, info)
 
     def _check_parameters(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self._params is not None
@@ -407,7 +411,10 @@ def _tied(pl_module: nn.Module, info: LayerInfo) -> bool:
 
 
 def _default_always_active(info: LayerInfo, flags: Flags, tied: bool) -> list[str]:
-    """The detected embeddings and head (and, with the deprecated flag, the final normalization layer)."""
+    """The detected input side, head and projectors (with the deprecated flag, the final normalization layer).
+
+    With the default flags this is :func:`~lightning_lisa.layers.default_always_active`.
+    """
     embeddings, head, final_norm = flags
     if tied and embeddings != head:
         raise LISAConfigError(
@@ -415,7 +422,9 @@ def _default_always_active(info: LayerInfo, flags: Flags, tied: bool) -> list[st
             f"{list(info.embedding_names)} and the head {list(info.head_names)} share (tie) their weights in this "
             "model; set both alike."
         )
-    names = (list(info.embedding_names) if embeddings else []) + (list(info.head_names) if head else [])
+    names = list(info.embedding_names) + list(info.extra_embedding_names) if embeddings else []
+    names += list(info.head_names) if head else []
+    names += list(info.projector_names)
     if final_norm:
         if not info.final_norm_names:
             raise LISAConfigError(

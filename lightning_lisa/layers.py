@@ -234,48 +234,21 @@ def find_layers(module: nn.Module, layers: str | Sequence[str] | None = None, wa
     )
 
 
-def default_always_active(
-    module: nn.Module,
-    info: LayerInfo,
-    train_embeddings: bool = True,
-    train_head: bool = True,
-    train_final_norm: bool = False,
-) -> list[str]:
+def default_always_active(info: LayerInfo) -> list[str]:
     """The names LISA trains all the time when ``always_active=None``.
 
-    The input side (:attr:`LayerInfo.embedding_names` and :attr:`LayerInfo.extra_embedding_names`)
-    with ``train_embeddings``, the head with ``train_head``, the final norms with ``train_final_norm``,
-    and a multimodal model's projectors (:attr:`LayerInfo.projector_names`) always.
-
-    Raises:
-        LISAConfigError: If the embeddings and the head are tied but only one of them should train,
-            or ``train_final_norm=True`` and there is no final norm.
+    The input side (:attr:`LayerInfo.embedding_names` and :attr:`LayerInfo.extra_embedding_names`), the
+    head (:attr:`LayerInfo.head_names`) and a multimodal model's projectors
+    (:attr:`LayerInfo.projector_names`); a name is listed once. Start from this list to write your own
+    ``always_active``.
 
     Examples:
         >>> from transformers import GPT2Config, GPT2LMHeadModel
         >>> model = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=64, n_positions=32))
-        >>> default_always_active(model, find_layers(model))
+        >>> default_always_active(find_layers(model))
         ['transformer.wte', 'transformer.wpe', 'lm_head']
     """
-    embeddings = unique_parameters(resolve_modules(module, info.embedding_names, "always_active"))
-    head = unique_parameters(resolve_modules(module, info.head_names, "always_active"))
-    tied = {id(p) for p in embeddings} & {id(p) for p in head}
-    if tied and train_embeddings != train_head:
-        raise LISAConfigError(
-            f"`train_embeddings={train_embeddings}` and `train_head={train_head}` differ, but the input "
-            f"embeddings {list(info.embedding_names)} and the head {list(info.head_names)} share (tie) their "
-            "weights in this model; set both alike."
-        )
-    names = list(info.embedding_names) + list(info.extra_embedding_names) if train_embeddings else []
-    names += list(info.head_names) if train_head else []
-    names += list(info.projector_names)
-    if train_final_norm:
-        if not info.final_norm_names:
-            raise LISAConfigError(
-                f"`train_final_norm=True`, but no final norm was found after `{info.path}`; name it in "
-                "`always_active` instead."
-            )
-        names += list(info.final_norm_names)
+    names = [*info.embedding_names, *info.extra_embedding_names, *info.head_names, *info.projector_names]
     return list(dict.fromkeys(names))
 
 

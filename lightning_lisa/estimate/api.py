@@ -71,7 +71,7 @@ from torch import nn
 from lightning_lisa.errors import LISAConfigError, check_bool, check_choice, check_int
 from lightning_lisa.estimate.activations import ActivationProfile, formula_activations, trace_activations
 from lightning_lisa.estimate.shapes import build_meta_model, load_config, lora_targets, quiet
-from lightning_lisa.layers import LayerInfo, find_layers, unique_parameters
+from lightning_lisa.layers import LayerInfo, find_layers, resolve_modules, unique_parameters
 
 Dtype = Literal["fp32", "bf16", "fp16"]
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -510,10 +510,11 @@ def _lisa_parameters(
             "embeddings and head; set both alike."
         )
     modules: list[nn.Module] = []
-    if embeddings:
-        modules += [model.get_submodule(n) for n in info.embedding_names]
+    if embeddings:  # with learned positions, class tokens and embedding norms (LISA's default input side)
+        modules += resolve_modules(model, [*info.embedding_names, *info.extra_embedding_names], "always_active")
     if head:
         modules += [model.get_submodule(n) for n in info.head_names]
+    modules += resolve_modules(model, info.projector_names, "always_active")
     if final_norm:
         if not info.final_norm_names:
             raise LISAConfigError(
