@@ -13,6 +13,7 @@ from lightning_lisa.monitoring import WeightNormMonitor, plot_heatmap, plot_laye
 from lightning_lisa.norms import NormRecord, layer_norms, monitored_layers
 from lightning_lisa.optimizer_state import OptimizerStateHandler, optimizer_state_bytes
 from lightning_lisa.sampling import sample_layers
+from lightning_lisa.step_in_backward import StepInBackward
 from lightning_lisa.strategies.fsdp1 import LISAFSDPStrategy, lisa_auto_wrap_policy
 from lightning_lisa.strategies.fsdp2 import fully_shard_blocks
 
@@ -29,6 +30,7 @@ __all__ = [
     "LayerInfo",
     "NormRecord",
     "OptimizerStateHandler",
+    "StepInBackward",
     "Switch",
     "Unit",
     "WeightNormMonitor",

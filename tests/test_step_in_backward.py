@@ -1,0 +1,223 @@
+"""The optimizer step inside the backward pass: same weights as a normal run, gradients never all resident."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from helpers import CausalLM, tiny_llama, token_loader, trainer
+
+from lightning_lisa import LISA, StepInBackward
+from lightning_lisa.errors import LISAConfigError
+from lightning_lisa.step_in_backward import step_one, steps_per_parameter
+
+OPTIMIZERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "adamw": ("adamw", {"weight_decay": 0.1}),
+    "adamw-foreach": ("adamw", {"foreach": True, "weight_decay": 0.1}),
+    "adamw-fused": ("adamw", {"fused": True, "weight_decay": 0.1}),
+    "adam": ("adam", {"weight_decay": 0.01}),
+    "adam-foreach-amsgrad": ("adam", {"foreach": True, "amsgrad": True}),
+    "adam-fused": ("adam", {"fused": True}),
+    "sgd-momentum": ("sgd", {}),
+    "sgd-nesterov-foreach": ("sgd", {"nesterov": True, "foreach": True}),
+}
+
+
+def fit(
+    step_in_backward: bool,
+    optimizer: str = "adamw",
+    kwargs: dict[str, Any] | None = None,
+    callbacks: list[pl.Callback] | None = None,
+    n_batches: int = 8,
+    **trainer_kwargs: Any,
+) -> CausalLM:
+    module = CausalLM(tiny_llama(4), optimizer=optimizer, lr=1e-2, scheduler=True, optimizer_kwargs=kwargs)
+    extra = [StepInBackward()] if step_in_backward else []
+    trainer(extra + list(callbacks or []), max_epochs=1, **trainer_kwargs).fit(module, token_loader(n_batches))
+    return module
+
+
+def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_same_weights_as_a_normal_run(name, accumulate):
+    optimizer, kwargs = OPTIMIZERS[name]
+    normal = fit(False, optimizer, kwargs, accumulate_grad_batches=accumulate)
+    callback = StepInBackward()
+    module = CausalLM(tiny_llama(4), optimizer=optimizer, lr=1e-2, scheduler=True, optimizer_kwargs=kwargs)
+    trainer([callback], max_epochs=1, accumulate_grad_batches=accumulate).fit(module, token_loader(8))
+    assert callback.steps_in_backward == 8 // accumulate  # every step ran in the backward pass
+    assert_same_weights(normal, module)
+    # the scheduler halved the learning rate every 3 steps in both runs, and the weights moved
+    assert not torch.equal(module.model.lm_head.weight, tiny_llama(4).lm_head.weight)
+
+
+def test_same_weights_with_lisa_and_an_odd_epoch_end():
+    # 7 batches with accumulation 2: Lightning steps on the last, lone micro-batch too
+    lisa = {"n_layers": 1, "interval": 2}
+    normal = fit(False, callbacks=[LISA(**lisa)], n_batches=7, accumulate_grad_batches=2)
+    module = fit(True, callbacks=[LISA(**lisa)], n_batches=7, accumulate_grad_batches=2)
+    assert_same_weights(normal, module)
+
+
+class GradientCounter(pl.Callback):
+    """Sums the bytes of every ``.grad`` resident whenever a gradient becomes final during backward."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self.trainable = 0
+        self.largest = 0
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # registered before StepInBackward's hooks (on_fit_start), so each runs before the update
+        self.params = list(pl_module.parameters())
+        for p in self.params:
+            p.register_post_accumulate_grad_hook(self._count)
+
+    def _count(self, _: torch.Tensor) -> None:
+        grads = [p.grad for p in self.params if p.grad is not None]
+        self.peak = max(self.peak, sum(g.numel() * g.element_size() for g in grads))
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, *args: Any) -> None:
+        trainable = [p for p in self.params if p.requires_grad]
+        self.trainable = max(self.trainable, sum(p.numel() * p.element_size() for p in trainable))
+        self.largest = max(self.largest, max(p.numel() * p.element_size() for p in trainable))
+
+
+@pytest.mark.parametrize("with_lisa", [False, True])
+def test_gradients_of_all_trainable_parameters_never_coexist(with_lisa):
+    normal, step = GradientCounter(), GradientCounter()
+    lisa = [LISA(n_layers=1, interval=2)] if with_lisa else []
+    fit(False, callbacks=[normal, *lisa])
+    lisa = [LISA(n_layers=1, interval=2)] if with_lisa else []
+    fit(True, callbacks=[step, *lisa])
+    assert normal.peak == normal.trainable  # a normal backward ends with every trainable gradient resident
+    assert step.trainable == normal.trainable
+    assert step.peak == step.largest < step.trainable  # here only one gradient at a time
+
+
+class PlainStep(torch.optim.AdamW):
+    """A subclass: its step could differ, so it is refused unless it declares ``per_parameter_step``."""
+
+
+class Manual(CausalLM):
+    def __init__(self) -> None:
+        super().__init__(tiny_llama(2))
+        self.automatic_optimization = False
+
+
+class Clipping(CausalLM):
+    def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: Any = None, **kwargs: Any) -> None:
+        pass
+
+
+class TwoOptimizers(CausalLM):
+    def __init__(self) -> None:
+        super().__init__(tiny_llama(2))
+        self.automatic_optimization = False
+
+    def configure_optimizers(self) -> Any:
+        return [torch.optim.AdamW(self.model.model.parameters()), torch.optim.AdamW(self.model.lm_head.parameters())]
+
+
+class LBFGS(CausalLM):
+    def configure_optimizers(self) -> Any:
+        return torch.optim.LBFGS(self.parameters())
+
+
+class Subclassed(CausalLM):
+    def configure_optimizers(self) -> Any:
+        return PlainStep(self.parameters())
+
+
+REFUSED: dict[str, tuple[Any, dict[str, Any], str]] = {
+    "clip-norm": (CausalLM, {"gradient_clip_val": 1.0}, "gradient_clip_val=1.0.*'norm'.*needs every gradient"),
+    "clip-value": (CausalLM, {"gradient_clip_val": 0.1, "gradient_clip_algorithm": "value"}, "'value'.*Remove"),
+    "fp16": (CausalLM, {"plugins": "fp16-scaler"}, "precision='16-mixed'.*GradScaler.*bf16-mixed"),
+    "manual": (Manual, {}, "automatic_optimization=False"),
+    "two-optimizers": (TwoOptimizers, {}, "automatic_optimization=False"),
+    "configure_gradient_clipping": (Clipping, {}, "overridden `configure_gradient_clipping`"),
+    "lbfgs": (LBFGS, {}, "torch.optim.lbfgs.LBFGS.*Allowed: torch.optim.AdamW"),
+    "subclass": (Subclassed, {}, "PlainStep.*per_parameter_step = True"),
+}
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_refused_settings_raise_before_any_step(name):
+    make, kwargs, message = REFUSED[name]
+    module = make()
+    if make is CausalLM:
+        module = CausalLM(tiny_llama(2))
+    before = [p.detach().clone() for p in module.parameters()]
+    if kwargs.get("plugins") == "fp16-scaler":  # on CPU, Trainer(precision="16-mixed") turns into bf16-mixed
+        scaler = torch.amp.GradScaler("cpu")
+        kwargs = {"plugins": [pl.plugins.MixedPrecision("16-mixed", "cpu", scaler=scaler)]}
+    with pytest.raises(LISAConfigError, match=message):
+        trainer([StepInBackward()], max_epochs=1, **kwargs).fit(module, token_loader(2))
+    assert module.training_steps == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, module.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn", "fsdp2"])
+def test_multi_device_strategies_are_refused(strategy):
+    # checked on the Trainer before fit (fit would launch processes); fit runs the same check in `setup`
+    from lightning_lisa.step_in_backward import check_trainer
+
+    kwargs: dict[str, Any] = {"strategy": strategy, "devices": 2}
+    if strategy == "fsdp2":
+        kwargs["strategy"] = pl.strategies.ModelParallelStrategy()
+    with pytest.raises(LISAConfigError, match=r"not supported with `strategy=.*Strategy`.*one device"):
+        check_trainer(trainer([], **kwargs), CausalLM(tiny_llama(2)))
+
+
+def test_several_optimizers_are_refused():
+    from lightning_lisa.step_in_backward import check_optimizers
+
+    layer = torch.nn.Linear(2, 2)
+    with pytest.raises(LISAConfigError, match=r"exactly one optimizer.*returned 2"):
+        check_optimizers([torch.optim.AdamW(layer.parameters()), torch.optim.SGD(layer.parameters())])
+
+
+def test_step_one_equals_the_full_step_and_keeps_the_state_in_the_optimizer():
+    torch.manual_seed(0)
+    a = [torch.nn.Parameter(torch.randn(3, 3)) for _ in range(2)]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    full = torch.optim.AdamW(a, lr=0.1, foreach=True)
+    single = torch.optim.AdamW(b, lr=0.1, foreach=True)
+    for _ in range(3):
+        grads = [torch.randn(3, 3) for _ in a]
+        for p, q, g in zip(a, b, grads, strict=True):
+            p.grad, q.grad = g.clone(), g.clone()
+        full.step()
+        for q in b:
+            step_one(single, 0, q)
+    for p, q in zip(a, b, strict=True):
+        assert torch.equal(p, q)
+        assert torch.equal(full.state[p]["exp_avg_sq"], single.state[q]["exp_avg_sq"])
+    assert single.state_dict()["state"].keys() == full.state_dict()["state"].keys()
+    assert steps_per_parameter(single)
+    assert not steps_per_parameter(PlainStep(b))
+
+
+@pytest.mark.parametrize("mode", ["drop", "offload"])
+def test_resume_with_the_step_in_backward_equals_an_uninterrupted_run(tmp_path, mode):
+    def run(epochs: int, ckpt: str | None = None) -> tuple[CausalLM, pl.Trainer]:
+        module = CausalLM(tiny_llama(4), lr=1e-2, scheduler=True)
+        callbacks = [LISA(n_layers=1, interval=4, optimizer_state=mode, seed=3), StepInBackward()]
+        fitting = trainer(callbacks, max_epochs=epochs)
+        fitting.fit(module, token_loader(3), ckpt_path=ckpt)
+        return module, fitting
+
+    uninterrupted, _ = run(4)
+    first, stopped = run(2)  # 6 steps: in the middle of the second period (K=4)
+    stopped.save_checkpoint(tmp_path / "stop.ckpt")
+    resumed, _ = run(4, ckpt=str(tmp_path / "stop.ckpt"))
+    assert resumed.trainer.global_step == 12
+    assert_same_weights(uninterrupted, resumed)
+    assert not torch.equal(first.model.lm_head.weight, uninterrupted.model.lm_head.weight)
