@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_CPU)"
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+# optional test dependency, without its own pins (huggingface-hub<1.4 conflicts with transformers 5)
+	$(PY) -m pip install --quiet --no-deps litgpt==0.5.13
 	touch $(STAMP)
 
 demo: $(STAMP)
