@@ -169,3 +169,17 @@ def test_lisa_warns_about_a_whole_model_compiled_lightning_module():
     assert compiled_over_blocks(unwrapped, find_layers(unwrapped)) == [""]
     with pytest.warns(UserWarning, match=r"compiled as a whole"):
         warn_whole_model_compile(unwrapped, find_layers(unwrapped))
+
+
+class WholeCompiled(CompiledModule):
+    def __init__(self) -> None:
+        super().__init__(compile_each_block=False)
+        self.model = torch.compile(self.model, backend="eager")
+
+
+def test_lisa_warns_when_the_model_is_compiled_as_a_whole():
+    module = WholeCompiled()
+    lisa = LISA(n_layers=1, interval=1)
+    with pytest.warns(UserWarning, match=r"LISA: `model` is compiled as a whole"):
+        _fit(module, lisa, steps=1)
+    assert lisa.layer_info is not None and lisa.layer_info.path == "model._orig_mod.layers"
