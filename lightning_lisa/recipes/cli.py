@@ -60,6 +60,7 @@ class LisaCLI(LightningCLI):
 
     def __init__(self, args: ArgsType = None, run: bool = True, **kwargs: Any) -> None:
         self.report: FitReport | None = None
+        self._answers_before: list[str] = []
         self._tracker: OptimizerStateTracker | None = None
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("seed_everything_default", 0)
@@ -78,10 +79,26 @@ class LisaCLI(LightningCLI):
             "config file; --lisa.help LISA lists them. Leave it out for full fine-tuning.",
         )
         parser.add_argument("--summary", type=SummaryOptions, default=SummaryOptions(), help="The report after fit.")
+        parser.add_argument(
+            "--prompts",
+            type=list[str] | None,
+            default=None,
+            help="Prompts the model answers (greedy) before and after fit, printed with the summary; rendered "
+            "with the tokenizer's chat template when it has one.",
+        )
+        parser.add_argument("--max_new_tokens", type=int, default=40, help="Tokens generated per prompt.")
 
     def before_instantiate_classes(self) -> None:
-        """Refuse a second LISA before anything (such as a large model) is built."""
+        """Refuse a second LISA before anything (such as a large model) is built; default the tokenizer.
+
+        A pretrained model (``model.model_name_or_path``) without ``data.tokenizer`` gets its own
+        tokenizer (the same directory, Hub name or GGUF file): the default BPE would not match its
+        embeddings.
+        """
         config = self.config.get(str(self.subcommand), self.config) if self.subcommand else self.config
+        model_path = config.get("model.model_name_or_path")
+        if model_path is not None and "data.tokenizer" in config and config.get("data.tokenizer") is None:
+            config["data.tokenizer"] = model_path
         in_callbacks = [c for c in _as_list(config.get("trainer.callbacks")) if _is_lisa_config(c)]
         in_group = config.get("lisa") is not None
         if len(in_callbacks) + int(in_group) > 1:
@@ -116,6 +133,7 @@ class LisaCLI(LightningCLI):
             ckpt_path = self._get(self.config_init, "ckpt_path")
             results = self.trainer.validate(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path, verbose=False)
             self.report.val_loss_before = validation_loss(results)
+        self._answers_before = self._answer() if self.trainer.is_global_zero else []
 
     def after_fit(self) -> None:
         """Validate the trained model, then print the summary (on global rank zero)."""
@@ -137,6 +155,23 @@ class LisaCLI(LightningCLI):
         report.paths = output_paths(self.trainer, self.model)
         lisa = next((c for c in self.trainer.callbacks if isinstance(c, LISA)), None)  # type: ignore[attr-defined]
         print(format_summary(report, self.model, lisa, self.trainer.global_step), flush=True)
+        prompts = self._get(self.config_init, "prompts") or []
+        if prompts:
+            print(format_answers(prompts, self._answers_before, self._answer()), flush=True)
+
+    def _answer(self) -> list[str]:
+        """The model's greedy answers to ``--prompts`` (nothing without prompts or a tokenizer)."""
+        prompts = self._get(self.config_init, "prompts") or []
+        datamodule = self.datamodule
+        if not prompts or datamodule is None:
+            return []
+        if getattr(datamodule, "tokenizer", None) is None:
+            datamodule.setup("fit")
+        tokenizer = datamodule.tokenizer
+        if tokenizer is None:
+            return []
+        max_new_tokens = int(self._get(self.config_init, "max_new_tokens", default=40))
+        return generate_answers(self.model.model, tokenizer, list(prompts), max_new_tokens)
 
     def _options(self) -> SummaryOptions:
         options = self._get(self.config_init, "summary")
@@ -145,6 +180,60 @@ class LisaCLI(LightningCLI):
         if isinstance(options, Namespace):
             return SummaryOptions(**options.as_dict())
         return SummaryOptions(**(options or {}))
+
+
+def generate_answers(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int = 40) -> list[str]:
+    """Greedy answers of ``model`` to ``prompts`` (as user turns of the chat template, if the tokenizer has one).
+
+    Examples:
+        >>> from lightning_lisa.recipes.gguf import SMOLLM2, load_gguf_model, load_gguf_tokenizer
+        >>> generate_answers(load_gguf_model(SMOLLM2), load_gguf_tokenizer(SMOLLM2),
+        ...                  ["What is the capital of France?"], 12)  # doctest: +SKIP
+        ['The capital of France is Paris.']
+    """
+    import torch
+
+    was_training = model.training
+    model.eval()
+    answers = []
+    with torch.no_grad():
+        for prompt in prompts:
+            if getattr(tokenizer, "chat_template", None):
+                text = tokenizer.apply_chat_template(
+                    [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+                )
+            else:
+                text = prompt
+            ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(model.device)
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+            )
+            answers.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip())
+    model.train(was_training)
+    return answers
+
+
+def format_answers(prompts: list[str], before: list[str], after: list[str]) -> str:
+    """The prompts with the answers before and after fine-tuning, one block each.
+
+    Examples:
+        >>> print(format_answers(["2+2?"], ["5"], ["4"]))
+        Prompts, answered greedily before and after fine-tuning:
+          > 2+2?
+            before: 5
+            after:  4
+    """
+    lines = ["Prompts, answered greedily before and after fine-tuning:"]
+    for index, prompt in enumerate(prompts):
+        lines.append(f"  > {prompt}")
+        lines.append(f"    before: {before[index] if index < len(before) else '(not generated)'}")
+        lines.append(f"    after:  {after[index] if index < len(after) else '(not generated)'}")
+    return "\n".join(lines)
 
 
 def _as_list(value: Any) -> list[Any]:

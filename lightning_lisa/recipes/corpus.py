@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -33,12 +33,16 @@ class Example:
     """One training document.
 
     Attributes:
-        text: What the model is trained to produce.
+        text: What the model is trained to produce (for a conversation: its messages' contents, one a
+            line, which only the default tokenizer's training reads).
         prompt: What precedes ``text`` as context (empty for plain text).
+        messages: A conversation, as ``(role, content)`` pairs, to render with the tokenizer's chat
+            template and train on the assistant turns (empty for other records).
     """
 
     text: str
     prompt: str = ""
+    messages: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
 
 def embedded_corpus() -> list[Example]:
@@ -109,8 +113,10 @@ def _read_jsonl(file: Path, content: str) -> list[Example]:
 def record_to_example(record: Any, where: str = "record") -> Example:
     r"""Turn one JSON record into an :class:`Example`.
 
-    A record is either ``{"text": ...}`` or an Alpaca record ``{"instruction": ..., "input": ...,
-    "output": ...}`` (``input`` optional or empty), whose prompt is :data:`ALPACA_PROMPT`.
+    A record is ``{"text": ...}``, an Alpaca record ``{"instruction": ..., "input": ..., "output": ...}``
+    (``input`` optional or empty), whose prompt is :data:`ALPACA_PROMPT`, or a conversation
+    ``{"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}, ...]}`` (the
+    format of chat fine-tuning data), rendered later with the tokenizer's chat template.
 
     Args:
         record: The decoded JSON value.
@@ -124,9 +130,15 @@ def record_to_example(record: Any, where: str = "record") -> Example:
         True
         >>> record_to_example({"text": "Hello."})
         Example(text='Hello.', prompt='')
+        >>> record_to_example({"messages": [{"role": "user", "content": "Hi"},
+        ...                                 {"role": "assistant", "content": "Hello!"}]}).messages
+        (('user', 'Hi'), ('assistant', 'Hello!'))
     """
     if not isinstance(record, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}.")
+    if "messages" in record:
+        messages = _messages(record["messages"], where)
+        return Example(text="\n".join(content for _, content in messages), messages=messages)
     if "text" in record:
         return Example(text=_field(record, "text", where))
     if "instruction" in record and "output" in record:
@@ -137,9 +149,28 @@ def record_to_example(record: Any, where: str = "record") -> Example:
             text=_field(record, "output", where), prompt=template.format(instruction=instruction, input=extra)
         )
     raise ValueError(
-        f"{where}: record has keys {sorted(record)}; expected a 'text' field, or Alpaca 'instruction' and "
-        "'output' fields (and an optional 'input')."
+        f"{where}: record has keys {sorted(record)}; expected a 'text' field, Alpaca 'instruction' and "
+        "'output' fields (and an optional 'input'), or a chat 'messages' list."
     )
+
+
+def _messages(value: Any, where: str) -> tuple[tuple[str, str], ...]:
+    """Check a chat ``messages`` list: objects with string ``role`` and ``content``, one assistant turn at least."""
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} objects.")
+    out = []
+    for index, message in enumerate(value):
+        if not isinstance(message, dict) or not {"role", "content"} <= set(message):
+            raise ValueError(
+                f"{where}: messages[{index}] must be an object with 'role' and 'content', got {message!r:.60}."
+            )
+        role, content = message["role"], message["content"]
+        if not isinstance(role, str) or not isinstance(content, str):
+            raise ValueError(f"{where}: messages[{index}]: 'role' and 'content' must be strings, got {message!r:.60}.")
+        out.append((role, content))
+    if not any(role == "assistant" for role, _ in out):
+        raise ValueError(f"{where}: the conversation has no 'assistant' message, so nothing to train on.")
+    return tuple(out)
 
 
 def _field(record: dict[str, Any], key: str, where: str) -> str:

