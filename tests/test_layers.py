@@ -10,7 +10,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from lightning_lisa import BLOCK_LISTS, find_layers
-from lightning_lisa.layers import split_units, unique_parameters
+from lightning_lisa.layers import module_list_candidates, split_units, unique_parameters
 
 SMALL = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2, vocab_size=64)
 GQA = dict(SMALL, num_key_value_heads=1)
@@ -360,7 +360,7 @@ def test_explicit_layers_path():
 def test_explicit_path_errors_list_the_candidates():
     with pytest.raises(MisconfigurationException, match=r"'stak' does not exist.*\['small', 'stack'\]"):
         find_layers(PlainLM(), layers="stak")
-    with pytest.raises(MisconfigurationException, match=r"'norm' is a LayerNorm, not an nn.ModuleList"):
+    with pytest.raises(MisconfigurationException, match=r"'norm' is a LayerNorm, not an nn.ModuleList or nn.Seq"):
         find_layers(PlainLM(), layers="norm")
 
 
@@ -413,3 +413,42 @@ def test_module_units_of_gpt2_and_t5():
         units = split_units(info, "module")
         covered = {id(p) for u in units for p in unique_parameters(u.modules)}
         assert covered == {id(p) for b in info.blocks for p in b.parameters()}
+
+
+def test_hybrid_lists_of_mixed_composite_blocks_are_block_lists():
+    class Mamba(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mix = nn.Linear(8, 8)
+            self.adapters = nn.ModuleList(nn.Linear(8, 8) for _ in range(2))  # inside a block: not a candidate
+
+    class Attention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2)
+
+    model = nn.Module()
+    model.layers = nn.ModuleList([Mamba(), Attention(), Mamba(), Attention()])
+    assert module_list_candidates(model) == ["layers"]
+    assert find_layers(model).block_names == ("layers.0", "layers.1", "layers.2", "layers.3")
+    # a list mixing single layers of different classes is not a block list
+    model.layers = nn.ModuleList([nn.Linear(8, 8), nn.Conv1d(8, 8, 1)])
+    with pytest.raises(MisconfigurationException, match="found no block list"):
+        find_layers(model)
+
+
+def test_sequential_block_lists():
+    from collections import OrderedDict
+
+    model = nn.Module()
+    model.stages = nn.Sequential(
+        OrderedDict((f"stage{i}", nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)) for i in range(3))
+    )
+    model.mlp = nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 8))  # mixed, with a layer without parameters
+    info = find_layers(model)
+    assert info.block_paths == ("stages",)
+    assert info.block_names == ("stages.stage0", "stages.stage1", "stages.stage2")  # the container's own names
+    assert find_layers(model, layers="mlp").num_blocks == 3  # any Sequential when named explicitly
+    model.empty = nn.Sequential()
+    with pytest.raises(MisconfigurationException, match=r"'empty' is an empty Sequential"):
+        find_layers(model, layers="empty")
