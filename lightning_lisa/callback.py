@@ -40,6 +40,7 @@ from lightning_lisa.parameters import ParameterSet
 from lightning_lisa.report import LISAReport, build_report
 from lightning_lisa.sampling import SamplingName, check_probabilities, check_sampling
 from lightning_lisa.schedule import Schedule, Switch
+from lightning_lisa.step_in_backward import StepInBackward
 from lightning_lisa.strategies import StrategyAdapter, adapter_for, check_supported
 from lightning_lisa.strategies.ddp import FrozenSkippingState
 
@@ -84,6 +85,9 @@ class LISA(Callback):
             of trainable parameters (see :mod:`lightning_lisa.strategies.ddp`).
         verify_ranks: At every switch, all-gather the active units and raise if the ranks disagree
             (a debugging aid; costs one small collective per switch).
+        step_in_backward: Update each parameter inside the backward pass as soon as its gradient is
+            final and free that gradient at once, so no two gradients need to be resident (see
+            :mod:`lightning_lisa.step_in_backward`; single device, no gradient clipping, no fp16 scaler).
 
     Attributes:
         active_layers: The sorted indices of the units in :attr:`unit_names` trainable right now.
@@ -117,6 +121,7 @@ class LISA(Callback):
         train_final_norm: bool | None = None,
         ddp_comm_hook: bool = True,
         verify_ranks: bool = False,
+        step_in_backward: bool = False,
     ) -> None:
         check_int("n_layers", n_layers, minimum=1)
         check_int("interval", interval, minimum=1)
@@ -129,6 +134,7 @@ class LISA(Callback):
         check_choice("granularity", granularity, get_args(Granularity))
         check_bool("ddp_comm_hook", ddp_comm_hook)
         check_bool("verify_ranks", verify_ranks)
+        check_bool("step_in_backward", step_in_backward)
         self._flags = _deprecated_flags(always_active, train_embeddings, train_head, train_final_norm)
         self.n_layers = n_layers
         self.interval = interval
@@ -141,6 +147,8 @@ class LISA(Callback):
         self.granularity = granularity
         self.ddp_comm_hook = ddp_comm_hook
         self.verify_ranks = verify_ranks
+        self.step_in_backward = step_in_backward
+        self._in_backward = StepInBackward("step_in_backward=True") if step_in_backward else None
         self.schedule = Schedule(n_layers, interval, _frozen(self.sampling), seed, self.temperature)
 
         self.active_layers: list[int] = []
@@ -153,7 +161,6 @@ class LISA(Callback):
         self._params: ParameterSet | None = None
         self._adapter: StrategyAdapter | None = None
         self._state = OptimizerStateHandler(optimizer_state)
-        self._held: list[nn.Parameter] = []  # frozen while a checkpoint loads
         self._period = -1
         self._restored: dict[str, Any] | None = None
         self._check_gradients = False
@@ -181,18 +188,19 @@ class LISA(Callback):
             self._inspect(pl_module)
         self._adapter = adapter_for(trainer.strategy)
         self._adapter.check(None if built_later else self.units, self.granularity)
+        if self._in_backward is not None:
+            self._in_backward.setup(trainer, pl_module, stage)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Inspect models built in ``configure_model``; hold back what a checkpoint has no state for."""
+        """Inspect models built in ``configure_model``; let the strategy adapter check the wrapped model."""
         if self.layer_info is None:
             self._inspect(pl_module)
-        self._held = self._adapter_of(trainer).prepare(trainer, self.units)
-        for p in self._held:
-            p.requires_grad_(False)
+        if self._in_backward is not None:
+            self._in_backward.on_fit_start(trainer, pl_module)
+        self._adapter_of(trainer).prepare(trainer, self.units)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Remember what the user left trainable and start the current period."""
-        self._release_held()
         self.communication = self._adapter_of(trainer).start(trainer, self.ddp_comm_hook)
         self._params = ParameterSet(pl_module, self.units, self._always_active_modules)
         self._check_parameters(trainer, pl_module)
@@ -209,11 +217,19 @@ class LISA(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         """Switch units before the first micro-batch of the first optimizer step of a new period."""
-        if batch_idx % trainer.accumulate_grad_batches != 0:
-            return
-        period = self.schedule.period(trainer.global_step)
-        if period != self._period:
-            self._switch(trainer, period, self._draw(trainer, period))
+        if batch_idx % trainer.accumulate_grad_batches == 0:
+            period = self.schedule.period(trainer.global_step)
+            if period != self._period:
+                self._switch(trainer, period, self._draw(trainer, period))
+        if self._in_backward is not None:
+            self._in_backward.on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """With ``step_in_backward=True``, check that Lightning stepped where the parameters were updated."""
+        if self._in_backward is not None:
+            self._in_backward.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -222,7 +238,11 @@ class LISA(Callback):
         if not self._check_gradients or self._params is None:
             return
         self._check_gradients = False
-        starved = [self.unit_names[i] for i in self._params.without_gradient(self.active_layers)]
+        if self._in_backward is None:
+            starved = [self.unit_names[i] for i in self._params.without_gradient(self.active_layers)]
+        else:  # updated in the backward pass, their gradients are gone
+            got = self._in_backward.received_gradient
+            starved = [self.unit_names[i] for i in self.active_layers if not any(map(got, self._params.by_unit[i]))]
         if starved and not self._warned_no_gradient:
             self._warned_no_gradient = True
             rank_zero_warn(
@@ -234,9 +254,10 @@ class LISA(Callback):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Give the user back every parameter trainable, as it was before fit."""
-        self._release_held()
         if self._params is not None:
             self._params.restore()
+        if self._in_backward is not None:
+            self._in_backward.detach()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         """Give the user back every parameter trainable after a failed or interrupted fit."""
@@ -338,11 +359,6 @@ class LISA(Callback):
         if self._adapter is None or self._adapter.strategy is not trainer.strategy:
             self._adapter = adapter_for(trainer.strategy)
         return self._adapter
-
-    def _release_held(self) -> None:
-        for p in self._held:
-            p.requires_grad_(True)
-        self._held = []
 
     def _valid(self, active: Sequence[int]) -> bool:
         assert self._params is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import lightning.pytorch as pl
@@ -62,8 +63,27 @@ def test_same_weights_with_lisa_and_an_odd_epoch_end():
     # 7 batches with accumulation 2: Lightning steps on the last, lone micro-batch too
     lisa = {"n_layers": 1, "interval": 2}
     normal = fit(False, callbacks=[LISA(**lisa)], n_batches=7, accumulate_grad_batches=2)
-    module = fit(True, callbacks=[LISA(**lisa)], n_batches=7, accumulate_grad_batches=2)
+    flag = LISA(**lisa, step_in_backward=True)
+    module = fit(False, callbacks=[flag], n_batches=7, accumulate_grad_batches=2)
+    assert flag._in_backward is not None and flag._in_backward.steps_in_backward == 4  # the lone 7th included
     assert_same_weights(normal, module)
+    assert_same_weights(normal, fit(True, callbacks=[LISA(**lisa)], n_batches=7, accumulate_grad_batches=2))
+
+
+def test_lisa_sees_the_gradients_it_got():
+    # LISA warns about sampled units without gradients; those updated in the backward pass received one
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*received no gradient.*")
+        fit(False, callbacks=[LISA(n_layers=1, interval=2, step_in_backward=True)])
+
+
+def test_lisa_flag_is_checked():
+    with pytest.raises(LISAConfigError, match="`step_in_backward='yes'` is not allowed"):
+        LISA(step_in_backward="yes")  # type: ignore[arg-type]
+    with pytest.raises(LISAConfigError, match="`step_in_backward=True` is not supported with `gradient_clip_val"):
+        trainer([LISA(n_layers=1, step_in_backward=True)], gradient_clip_val=1.0).fit(
+            CausalLM(tiny_llama(2)), token_loader(2)
+        )
 
 
 class GradientCounter(pl.Callback):
@@ -95,8 +115,8 @@ def test_gradients_of_all_trainable_parameters_never_coexist(with_lisa):
     normal, step = GradientCounter(), GradientCounter()
     lisa = [LISA(n_layers=1, interval=2)] if with_lisa else []
     fit(False, callbacks=[normal, *lisa])
-    lisa = [LISA(n_layers=1, interval=2)] if with_lisa else []
-    fit(True, callbacks=[step, *lisa])
+    lisa = [LISA(n_layers=1, interval=2, step_in_backward=True)] if with_lisa else [StepInBackward()]
+    fit(False, callbacks=[step, *lisa])
     assert normal.peak == normal.trainable  # a normal backward ends with every trainable gradient resident
     assert step.trainable == normal.trainable
     assert step.peak == step.largest < step.trainable  # here only one gradient at a time
@@ -209,7 +229,7 @@ def test_step_one_equals_the_full_step_and_keeps_the_state_in_the_optimizer():
 def test_resume_with_the_step_in_backward_equals_an_uninterrupted_run(tmp_path, mode):
     def run(epochs: int, ckpt: str | None = None) -> tuple[CausalLM, pl.Trainer]:
         module = CausalLM(tiny_llama(4), lr=1e-2, scheduler=True)
-        callbacks = [LISA(n_layers=1, interval=4, optimizer_state=mode, seed=3), StepInBackward()]
+        callbacks = [LISA(n_layers=1, interval=4, optimizer_state=mode, seed=3, step_in_backward=True)]
         fitting = trainer(callbacks, max_epochs=epochs)
         fitting.fit(module, token_loader(3), ckpt_path=ckpt)
         return module, fitting
