@@ -15,7 +15,7 @@ from lightning_lisa.optimizer_state import OptimizerStateHandler, optimizer_stat
 from lightning_lisa.sampling import sample_layers
 from lightning_lisa.step_in_backward import StepInBackward
 from lightning_lisa.strategies.fsdp1 import LISAFSDPStrategy, lisa_auto_wrap_policy
-from lightning_lisa.strategies.fsdp2 import fully_shard_blocks
+from lightning_lisa.strategies.fsdp2 import LISAModelParallelStrategy, fully_shard_blocks
 
 if TYPE_CHECKING:
     from lightning_lisa.estimate import estimate_memory
@@ -27,6 +27,7 @@ __all__ = [
     "LISA",
     "LISAConfigError",
     "LISAFSDPStrategy",
+    "LISAModelParallelStrategy",
     "LayerInfo",
     "NormRecord",
     "OptimizerStateHandler",

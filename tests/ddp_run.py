@@ -27,6 +27,10 @@ class AgreeingRanks(pl.Callback):
     def __init__(self, lisa: LISA) -> None:
         self.lisa = lisa
         self.gathered: list[list[list[int]]] = []
+        self.find_unused_parameters: bool | None = None
+
+    def on_train_start(self, trainer, pl_module):
+        self.find_unused_parameters = trainer.strategy.model.find_unused_parameters  # the wrapped DDP model
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         active = torch.tensor(self.lisa.active_layers)
@@ -75,7 +79,7 @@ def main(out: Path, strategy: str, hook: bool) -> None:
     trainer.fit(module, token_loader(n_batches=40))
     rank = trainer.global_rank
     result = {
-        "find_unused_parameters": trainer.strategy.model.find_unused_parameters,
+        "find_unused_parameters": agree.find_unused_parameters,
         "history": [list(s.active_layers) for s in lisa.history],
         "gathered": agree.gathered,
         "steps": [

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import sys
 import traceback
-import types
 import warnings
 from pathlib import Path
 from typing import Any
@@ -21,9 +20,10 @@ from helpers import CausalLM, token_loader
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.fsdp import MixedPrecisionPolicy
 
-import lightning_lisa.callback
+import lightning_lisa
+import lightning_lisa.strategies.checkpoints as checkpoints
 import lightning_lisa.strategies.fsdp2 as fsdp
-from lightning_lisa import LISA
+from lightning_lisa import LISA, LISAModelParallelStrategy
 
 ALWAYS = ("model.model.embed_tokens.weight", "model.lm_head.weight")
 
@@ -121,16 +121,15 @@ class ShardRecorder(pl.Callback):
 
 
 def lightning_lisa_bytes(trainer: pl.Trainer) -> int:
-    import lightning_lisa.callback
-
-    return lightning_lisa.callback.optimizer_state_bytes(trainer.optimizers)
+    return lightning_lisa.optimizer_state_bytes(trainer.optimizers)
 
 
-def make_trainer(callbacks: list[pl.Callback], **kwargs: Any) -> pl.Trainer:
+def make_trainer(callbacks: list[pl.Callback], plain: bool = False, **kwargs: Any) -> pl.Trainer:
+    strategy_cls = PlainLoading if plain else LISAModelParallelStrategy
     return pl.Trainer(
         accelerator="cpu",
         devices=2,
-        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+        strategy=strategy_cls(data_parallel_size=2, tensor_parallel_size=1),
         callbacks=callbacks,
         logger=False,
         enable_checkpointing=False,
@@ -196,10 +195,8 @@ def resume(out: Path, mode: str, checkpointing: bool) -> None:
     def fit(epochs: int, ckpt: Path | None = None, save: Path | None = None, plain: bool = False) -> dict[str, Any]:
         lisa = LISA(**options)
         module = ShardedLM(checkpointing=checkpointing)
-        callbacks: list[pl.Callback] = [lisa]
-        if plain:  # undo LISA's change to the strategy's loading, before the checkpoint is loaded
-            callbacks.append(PlainLoading())
-        trainer = make_trainer(callbacks, max_epochs=epochs)
+        # plain: the strategy loads as ModelParallelStrategy does, to show the failure LISA's strategy avoids
+        trainer = make_trainer([lisa], max_epochs=epochs, plain=plain)
         trainer.fit(module, token_loader(**data), ckpt_path=str(ckpt) if ckpt else None)
         if save is not None:
             trainer.save_checkpoint(save / files["sharded"])
@@ -239,7 +236,7 @@ def resume(out: Path, mode: str, checkpointing: bool) -> None:
         "first_state_names": first["state_names"],
         "resumed": {kind: compare(run) for kind, run in resumed.items()},
         "saved": {
-            kind: sorted(fsdp.params_with_saved_state(save / name, structure, 1)) for kind, name in files.items()
+            kind: sorted(checkpoints.params_with_saved_state(save / name, structure, 1)) for kind, name in files.items()
         },
     }
     (out / f"resume-{mode}-rank{rank}.json").write_text(json.dumps(result))
@@ -252,11 +249,11 @@ def resume(out: Path, mode: str, checkpointing: bool) -> None:
             (out / f"plain-{kind}-rank{rank}.txt").write_text(message + "\n" + traceback.format_exc()[-3000:])
 
 
-class PlainLoading(pl.Callback):
-    """Restores ``ModelParallelStrategy.load_checkpoint`` as Lightning ships it."""
+class PlainLoading(LISAModelParallelStrategy):
+    """``LISAModelParallelStrategy`` that loads checkpoints as ``ModelParallelStrategy`` ships it."""
 
-    def on_fit_start(self, trainer, pl_module):
-        trainer.strategy.load_checkpoint = types.MethodType(ModelParallelStrategy.load_checkpoint, trainer.strategy)
+    def load_checkpoint(self, checkpoint_path, weights_only=None):
+        return ModelParallelStrategy.load_checkpoint(self, checkpoint_path, weights_only=weights_only)
 
 
 if __name__ == "__main__":

@@ -161,12 +161,15 @@ def test_fsdp1_without_original_parameters_is_refused():
         adapter_for(FSDPStrategy(use_orig_params=False)).check(None, "block")
 
 
-def test_model_parallel_strategy_is_accepted():
+def test_model_parallel_strategy_needs_the_lisa_subclass():
+    # ModelParallelStrategy refuses checkpoints with optimizer state for the trained blocks only
     from lightning.pytorch.strategies import ModelParallelStrategy
 
-    adapter = adapter_for(ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1))
-    adapter.check(None, "block")
-    assert adapter.name.startswith("FSDP2")
+    from lightning_lisa import LISAModelParallelStrategy
+
+    adapter_for(LISAModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)).check(None, "block")
+    with pytest.raises(LISAConfigError, match=r"needs `strategy=lightning_lisa.LISAModelParallelStrategy"):
+        adapter_for(ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)).check(None, "block")
 
 
 def test_empty_layers_list():

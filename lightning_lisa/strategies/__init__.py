@@ -9,8 +9,9 @@ strategy                                what its adapter does
 single device                           nothing
 DDP (``ddp``, ``ddp_spawn``, ...)       refuses ``find_unused_parameters=False`` and ``static_graph``;
                                         installs the hook that all-reduces only trainable gradients
-FSDP2 (``ModelParallelStrategy``)       runs FSDP2's lazy initialization before the first freeze;
-                                        loads checkpoints with partial optimizer state
+FSDP2 (:class:`LISAModelParallelStrategy`)  runs FSDP2's lazy initialization before the first freeze;
+                                        loads checkpoints with partial optimizer state; a plain
+                                        ``ModelParallelStrategy`` is refused with that fix
 FSDP1 (:class:`LISAFSDPStrategy`)       one FSDP unit per block; partial optimizer state saved and
                                         loaded; a plain ``FSDPStrategy`` is refused with that fix
 DeepSpeed                               refused by LISA (flat optimizer partitions); read by the monitor
@@ -26,7 +27,7 @@ from lightning_lisa.norms import PlainTensors
 from lightning_lisa.strategies.base import StrategyAdapter
 from lightning_lisa.strategies.ddp import DDPAdapter, FrozenSkippingState, frozen_skipping_hook
 from lightning_lisa.strategies.fsdp1 import FSDP1Adapter, LISAFSDPStrategy, lisa_auto_wrap_policy
-from lightning_lisa.strategies.fsdp2 import FSDP2Adapter, fully_shard_blocks
+from lightning_lisa.strategies.fsdp2 import FSDP2Adapter, LISAModelParallelStrategy, fully_shard_blocks
 
 #: Strategies LISA refuses, by class name (no import of optional back-ends needed), with the reason.
 UNSUPPORTED_STRATEGIES: dict[str, str] = {
@@ -43,6 +44,7 @@ __all__ = [
     "FSDP2Adapter",
     "FrozenSkippingState",
     "LISAFSDPStrategy",
+    "LISAModelParallelStrategy",
     "PlainTensors",
     "StrategyAdapter",
     "adapter_for",
@@ -85,6 +87,6 @@ def check_supported(strategy: Strategy) -> None:
     if reason is not None:
         raise LISAConfigError(
             f"LISA does not support `strategy={type(strategy).__name__}`: {reason}. Supported: a single device, DDP "
-            "(`strategy='ddp_find_unused_parameters_true'`), FSDP2 (`ModelParallelStrategy`) or FSDP1 "
-            "(`lightning_lisa.LISAFSDPStrategy`)."
+            "(`strategy='ddp_find_unused_parameters_true'`), FSDP2 (`lightning_lisa.LISAModelParallelStrategy`) or "
+            "FSDP1 (`lightning_lisa.LISAFSDPStrategy`)."
         )

@@ -4,10 +4,7 @@ The callback never checks strategy types itself: it asks the adapter that :func:
 returns, at three moments of ``fit``:
 
 * :meth:`StrategyAdapter.check` in ``setup``, before the model is wrapped: refuse what cannot work.
-* :meth:`StrategyAdapter.prepare` in ``on_fit_start``, after wrapping and before a checkpoint is
-  loaded: check the wrapped model; under sharded strategies, hold back the parameters that have no
-  optimizer state in the checkpoint (:func:`params_without_saved_state`) so the strategy loads what
-  was saved.
+* :meth:`StrategyAdapter.prepare` in ``on_fit_start``, after wrapping: check the wrapped model.
 * :meth:`StrategyAdapter.start` in ``on_train_start``, before the first freeze: anything that must
   see every parameter trainable (FSDP2's lazy initialization), and DDP's communication hook.
 """
@@ -17,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-import torch
 from lightning.pytorch.strategies import Strategy
 
 from lightning_lisa.norms import PlainTensors
@@ -52,19 +48,13 @@ class StrategyAdapter:
             granularity: LISA's ``granularity``, for the messages.
         """
 
-    def prepare(self, trainer: pl.Trainer, units: Sequence[Unit]) -> list[torch.nn.Parameter]:
-        """Check the wrapped model; return parameters to hold frozen while a checkpoint loads.
+    def prepare(self, trainer: pl.Trainer, units: Sequence[Unit]) -> None:
+        """Check the wrapped model, after the strategy wrapped it.
 
         Args:
-            trainer: The Trainer, after the strategy wrapped the model.
+            trainer: The Trainer, at ``on_fit_start``.
             units: What LISA samples.
-
-        Returns:
-            Trainable parameters without optimizer state in ``trainer.ckpt_path``, which the caller freezes
-            until ``on_train_start``, so that a strategy that loads optimizer state strictly finds no
-            parameter missing. Empty for strategies that load partial state by themselves.
         """
-        return []
 
     def start(self, trainer: pl.Trainer, comm_hook: bool) -> FrozenSkippingState | None:
         """Run what must happen while every parameter still trains; install DDP's communication hook.
@@ -77,14 +67,3 @@ class StrategyAdapter:
             The hook's counters, where one was installed.
         """
         return None
-
-
-def held_parameters(trainer: pl.Trainer) -> list[torch.nn.Parameter]:
-    """The trainable parameters of the wrapped model without optimizer state in ``trainer.ckpt_path``."""
-    from lightning_lisa.strategies.checkpoints import params_without_saved_state
-
-    model = trainer.strategy.model
-    if not trainer.ckpt_path or model is None:
-        return []
-    path = trainer.strategy.broadcast(trainer.ckpt_path)
-    return params_without_saved_state(path, model, len(trainer.optimizers))

@@ -4,17 +4,41 @@ LISA saves optimizer state only for the parameters it trained. ``ModelParallelSt
 and ``FSDPStrategy`` (FSDP1) load optimizer state strictly: they expect saved state for every
 parameter that requires gradients (a distributed checkpoint fails with ``Missing key in checkpoint
 state_dict: optimizer_0.state...``, a full one with ``Missing optimizer state for parameter ...``).
-LISA's ``on_fit_start`` runs after the strategy wrapped the model and before it loads the
-checkpoint, so it freezes the parameters that :func:`params_without_saved_state` returns, and
-``on_train_start`` lets them train again: they start without state, as they would have in the saved run.
+No callback hook runs between the moment the checkpoint path is known and the moment the strategy
+loads it, so LISA's strategy subclasses override ``load_checkpoint``: the parameters that
+:func:`params_without_saved_state` returns are frozen while it loads (:func:`frozen_while`), and
+start without state afterwards, as they would have in the saved run.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
+
+
+@contextmanager
+def frozen_while(params: Sequence[nn.Parameter]) -> Iterator[None]:
+    """Freeze ``params`` inside the block and let them train again afterwards, whatever happens.
+
+    Examples:
+        >>> layer = nn.Linear(2, 2)
+        >>> with frozen_while([layer.weight]):
+        ...     layer.weight.requires_grad
+        False
+        >>> layer.weight.requires_grad
+        True
+    """
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 def checkpoint_names(module: nn.Module) -> list[str]:

@@ -106,11 +106,11 @@ class DDPAdapter(StrategyAdapter):
 
     name = "DDP"
 
-    def prepare(self, trainer: pl.Trainer, units: Sequence[Unit]) -> list[torch.nn.Parameter]:
+    def prepare(self, trainer: pl.Trainer, units: Sequence[Unit]) -> None:
         """Refuse a DDP model built without ``find_unused_parameters`` or with ``static_graph``."""
         model = self.strategy.model
         if not isinstance(model, DistributedDataParallel):
-            return []
+            return
         if model.static_graph:
             raise LISAConfigError(
                 "LISA cannot run with `DDPStrategy(static_graph=True)`: the set of parameters that receive "
@@ -122,7 +122,6 @@ class DDPAdapter(StrategyAdapter):
                 "gradients (DDP would fail at the second batch). Use `strategy='ddp_find_unused_parameters_true'` "
                 "or `DDPStrategy(find_unused_parameters=True)`."
             )
-        return []
 
     def start(self, trainer: pl.Trainer, comm_hook: bool) -> FrozenSkippingState | None:
         """Register :func:`frozen_skipping_hook`, unless the strategy registered a hook of its own."""

@@ -24,8 +24,8 @@ parameter to whether any of its original parameters requires it. What follows fr
   original parameter of it that requires gradients at that moment. Between fits (e.g.
   ``trainer.save_checkpoint`` after ``fit``) every parameter requires gradients, but only the
   trained blocks have state: :class:`LISAFSDPStrategy` freezes the parameters without state while it
-  saves, which is why LISA requires it under FSDP1 (a plain ``FSDPStrategy`` is refused with that fix).
-  While a checkpoint loads, LISA holds back the parameters without saved state, as under FSDP2.
+  saves, and the parameters without saved state while it loads; LISA requires it under FSDP1 (a plain
+  ``FSDPStrategy`` is refused with that fix).
 * ``sampling="weight_norm"``: each rank holds a slice of each parameter, so the norms of the units
   are summed over ranks (one all-reduce) before sampling.
 
@@ -37,6 +37,7 @@ size 1, where FSDP1 keeps its flat parameters unsharded).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -47,7 +48,8 @@ from torch import nn
 from lightning_lisa.errors import LISAConfigError
 from lightning_lisa.layers import Unit, find_layers, split_units
 from lightning_lisa.norms import PlainTensors
-from lightning_lisa.strategies.base import StrategyAdapter, held_parameters
+from lightning_lisa.strategies.base import StrategyAdapter
+from lightning_lisa.strategies.checkpoints import frozen_while, params_without_saved_state
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -106,6 +108,7 @@ class LISAFSDPStrategy(FSDPStrategy):
     * Without an ``auto_wrap_policy``, it wraps each unit that the Trainer's :class:`~lightning_lisa.LISA`
       samples (each block, or each attention/MLP module with ``granularity="module"``) as an FSDP unit of
       its own, so that frozen ones compute and send no gradients. A policy you pass is kept.
+    * Its ``load_checkpoint`` accepts checkpoints whose optimizer state covers only the trained blocks.
     * Its ``optimizer_state`` accepts optimizers that hold state for only some parameters: FSDP1's
       ``optim_state_dict`` refuses a parameter that requires gradients but has no state when another
       parameter of its flat parameter has some, which is the case after ``fit`` (every parameter trains
@@ -137,13 +140,17 @@ class LISAFSDPStrategy(FSDPStrategy):
         inner = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer wraps the optimizer
         params = [p for group in inner.param_groups for p in group["params"]]
         frozen = [p for p in dict.fromkeys(params) if p.requires_grad and not inner.state.get(p)]
-        for p in frozen:
-            p.requires_grad_(False)
-        try:
+        with frozen_while(frozen):
             return super().optimizer_state(optimizer)
-        finally:
-            for p in frozen:
-                p.requires_grad_(True)
+
+    def load_checkpoint(self, checkpoint_path: str | Path, weights_only: bool | None = None) -> dict[str, Any]:
+        """Load as ``FSDPStrategy`` does, leaving out parameters without saved optimizer state."""
+        if self.model is None or not checkpoint_path:
+            return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        path = self.broadcast(checkpoint_path)
+        held = params_without_saved_state(path, self.model, len(self.optimizers), weights_only)
+        with frozen_while(held):
+            return super().load_checkpoint(path, weights_only=weights_only)
 
 
 class FSDP1Adapter(StrategyAdapter):
@@ -175,8 +182,8 @@ class FSDP1Adapter(StrategyAdapter):
                 "without one unit per block, frozen blocks still compute and reduce gradients."
             )
 
-    def prepare(self, trainer: pl.Trainer, units: Sequence[Unit]) -> list[torch.nn.Parameter]:
-        """Warn when sampled units share FSDP units; hold back parameters without saved optimizer state."""
+    def prepare(self, trainer: pl.Trainer, units: Sequence[Unit]) -> None:
+        """Warn when sampled units share FSDP units."""
         model = self.strategy.model
         shared = blocks_without_own_unit(model, units) if model is not None else []
         if shared:
@@ -186,7 +193,6 @@ class FSDP1Adapter(StrategyAdapter):
                 "still freed). Use `LISAFSDPStrategy()` without an `auto_wrap_policy`, or "
                 "`auto_wrap_policy=lightning_lisa.lisa_auto_wrap_policy(model)`."
             )
-        return held_parameters(trainer)
 
 
 def blocks_without_own_unit(root: nn.Module, units: Sequence[Unit]) -> list[str]:

@@ -17,8 +17,9 @@ entry from ``optimizer.state`` frees this rank's shard of its state. Three thing
 * Resuming. ``ModelParallelStrategy.load_checkpoint`` builds the optimizer state to load into from
   every parameter that requires gradients and then insists on finding each of them in the
   checkpoint, both for distributed (sharded) and for full checkpoints; LISA saves state only for
-  the blocks it trained. The adapter holds back the parameters without saved state while the
-  checkpoint loads (see :mod:`lightning_lisa.strategies.checkpoints`).
+  the blocks it trained. :class:`LISAModelParallelStrategy` holds back the parameters without saved
+  state while the checkpoint loads, so LISA requires it (a plain ``ModelParallelStrategy`` is refused
+  with that fix).
 
 :func:`fully_shard_blocks` applies ``fully_shard`` in the usual layout, one unit per block. LISA's
 savings do not depend on it (frozen parameters are never reduce-scattered, even in a unit that also
@@ -28,14 +29,18 @@ holds trainable ones), but per-block units keep only one block gathered at a tim
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
+from lightning_lisa.errors import LISAConfigError
 from lightning_lisa.layers import LayerInfo, find_layers
-from lightning_lisa.strategies.base import StrategyAdapter, held_parameters
+from lightning_lisa.strategies.base import StrategyAdapter
+from lightning_lisa.strategies.checkpoints import frozen_while, params_without_saved_state
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -44,14 +49,42 @@ if TYPE_CHECKING:
     from lightning_lisa.strategies.ddp import FrozenSkippingState
 
 
+class LISAModelParallelStrategy(ModelParallelStrategy):
+    """Lightning's ``ModelParallelStrategy`` that resumes from checkpoints with partial optimizer state.
+
+    It takes every argument of ``ModelParallelStrategy``. LISA saves optimizer state only for the
+    blocks that trained; ``ModelParallelStrategy`` insists on state for every parameter that requires
+    gradients when it loads. This strategy freezes the parameters without saved state while it loads
+    (see :mod:`lightning_lisa.strategies.checkpoints`); checkpoints with state for every parameter load
+    as before.
+
+    Examples:
+        >>> strategy = LISAModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+    """
+
+    def load_checkpoint(self, checkpoint_path: str | Path, weights_only: bool | None = None) -> dict[str, Any]:
+        """Load as ``ModelParallelStrategy`` does, leaving out parameters without saved optimizer state."""
+        if self.model is None or not checkpoint_path:
+            return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        path = self.broadcast(checkpoint_path)
+        held = params_without_saved_state(path, self.model, len(self.optimizers), weights_only)
+        with frozen_while(held):
+            return super().load_checkpoint(path, weights_only=weights_only)
+
+
 class FSDP2Adapter(StrategyAdapter):
-    """FSDP2 (``ModelParallelStrategy``): lazy initialization first; strict checkpoints loaded partially."""
+    """FSDP2 (``ModelParallelStrategy``): lazy initialization before the first freeze; the resuming subclass."""
 
     name = "FSDP2 (ModelParallelStrategy)"
 
-    def prepare(self, trainer: pl.Trainer, units: Sequence[Unit]) -> list[torch.nn.Parameter]:
-        """Hold back the parameters that have no optimizer state in the checkpoint about to be loaded."""
-        return held_parameters(trainer)
+    def check(self, units: Sequence[Unit] | None, granularity: str) -> None:
+        """Refuse a plain ``ModelParallelStrategy``: it cannot resume from LISA's checkpoints."""
+        if not isinstance(self.strategy, LISAModelParallelStrategy):
+            raise LISAConfigError(
+                f"LISA under FSDP2 needs `strategy=lightning_lisa.LISAModelParallelStrategy(...)` (it takes every "
+                f"argument of `ModelParallelStrategy`), got `{type(self.strategy).__name__}`: LISA's checkpoints hold "
+                "optimizer state for the trained blocks only, which `ModelParallelStrategy` refuses to load."
+            )
 
     def start(self, trainer: pl.Trainer, comm_hook: bool) -> FrozenSkippingState | None:
         """Run FSDP2's lazy initialization while every parameter still trains."""
