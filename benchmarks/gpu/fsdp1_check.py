@@ -214,12 +214,12 @@ def block_of(name: str) -> int | None:
 
 def strategy_for(args: argparse.Namespace, sharded: bool) -> Any:
     if args.strategy == "fsdp1":
-        from lightning.pytorch.strategies import FSDPStrategy
+        from lightning_lisa import LISAFSDPStrategy
 
-        return FSDPStrategy(state_dict_type="sharded" if sharded else "full")
-    from lightning.pytorch.strategies import ModelParallelStrategy
+        return LISAFSDPStrategy(state_dict_type="sharded" if sharded else "full")
+    from lightning_lisa import LISAModelParallelStrategy
 
-    return ModelParallelStrategy(
+    return LISAModelParallelStrategy(
         data_parallel_size=args.devices, tensor_parallel_size=1, save_distributed_checkpoint=sharded
     )
 
@@ -294,7 +294,7 @@ def check_training(args: argparse.Namespace, bf16: bool) -> dict[str, Any]:
         from lightning_lisa.strategies.fsdp1 import blocks_without_own_unit
 
         assert trainer.strategy.model is not None
-        own_units = not blocks_without_own_unit(trainer.strategy.model, lisa._units)
+        own_units = not blocks_without_own_unit(trainer.strategy.model, lisa.units)
         if not own_units:
             problems.append("some blocks are not FSDP units of their own")
     return {
