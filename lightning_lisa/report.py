@@ -199,8 +199,8 @@ def build_report(
         per_period=per_period,
         sampled=tuple(sampled),
         always_trained=tuple(always),
-        frozen_for_run=tuple(_group(module, part, FROZEN)),
-        frozen_before_fit=tuple(_group(module, part, USER_FROZEN)),
+        frozen_for_run=tuple(_group(module, part, FROZEN, info.block_paths)),
+        frozen_before_fit=tuple(_group(module, part, USER_FROZEN, info.block_paths)),
     )
 
 
@@ -251,8 +251,12 @@ def _largest(entries: Sequence[Entry], limit: int) -> list[Entry]:
     return [*ranked[: limit - 1], Entry(f"... {len(rest)} more", sum(e.params for e in rest))]
 
 
-def _group(module: nn.Module, part: dict[int, str], wanted: str) -> list[Entry]:
-    """The coarsest modules (or parameters) all of whose not-yet-counted parameters are in part ``wanted``."""
+def _group(module: nn.Module, part: dict[int, str], wanted: str, block_paths: Sequence[str]) -> list[Entry]:
+    """The coarsest modules (or parameters) all of whose not-yet-counted parameters are in part ``wanted``.
+
+    Inside a block list that also holds parameters of other parts (the base weights of a PEFT model),
+    the parameters in ``wanted`` make one entry for the whole list.
+    """
     entries: list[Entry] = []
     seen: set[int] = set()
 
@@ -264,6 +268,12 @@ def _group(module: nn.Module, part: dict[int, str], wanted: str) -> list[Entry]:
         if parts == {wanted} and prefix:
             entries.append(Entry(prefix[:-1], _numel(params)))
             seen.update(id(p) for p in params)
+            return
+        if prefix[:-1] in block_paths:
+            inside = [p for p in params if part[id(p)] == wanted]
+            blocks = [b for b in m.children() if any(part[id(p)] == wanted for p in b.parameters())]
+            entries.append(Entry(f"{prefix[:-1]} (parts of {len(blocks)} blocks)", _numel(inside)))
+            seen.update(id(p) for p in inside)
             return
         for name, p in m.named_parameters(recurse=False):
             if id(p) not in seen and part[id(p)] == wanted:

@@ -442,6 +442,7 @@ def test_report_is_true_under_peft():
     assert report.sampled_params == lora
     assert report.frozen_before_fit_params == report.total_params - lora
     assert report.frozen_for_run_params == 0
+    assert "model.base_model.model.model.layers (parts of 4 blocks)" in [e.name for e in report.frozen_before_fit]
     assert all("lora_" in n for n in changed)
     assert "frozen before fit" in str(report)
 
