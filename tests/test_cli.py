@@ -78,7 +78,7 @@ def test_fit_then_validate_test_and_predict_from_the_checkpoint(
 
 
 def test_print_config_round_trips(tmp_path: Path, cache: Path, capsys: pytest.CaptureFixture[str]):
-    args = ["--config", str(CONFIGS / "demo.yaml"), *tiny(tmp_path, cache, steps=1), "--lisa.interval=3"]
+    args = ["--config", str(CONFIGS / "tiny_random.yaml"), *tiny(tmp_path, cache, steps=1), "--lisa.interval=3"]
     with pytest.raises(SystemExit):
         LisaCLI(args=["fit", *args, "--print_config"])
     printed = capsys.readouterr().out

@@ -24,10 +24,11 @@ def run(*args: str, cwd: Path, env: dict[str, str] | None = None) -> str:
 
 
 def test_demo_config_prints_what_lisa_did(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys):
-    """`make demo` at tiny scale: the same config, a tiny model and 12 steps."""
+    """The random-weight demo config (tiny_random.yaml) at tiny scale: a tiny model and 12 steps."""
     monkeypatch.chdir(tmp_path)  # the demo writes to ./demo_output
     monkeypatch.setattr(sys, "argv", sys.argv[:1])
-    args = ["fit", "--config", str(ROOT / "examples" / "configs" / "demo.yaml"), *tiny(tmp_path, tmp_path, steps=12)]
+    config = ROOT / "examples" / "configs" / "tiny_random.yaml"
+    args = ["fit", "--config", str(config), *tiny(tmp_path, tmp_path, steps=12)]
     args.append("--lisa.interval=4")
     with torch_threads(1):
         cli_main(args)

@@ -124,6 +124,7 @@ class CausalLMModule(pl.LightningModule):
         self.model: PreTrainedModel
         if model_name_or_path is not None:
             self.model = load_pretrained(model_name_or_path, **kwargs)
+            self.model.train()  # from_pretrained returns it in eval mode (dropout off)
         else:
             assert config is not None
             self.model = AutoModelForCausalLM.from_config(build_config(config), **kwargs)  # type: ignore[no-untyped-call]

@@ -175,7 +175,7 @@ def _weight_norm_plots(trainer: pl.Trainer) -> list[str]:
     if find_callback(trainer, "WeightNormMonitor") is None:
         return []
     try:
-        from lightning_lisa import monitor
+        from lightning_lisa.monitoring import monitor
     except ImportError:
         return []
     names = [
