@@ -14,7 +14,7 @@ REQUIREMENTS: dict[str, str] = {"jsonargparse": "jsonargparse[signatures]", "tra
 
 def cli_main() -> None:
     """Run the ``lightning-lisa`` command, or say which extra to install when its dependencies are missing."""
-    missing = [pip for module, pip in REQUIREMENTS.items() if importlib.util.find_spec(module) is None]
+    missing = [pip for module, pip in REQUIREMENTS.items() if not _importable(module)]
     if missing:
         raise SystemExit(
             f"lightning-lisa: the command line needs {', '.join(missing)}, which are not installed. "
@@ -23,3 +23,10 @@ def cli_main() -> None:
     from lightning_lisa.recipes.cli import cli_main as run
 
     run()
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:
+        return False
