@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -246,6 +248,8 @@ def test_every_shape_builds_with_its_published_size():
         "llama-3.2-1b": 1_235_814_400,
         "llama-2-7b": 6_738_415_616,
         "llama-3-8b": 8_030_261_248,
+        "qwen2.5-7b": 7_615_616_512,
+        "gemma-2-9b": 9_241_705_984,
     }
     load = load_config
     for name, size in sizes.items():
@@ -257,8 +261,6 @@ def test_every_shape_builds_with_its_published_size():
 
 
 def test_configs_and_paths_are_accepted(tmp_path):
-    import json
-
     from_dict = estimate_memory(LLAMA, seq_len=SEQ)
     from_config = estimate_memory(LlamaConfig(**{k: v for k, v in LLAMA.items() if k != "model_type"}), seq_len=SEQ)
     (tmp_path / "config.json").write_text(json.dumps(LLAMA))
@@ -330,3 +332,102 @@ def test_table_and_main(capsys):
     assert '"lisa"' in capsys.readouterr().out
     assert main(["tiny", "--n-layers", "9"]) == 2
     assert "n_layers=9" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ the options
+
+
+def test_every_option_against_tensors_counted_in_real_steps(tmp_path):
+    """benchmarks/estimate_check.py --tiny: every setting and arm within 10% of the measured peak."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "check.json"
+    result = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "estimate_check.py"), "--tiny", "--out", str(out)],
+        cwd=root / "benchmarks",
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) >= 20
+    for row in rows:
+        assert abs(row["error"]) <= 0.10, row
+
+
+def test_step_in_backward_keeps_one_gradient():
+    base = estimate_memory("llama-3-8b", seq_len=1024)
+    fused = estimate_memory("llama-3-8b", seq_len=1024, step_in_backward=True)
+    head = 128256 * 4096 * 2  # the largest single gradient, bf16
+    assert fused.lisa.grads == head < base.lisa.grads
+    assert fused.lisa.total < base.lisa.total
+    assert (fused.full, fused.lora) == (base.full, base.lora)  # a LISA option only
+    assert fused.lisa.training_state == base.lisa.training_state - base.lisa.grads + head
+
+
+def test_compact_always_active_state_is_bitsandbytes_8bit_for_embeddings_and_head():
+    from lightning_lisa.estimate import optimizer_state_nbytes
+
+    base = estimate_memory("tiny", seq_len=64, dtype="fp32")
+    compact = estimate_memory("tiny", seq_len=64, dtype="fp32", compact_always_active=True)
+    vocab, hidden = 512, 64
+    always = [vocab * hidden, vocab * hidden]  # embeddings and head (untied)
+    blocks = base.lisa.trainable_params - sum(always)
+    saved = optimizer_state_nbytes([(n, 4) for n in always]) - optimizer_state_nbytes(
+        [(n, 4) for n in always], "adamw8bit"
+    )
+    assert blocks > 0 and base.lisa.optimizer_state - compact.lisa.optimizer_state == saved
+    assert compact.lisa.step_workspace < base.lisa.step_workspace  # 8-bit steps need no multi-tensor copy
+    eight_bit = estimate_memory("tiny", seq_len=64, optimizer="adamw8bit")
+    assert estimate_memory("tiny", seq_len=64, optimizer="adamw8bit", compact_always_active=True).lisa == eight_bit.lisa
+
+
+def test_checkpointing_and_chunked_loss_shrink_activations_of_every_arm():
+    base = estimate_memory("llama-3-8b", batch_size=8, seq_len=2048)
+    checkpointed = estimate_memory("llama-3-8b", batch_size=8, seq_len=2048, gradient_checkpointing=True)
+    chunked = estimate_memory("llama-3-8b", batch_size=8, seq_len=2048, loss_chunk_size=2048)
+    tokens, vocab = 8 * 2048, 128256
+    for a, b, c in zip(base.arms, checkpointed.arms, chunked.arms, strict=True):
+        assert b.activations < a.activations / 4 and b.recompute_workspace > 0 and b.total < a.total
+        hidden = tokens * 4096 * 2  # the head's input, which the chunks keep to rebuild their logits
+        assert c.activations <= a.activations - 4 * tokens * vocab + hidden  # no float32 log-probabilities kept
+        assert c.logits_workspace < a.logits_workspace / 3 and c.total < a.total
+        assert a.training_state == b.training_state == c.training_state
+
+
+def test_mixed_precision_keeps_float32_state_and_bf16_activations():
+    true = estimate_memory("tiny", seq_len=64)
+    mixed = estimate_memory("tiny", seq_len=64, mixed_precision=True)
+    fp32 = estimate_memory("tiny", seq_len=64, dtype="fp32")
+    assert mixed.precision == "bf16-mixed" and true.precision == "bf16-true"
+    for m, f, t in zip(mixed.arms, fp32.arms, true.arms, strict=True):
+        assert (m.weights, m.grads, m.optimizer_state) == (f.weights, f.grads, f.optimizer_state)
+        assert t.activations < m.activations  # bf16 copies of float32 inputs, and a float32 residual stream
+
+
+def test_gemma2_counts_fused_attention_on_cuda_and_eager_on_cpu():
+    cuda = estimate_memory("gemma-2-9b", seq_len=2048, activations="trace")
+    cpu = estimate_memory("gemma-2-9b", seq_len=2048, device="cpu")
+    assert cuda.activation_method == cpu.activation_method == "trace"
+    matrix = 2048 * 2048 * 16 * 2  # one block's bf16 attention matrix
+    assert cpu.lora.activations - cuda.lora.activations > 42 * matrix
+    assert build_meta_model(load_config("gemma-2-9b")[1]).config._attn_implementation == "eager"  # restored
+
+
+def test_new_flags_on_the_command_line(capsys):
+    args = ["tiny", "--seq-len", "64", "--unit", "MiB", "--json"]
+    assert main([*args, "--mixed", "--gradient-checkpointing", "--loss-chunk-size", "16"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["precision"] == "bf16-mixed" and payload["gradient_checkpointing"] is True
+    assert payload["loss_chunk_size"] == 16
+    assert main([*args, "--step-in-backward", "--compact-always-active"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["step_in_backward"] and payload["compact_always_active"]
+    assert payload["lisa"]["total"] < estimate_memory("tiny", seq_len=64).lisa.total
+    assert main(["tiny", "--mixed", "--dtype", "fp32"]) == 2
+    assert "mixed_precision=True" in capsys.readouterr().err

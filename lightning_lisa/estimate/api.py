@@ -95,12 +95,14 @@ class ArmEstimate:
         grads: Gradients resident at once (with ``step_in_backward``, the largest single gradient).
         optimizer_state: The optimizer's state tensors.
         activations: Tensors saved for the backward pass and kept through the forward pass.
-        logits_workspace: Transient float32 gradient of the logits (or of one chunk of them) in the loss's
-            backward pass.
+        logits_workspace: Transient float32 gradients of the logits (or of one chunk of them, and the
+            chunk's rebuilt tensors) in the loss's backward pass.
         step_workspace: Transient buffers of the optimizer step.
         recompute_workspace: With gradient checkpointing, the saved tensors of the largest block, rebuilt
             during the backward pass.
         step_in_backward: Each gradient is used by the optimizer and freed as soon as it is final.
+        forward_workspace: Transient logits at the end of the forward pass (the model's output and its
+            float32 copy for the loss), or one chunk's.
         backward_step_peak: With ``step_in_backward``, the activations, gradients and step temporaries
             resident at the worst update inside the backward pass: the head's (the loss's tensors freed),
             a block's (a tied head's gradient waiting for the embeddings' part), or the embeddings' (at
@@ -118,6 +120,7 @@ class ArmEstimate:
     recompute_workspace: int = 0
     step_in_backward: bool = False
     backward_step_peak: int = 0
+    forward_workspace: int = 0
 
     @property
     def training_state(self) -> int:
@@ -129,10 +132,14 @@ class ArmEstimate:
         """The estimated peak: weights, optimizer state and the largest of the phases of a step."""
         acts = self.activations
         if self.step_in_backward:  # no gradient outlives the backward pass
-            phases: tuple[int, ...] = (acts + self.logits_workspace, self.backward_step_peak)
+            phases: tuple[int, ...] = (
+                acts + self.forward_workspace,
+                acts + self.logits_workspace,
+                self.backward_step_peak,
+            )
         else:
             phases = (
-                self.grads + acts,  # end of the forward pass (the previous gradients still exist)
+                self.grads + acts + self.forward_workspace,  # end of the forward pass (the previous gradients exist)
                 acts + self.logits_workspace,  # start of the backward pass
                 acts + self.recompute_workspace + self.grads,  # a checkpointed block rebuilt, gradients accumulating
                 self.grads + self.step_workspace,  # optimizer step
@@ -377,10 +384,15 @@ def estimate_memory(
 
     vocab = _vocab_size(meta, config)
     chunked = loss_chunk_size is not None
-    logits_workspace = 4 * tokens * vocab
-    if loss_chunk_size is not None:  # one chunk's logits, float32 log-probabilities and their gradients
-        per_token = profiles["full"].head / tokens + 4 * vocab
+    # the backward pass of the loss holds two float32 gradients of the logits (of the loss, of the
+    # log-softmax) beside the saved log-probabilities; a chunked loss, one chunk's and its saved tensors
+    logits_workspace = 8 * tokens * vocab
+    upcast = 4 if compute_nbytes != 4 else 0  # the loss's float32 copy of the logits (none if float32)
+    forward_workspace = (compute_nbytes + upcast) * tokens * vocab  # the model's logits and that copy
+    if loss_chunk_size is not None:
+        per_token = profiles["full"].head / tokens + 8 * vocab
         logits_workspace = int(min(loss_chunk_size, tokens) * per_token)
+        forward_workspace = (compute_nbytes + upcast + 4) * min(loss_chunk_size, tokens) * vocab
 
     adamw = optimizer == "adamw"
     embedding_ids = {id(p) for p in unique_parameters(meta.get_submodule(n) for n in info.embedding_names)}
@@ -410,8 +422,12 @@ def estimate_memory(
         state: int,
         stepped_by_adamw: list[int],
         in_backward: bool = False,
+        trains_head: bool = False,
     ) -> ArmEstimate:
         profile = profiles[key]
+        # a chunked loss sums the head's gradient over the chunks while the next chunk's workspace exists
+        head_gradient = sum(p.numel() for p in unique_parameters(meta.get_submodule(n) for n in info.head_names))
+        head_gradient *= nbytes
         saved = profile.saved(gradient_checkpointing, chunked)
         recompute = profile.recompute(gradient_checkpointing)
         grads, step_workspace = sum(trainable) * nbytes, sum(stepped_by_adamw) * nbytes
@@ -426,7 +442,8 @@ def estimate_memory(
             grads=grads,
             optimizer_state=state,
             activations=saved,
-            logits_workspace=logits_workspace,
+            logits_workspace=logits_workspace + (head_gradient if chunked and trains_head else 0),
+            forward_workspace=forward_workspace,
             step_workspace=step_workspace,
             recompute_workspace=recompute,
             step_in_backward=in_backward,
@@ -456,7 +473,7 @@ def estimate_memory(
         optimizer=optimizer,
         lora_rank=lora_rank,
         activation_method=method,
-        full=arm("full fine-tuning", "full", full, 0, state(full, optimizer), full if adamw else []),
+        full=arm("full fine-tuning", "full", full, 0, state(full, optimizer), full if adamw else [], trains_head=True),
         lora=arm(
             f"LoRA r={lora_rank}",
             "lora",
@@ -465,7 +482,16 @@ def estimate_memory(
             state(lora_tensors, optimizer),
             lora_tensors if adamw else [],
         ),
-        lisa=arm("LISA", "lisa", always_numels + block_numels, 0, lisa_state, lisa_stepped, step_in_backward),
+        lisa=arm(
+            "LISA",
+            "lisa",
+            always_numels + block_numels,
+            0,
+            lisa_state,
+            lisa_stepped,
+            step_in_backward,
+            trains_head=bool({id(p) for p in always} & head_ids),
+        ),
         mixed_precision=mixed_precision,
         gradient_checkpointing=gradient_checkpointing,
         loss_chunk_size=loss_chunk_size,

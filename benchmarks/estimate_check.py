@@ -1,0 +1,321 @@
+"""The memory estimate against tensors counted during real training steps, on CPU, at small shapes.
+
+For each setting (precision, gradient checkpointing, chunked loss, LISA's step in backward and compact
+always-active state) and arm (full fine-tuning, LoRA r=16, LISA), one model is trained for two steps
+the way Lightning's automatic optimization runs them (forward pass, zero the gradients, backward pass,
+optimizer step). The second step runs inside :class:`~lightning_lisa.estimate.measure.TensorPeak`,
+which counts every tensor storage alive at once (weights, gradients and optimizer state tracked from
+before). Its peak is set against :func:`~lightning_lisa.estimate.estimate_memory` with ``device="cpu"``.
+
+* The step in backward is modelled here by one optimizer per parameter, stepped and zeroed in a
+  post-accumulate-grad hook (what ``LISA(step_in_backward=True)`` does); the compact always-active
+  state by bitsandbytes ``AdamW8bit`` for the embeddings and the head.
+* ``torch.optim.AdamW(foreach=True)``, as it runs on CUDA by default.
+* LISA trains its first ``n_layers`` blocks (the estimate's worst case).
+
+Examples::
+
+    python benchmarks/estimate_check.py                 # every case, a few minutes on 2 cores
+    python benchmarks/estimate_check.py --quick         # a few cases
+    python benchmarks/estimate_check.py --tiny          # every case at tiny shapes, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import warnings
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import common
+import torch
+from transformers import AutoModelForCausalLM
+
+from lightning_lisa import find_layers
+from lightning_lisa.estimate import estimate_memory, load_config
+from lightning_lisa.estimate.measure import TensorPeak
+from lightning_lisa.layers import unique_parameters
+from lightning_lisa.recipes.loss import causal_lm_loss
+
+#: Small shapes with the proportions that matter: a large vocabulary (Llama-3-like), tied and softcapped (Gemma-2).
+CHECK_SHAPES: dict[str, dict[str, Any]] = {
+    "llama-small": {
+        "model_type": "llama",
+        "hidden_size": 256,
+        "intermediate_size": 896,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 2,
+        "vocab_size": 16000,
+        "max_position_embeddings": 1024,
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    },
+    "gemma2-small": {
+        "model_type": "gemma2",
+        "hidden_size": 256,
+        "intermediate_size": 1024,
+        "num_hidden_layers": 6,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 64,
+        "vocab_size": 16000,
+        "max_position_embeddings": 1024,
+        "tie_word_embeddings": True,
+        "final_logit_softcapping": 30.0,
+        "attn_logit_softcapping": None,
+        "query_pre_attn_scalar": 64,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+    },
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One setting."""
+
+    shape: str = "llama-small"
+    dtype: str = "bf16"
+    mixed_precision: bool = False
+    gradient_checkpointing: bool = False
+    loss_chunk_size: int | None = None
+    step_in_backward: bool = False
+    compact_always_active: bool = False
+    batch_size: int = 2
+    seq_len: int = 256
+
+    @property
+    def label(self) -> str:
+        parts = [self.shape, f"{self.dtype}-mixed" if self.mixed_precision else f"{self.dtype}-true"]
+        parts.append(f"{self.batch_size}x{self.seq_len}")
+        parts += [
+            name
+            for name, on in (
+                ("checkpointing", self.gradient_checkpointing),
+                (f"loss chunks of {self.loss_chunk_size}", self.loss_chunk_size is not None),
+                ("step in backward", self.step_in_backward),
+                ("compact", self.compact_always_active),
+            )
+            if on
+        ]
+        return ", ".join(parts)
+
+
+CASES: list[Case] = [
+    Case(),
+    Case(dtype="fp32"),
+    Case(mixed_precision=True),
+    Case(gradient_checkpointing=True),
+    Case(loss_chunk_size=128),
+    Case(step_in_backward=True),
+    Case(compact_always_active=True),
+    Case(step_in_backward=True, compact_always_active=True),
+    Case(gradient_checkpointing=True, loss_chunk_size=128, step_in_backward=True, compact_always_active=True),
+    Case(batch_size=4, seq_len=512, gradient_checkpointing=True),
+    Case(batch_size=4, seq_len=512, gradient_checkpointing=True, loss_chunk_size=256, step_in_backward=True),
+    Case(shape="gemma2-small"),
+    Case(shape="gemma2-small", step_in_backward=True, compact_always_active=True, loss_chunk_size=128),
+]
+QUICK = [CASES[0], CASES[3], CASES[7]]
+#: ``--tiny``: the same proportions, a few seconds per case (the test-suite runs these).
+TINY: dict[str, Any] = {"hidden_size": 64, "intermediate_size": 224, "num_hidden_layers": 4, "vocab_size": 4000}
+for _name in list(CHECK_SHAPES):
+    CHECK_SHAPES[f"{_name}-tiny"] = {**CHECK_SHAPES[_name], **TINY}
+CHECK_SHAPES["gemma2-small-tiny"]["head_dim"] = 16
+CHECK_SHAPES["gemma2-small-tiny"]["query_pre_attn_scalar"] = 16
+
+
+def tiny(case: Case) -> Case:
+    """``case`` at the tiny shapes: a quarter of the tokens, and of the loss's chunks."""
+    chunk = None if case.loss_chunk_size is None else case.loss_chunk_size // 4
+    return replace(case, shape=f"{case.shape}-tiny", seq_len=case.seq_len // 4, loss_chunk_size=chunk)
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Row:
+    """Estimated and measured peak of one arm in one case (bytes)."""
+
+    case: str
+    arm: str
+    estimated: int
+    measured: int
+
+    @property
+    def error(self) -> float:
+        return self.estimated / self.measured - 1
+
+
+def build(case: Case, arm: str) -> tuple[torch.nn.Module, list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+    """The model of an arm, its trainable always-active parameters and its other trainable ones."""
+    torch.manual_seed(0)
+    config = load_config(CHECK_SHAPES[case.shape])[1]
+    weights = torch.float32 if case.mixed_precision else DTYPES[case.dtype]
+    model = AutoModelForCausalLM.from_config(config, dtype=weights)
+    if case.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.train()
+    if arm == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
+        model = get_peft_model(model, lora, autocast_adapter_dtype=False)
+        return model, [], [p for p in model.parameters() if p.requires_grad]
+    if arm == "full":
+        return model, [], list(dict.fromkeys(model.parameters()))
+    info = find_layers(model)
+    model.requires_grad_(False)
+    always = unique_parameters(model.get_submodule(n) for n in [*info.embedding_names, *info.head_names])
+    blocks = unique_parameters(info.blocks[:2])
+    for p in [*always, *blocks]:
+        p.requires_grad_(True)
+    return model, always, blocks
+
+
+def measure(case: Case, arm: str) -> int:
+    """Peak tensor bytes of the second of two training steps."""
+    model, always, others = build(case, arm)
+    compact = arm == "lisa" and case.compact_always_active
+    in_backward = arm == "lisa" and case.step_in_backward
+
+    def adamw(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(params, lr=1e-4, foreach=True)
+
+    def eight_bit(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        import bitsandbytes as bnb
+
+        optimizer: torch.optim.Optimizer = bnb.optim.AdamW8bit(params, lr=1e-4)
+        return optimizer
+
+    optimizers: list[torch.optim.Optimizer] = []
+    if in_backward:
+        for p in [*always, *others]:
+            opt = eight_bit([p]) if compact and any(p is q for q in always) else adamw([p])
+            optimizers.append(opt)
+            p.register_post_accumulate_grad_hook(_step_now(opt))
+    elif compact:
+        optimizers = [eight_bit(always), adamw(others)]
+    else:
+        optimizers = [adamw([*always, *others])]
+    g = torch.Generator().manual_seed(0)
+    vocab = CHECK_SHAPES[case.shape]["vocab_size"]
+    ids = torch.randint(0, vocab, (case.batch_size, case.seq_len), generator=g)
+    autocast = torch.autocast("cpu", dtype=DTYPES[case.dtype]) if case.mixed_precision else contextlib.nullcontext()
+
+    def step() -> None:
+        with autocast:
+            if case.loss_chunk_size is None:
+                loss = model(input_ids=ids, labels=ids).loss
+            else:
+                hidden = model.get_decoder()(input_ids=ids)[0]
+                softcap = getattr(model.config, "final_logit_softcapping", None)
+                head = model.get_output_embeddings()
+                loss = causal_lm_loss(hidden, head, ids, chunk_size=case.loss_chunk_size, softcap=softcap)
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=False)  # Lightning zeroes after the forward pass; keep the grads until here
+            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if not in_backward:
+            for opt in optimizers:
+                opt.step()
+
+    step()
+    existing = [*model.parameters(), *(p.grad for p in model.parameters() if p.grad is not None)]
+    for opt in optimizers:
+        existing += [t for state in opt.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
+    with TensorPeak() as peak:
+        peak.track(existing)
+        del existing  # the gradients must be freed when the step zeroes them
+        step()
+    return peak.peak
+
+
+def _step_now(optimizer: torch.optim.Optimizer) -> Any:
+    def hook(param: torch.Tensor) -> None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return hook
+
+
+def estimated(case: Case) -> dict[str, int]:
+    est = estimate_memory(
+        CHECK_SHAPES[case.shape],
+        batch_size=case.batch_size,
+        seq_len=case.seq_len,
+        dtype=case.dtype,  # type: ignore[arg-type]
+        device="cpu",
+        mixed_precision=case.mixed_precision,
+        gradient_checkpointing=case.gradient_checkpointing,
+        loss_chunk_size=case.loss_chunk_size,
+        step_in_backward=case.step_in_backward,
+        compact_always_active=case.compact_always_active,
+    )
+    return {"full": est.full.total, "lora": est.lora.total, "lisa": est.lisa.total}
+
+
+def run(cases: list[Case], arms: list[str]) -> list[Row]:
+    rows = []
+    for case in cases:
+        est = estimated(case)
+        for arm in arms:
+            if arm != "lisa" and (case.step_in_backward or case.compact_always_active) and case != cases[0]:
+                continue  # LISA-only options: the other arms are those of the case without them
+            row = Row(case.label, arm, est[arm], measure(case, arm))
+            rows.append(row)
+            print(
+                f"{row.case:<75} {arm:<5} estimated {row.estimated / 2**20:8.1f} MiB  measured "
+                f"{row.measured / 2**20:8.1f} MiB  {100 * row.error:+6.1f}%",
+                flush=True,
+            )
+    return rows
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="three cases only")
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes (hidden size 64, vocabulary 4000)")
+    parser.add_argument("--arms", nargs="+", default=["full", "lora", "lisa"], choices=["full", "lora", "lisa"])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    with quiet():
+        cases = QUICK if args.quick else CASES
+        rows = run([tiny(c) for c in cases] if args.tiny else cases, args.arms)
+    worst = max(abs(r.error) for r in rows)
+    print(
+        f"largest error: {100 * worst:.1f}% over {len(rows)} arms; versions: {common.versions('torch', 'transformers')}"
+    )
+    if args.out is not None:
+        payload = {
+            "shapes": CHECK_SHAPES,
+            "versions": common.versions("torch", "transformers", "peft", "bitsandbytes"),
+            "rows": [{**asdict(r), "error": r.error} for r in rows],
+        }
+        args.out.write_text(json.dumps(payload, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
