@@ -7,6 +7,7 @@ randomly sampled transformer blocks at a time, at a fraction of full fine-tuning
 from typing import TYPE_CHECKING, Any
 
 from lightning_lisa.callback import LISA, Switch
+from lightning_lisa.compact import CompactAdamW, compact_adamw
 from lightning_lisa.errors import LISAConfigError
 from lightning_lisa.layers import BLOCK_LISTS, LayerInfo, Unit, find_layers, split_units
 from lightning_lisa.monitoring import WeightNormMonitor, plot_heatmap, plot_layer_means
@@ -28,6 +29,7 @@ __all__ = [
     "LISAConfigError",
     "LISAFSDPStrategy",
     "LISAModelParallelStrategy",
+    "CompactAdamW",
     "LayerInfo",
     "NormRecord",
     "OptimizerStateHandler",
@@ -35,6 +37,7 @@ __all__ = [
     "Switch",
     "Unit",
     "WeightNormMonitor",
+    "compact_adamw",
     "estimate_memory",
     "find_layers",
     "fully_shard_blocks",

@@ -1,0 +1,329 @@
+"""A compact optimizer state for the always-active set: 8-bit or factored AdamW moments.
+
+LISA trains the input embeddings and the head all the time. At vocabularies of 128k-256k they are
+most of what LISA trains, and their two float32 AdamW moments (8 bytes per parameter) are a large
+share of its peak memory. :class:`CompactAdamW` is ``torch.optim.AdamW`` with one addition: a
+parameter group with ``compact="8bit"`` or ``compact="factored"`` keeps compact moments, while every
+other group is updated by torch's own AdamW code, unchanged (plain, ``foreach`` or ``fused``). So the
+sampled blocks keep the exact optimizer and only the always-active set is approximated.
+
+Compact moments (per parameter of a compact group):
+
+* ``"8bit"``: both moments in 8 bits, quantized in blocks of ``block_size`` elements, each block
+  scaled by its largest magnitude (one float32 per block). The first moment ``m`` is stored as
+  ``round(127 * cbrt(m / absmax))`` (signed), the second as ``round(255 * sqrt(sqrt(v) / absmax))``
+  of ``sqrt(v)``: both maps are finer near zero, where most moments are. About 2.03 bytes per
+  parameter instead of 8.
+* ``"factored"``: the first moment in 8 bits as above, the second moment of a matrix factored into
+  a row and a column average (Adafactor's estimate ``v[i, j] = r[i] * c[j] / mean(r)``); one-dimensional
+  parameters keep an 8-bit second moment. About 1.02 bytes per parameter.
+
+Both are lossy: they change the training trajectory, so they are never the default. The update is
+otherwise AdamW's (decoupled weight decay, bias correction, ``maximize``); ``amsgrad`` is refused in
+compact groups. Work is done in chunks of about four million elements, so the float32 copies of the
+moments that a step needs exist for one chunk at a time, not for a whole embedding matrix.
+
+LISA frees or offloads the state of frozen parameters of any group as for any optimizer, and the
+optimizer steps each parameter on its own (``per_parameter_step = True``), so it also works with
+``LISA(step_in_backward=True)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Literal, cast, get_args
+
+import torch
+from torch import Tensor, nn
+
+from lightning_lisa.errors import LISAConfigError, check_choice, check_int
+from lightning_lisa.layers import default_always_active, find_layers, resolve_modules, unique_parameters
+
+CompactMode = Literal["8bit", "factored"]
+COMPACT_MODES: tuple[str, ...] = get_args(CompactMode)
+
+#: Elements updated at once (a multiple of every block size up to 2**14).
+CHUNK = 2**22
+#: Adafactor's small constant added to squared gradients in the factored second moment.
+FACTORED_EPS = 1e-30
+#: The state keys that hold codes, block scales or factors (never cast to the parameter's dtype).
+COMPACT_KEYS = (
+    "exp_avg_codes",
+    "exp_avg_absmax",
+    "exp_avg_sq_codes",
+    "exp_avg_sq_absmax",
+    "exp_avg_sq_row",
+    "exp_avg_sq_col",
+)
+
+
+class CompactAdamW(torch.optim.AdamW):
+    """``torch.optim.AdamW`` whose groups with ``compact`` set keep 8-bit or factored moments.
+
+    Args:
+        params: Parameters or parameter groups, as for ``torch.optim.AdamW``. A group may set
+            ``compact`` (``"8bit"``, ``"factored"`` or ``None``) and ``block_size``.
+        lr: Learning rate.
+        betas: AdamW's ``(beta1, beta2)``.
+        eps: AdamW's ``eps``.
+        weight_decay: Decoupled weight decay.
+        compact: The default of the groups' ``compact``: ``None`` (exact AdamW) unless a group says otherwise.
+        block_size: Elements per quantization block (a power of two from 16 to 16384).
+        **kwargs: Other ``torch.optim.AdamW`` arguments (``foreach``, ``fused``, ``maximize``, ``amsgrad``),
+            which apply as usual to the exact groups.
+
+    Examples:
+        >>> import torch
+        >>> embed, block = torch.nn.Embedding(1000, 64), torch.nn.Linear(64, 64)
+        >>> opt = CompactAdamW([{"params": embed.parameters(), "compact": "8bit"}, {"params": block.parameters()}])
+        >>> (block(embed(torch.tensor([1, 2]))) ** 2).sum().backward(); opt.step()
+        >>> sorted(opt.state[embed.weight])
+        ['exp_avg_absmax', 'exp_avg_codes', 'exp_avg_sq_absmax', 'exp_avg_sq_codes', 'step']
+        >>> sorted(opt.state[block.weight])  # exact AdamW
+        ['exp_avg', 'exp_avg_sq', 'step']
+    """
+
+    #: Stepping one parameter alone gives the same update (see :mod:`lightning_lisa.step_in_backward`).
+    per_parameter_step = True
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        compact: CompactMode | None = None,
+        block_size: int = 256,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **kwargs)
+        self.defaults["compact"] = compact
+        self.defaults["block_size"] = block_size
+        for group in self.param_groups:
+            group.setdefault("compact", compact)
+            group.setdefault("block_size", block_size)
+            _check_group(group)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group as ``torch.optim.AdamW`` does, then check its ``compact`` and ``block_size``."""
+        super().add_param_group(param_group)
+        if "compact" in self.defaults:  # not while torch's __init__ adds the first groups
+            _check_group(self.param_groups[-1])
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """One optimizer step: torch's AdamW for the exact groups, compact moments for the others."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        groups = self.param_groups
+        exact = [g for g in groups if g["compact"] is None]
+        if exact:
+            self.param_groups = exact
+            try:
+                _adam_step()(self)
+            finally:
+                self.param_groups = groups
+        for group in groups:
+            if group["compact"] is not None:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        self._compact_update(p, group)
+        return loss
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load as torch does, but keep the codes, block scales and factors in their own dtypes.
+
+        ``torch.optim.Optimizer.load_state_dict`` casts every floating-point state tensor to the
+        parameter's dtype, which would turn 8-bit codes into floats and round float32 scales to bf16.
+        """
+        super().load_state_dict(state_dict)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        by_id = dict(zip(saved_ids, params, strict=True))
+        for pid, saved in state_dict["state"].items():
+            p = by_id[pid]
+            for key in COMPACT_KEYS:
+                if key in saved:
+                    self.state[p][key] = saved[key].to(device=p.device, copy=True)
+
+    # ------------------------------------------------------------------------------ compact step
+
+    def _compact_update(self, p: Tensor, group: dict[str, Any]) -> None:
+        if p.grad is None or p.grad.is_sparse:
+            raise RuntimeError("CompactAdamW does not support sparse gradients.")
+        block: int = group["block_size"]
+        beta1, beta2 = (float(b) for b in group["betas"])
+        lr, eps, decay = float(group["lr"]), float(group["eps"]), float(group["weight_decay"])
+        factored = group["compact"] == "factored" and p.dim() >= 2
+        state = self.state[p]
+        if not state:
+            _init_state(state, p, block, factored)
+        state["step"] += 1
+        t = float(state["step"])
+        bias1, bias2 = 1 - beta1**t, 1 - beta2**t
+        if decay != 0:
+            p.mul_(1 - lr * decay)
+        flat_p = p.view(-1)
+        flat_g = p.grad.reshape(-1)
+        if group["maximize"]:
+            flat_g = -flat_g
+        if factored:
+            cols = p[0].numel()
+            rows_per_chunk = _rows_per_chunk(cols, block)
+            row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+            col_sum = torch.zeros_like(col)
+            for start in range(0, p.shape[0], rows_per_chunk):
+                g2 = flat_g[start * cols : (start + rows_per_chunk) * cols].view(-1, cols).float().square()
+                g2.add_(FACTORED_EPS)  # a new tensor: the gradient itself is never written
+                row[start : start + rows_per_chunk].mul_(beta2).add_(g2.mean(1), alpha=1 - beta2)
+                col_sum.add_(g2.sum(0))
+            col.mul_(beta2).add_(col_sum / p.shape[0], alpha=1 - beta2)
+            row_mean = row.mean()
+            chunk = rows_per_chunk * cols
+        else:
+            chunk = CHUNK
+        m_codes, m_absmax = state["exp_avg_codes"], state["exp_avg_absmax"]
+        for start in range(0, flat_p.numel(), chunk):
+            stop = min(start + chunk, flat_p.numel())
+            g = flat_g[start:stop].float()
+            b0, b1 = start // block, math.ceil(stop / block)
+            m = _dequantize_signed(m_codes[b0 * block : b1 * block], m_absmax[b0:b1], block)[: stop - start]
+            m.mul_(beta1).add_(g, alpha=1 - beta1)
+            if factored:
+                r = row[start // cols : stop // cols]
+                v = (r[:, None] * col[None, :] / row_mean).view(-1)
+            else:
+                s_codes, s_absmax = state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"]
+                s = _dequantize_root(s_codes[b0 * block : b1 * block], s_absmax[b0:b1], block)[: stop - start]
+                v = s.square_().mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                codes, absmax = _quantize_root(v.sqrt(), block)
+                s_codes[b0 * block : b1 * block], s_absmax[b0:b1] = codes, absmax
+            denom = (v / bias2).sqrt_().add_(eps)
+            flat_p[start:stop].add_((m / denom).mul_(-lr / bias1).to(p.dtype))
+            codes, absmax = _quantize_signed(m, block)
+            m_codes[b0 * block : b1 * block], m_absmax[b0:b1] = codes, absmax
+
+
+def compact_adamw(
+    module: nn.Module,
+    always_active: Sequence[str] | None = None,
+    compact: CompactMode = "8bit",
+    lr: float = 1e-3,
+    **kwargs: Any,
+) -> CompactAdamW:
+    """AdamW over every parameter of ``module``: compact moments for the always-active set, exact for the rest.
+
+    Call it in ``configure_optimizers`` with the ``LightningModule`` (``compact_adamw(self, lr=...)``):
+    like LISA, it takes every parameter, trainable or not, so parameter ids stay stable.
+
+    Args:
+        module: The ``LightningModule`` (or any model).
+        always_active: Names of modules relative to ``module`` whose moments are compact; ``None``: the
+            set LISA trains all the time by default (input embeddings, head, ...; see
+            :func:`~lightning_lisa.layers.default_always_active`). Use the same names as ``LISA(always_active=...)``.
+        compact: ``"8bit"`` or ``"factored"`` (see :class:`CompactAdamW`).
+        lr: Learning rate of both groups.
+        **kwargs: Other :class:`CompactAdamW` / ``torch.optim.AdamW`` arguments (``weight_decay``,
+            ``betas``, ``fused``, ``block_size``, ...).
+
+    Returns:
+        A :class:`CompactAdamW` with the exact group first and the compact group second.
+
+    Examples:
+        >>> import torch
+        >>> model = torch.nn.ModuleDict({"embed": torch.nn.Embedding(1000, 32), "head": torch.nn.Linear(32, 1000),
+        ...     "blocks": torch.nn.ModuleList([torch.nn.Linear(32, 32) for _ in range(4)])})
+        >>> opt = compact_adamw(model, always_active=["embed", "head"], lr=1e-3, weight_decay=0.0)
+        >>> [(g["compact"], sum(p.numel() for p in g["params"])) for g in opt.param_groups]
+        [(None, 4224), ('8bit', 65000)]
+    """
+    check_choice("compact", compact, COMPACT_MODES)
+    names = always_active if always_active is not None else default_always_active(find_layers(module))
+    compact_params = unique_parameters(resolve_modules(module, list(names), "always_active"))
+    if not compact_params:
+        raise LISAConfigError(f"`always_active={list(names)!r}` holds no parameters; nothing would be compact.")
+    chosen = {id(p) for p in compact_params}
+    exact = [p for p in unique_parameters([module]) if id(p) not in chosen]
+    groups: list[dict[str, Any]] = [{"params": exact}] if exact else []
+    groups.append({"params": compact_params, "compact": compact})
+    return CompactAdamW(groups, lr=lr, **kwargs)
+
+
+# ------------------------------------------------------------------------------------ internals
+
+
+def _check_group(group: dict[str, Any]) -> None:
+    check_choice("compact", group["compact"], [None, *COMPACT_MODES])
+    block = group["block_size"]
+    check_int("block_size", block, minimum=16)
+    if block > 2**14 or block & (block - 1):
+        raise LISAConfigError(f"`block_size={block!r}` is not allowed; it must be a power of two from 16 to 16384.")
+    if group["compact"] is not None and group["amsgrad"]:
+        raise LISAConfigError(f"`amsgrad=True` is not supported in a group with `compact={group['compact']!r}`.")
+
+
+def _adam_step() -> Callable[[torch.optim.Optimizer], Any]:
+    """The Adam/AdamW step body of torch, without the step hooks (the outer ``step`` call runs them once)."""
+    step: Any = torch.optim.Adam.step
+    if getattr(step, "hooked", False) and hasattr(step, "__wrapped__"):
+        step = step.__wrapped__
+    return cast(Callable[[torch.optim.Optimizer], Any], step)
+
+
+def _init_state(state: dict[str, Any], p: Tensor, block: int, factored: bool) -> None:
+    blocks = math.ceil(p.numel() / block)
+    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+    state["exp_avg_codes"] = torch.zeros(blocks * block, dtype=torch.int8, device=p.device)
+    state["exp_avg_absmax"] = torch.zeros(blocks, dtype=torch.float32, device=p.device)
+    if factored:
+        state["exp_avg_sq_row"] = torch.zeros(p.shape[0], dtype=torch.float32, device=p.device)
+        state["exp_avg_sq_col"] = torch.zeros(p[0].numel(), dtype=torch.float32, device=p.device)
+    else:
+        state["exp_avg_sq_codes"] = torch.zeros(blocks * block, dtype=torch.uint8, device=p.device)
+        state["exp_avg_sq_absmax"] = torch.zeros(blocks, dtype=torch.float32, device=p.device)
+
+
+def _rows_per_chunk(cols: int, block: int) -> int:
+    """Rows per chunk: about :data:`CHUNK` elements, and a whole number of quantization blocks."""
+    step = block // math.gcd(cols, block)
+    return max(step, CHUNK // cols // step * step)
+
+
+def _blocks(x: Tensor, block: int) -> Tensor:
+    pad = (-x.numel()) % block
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad))
+    return x.view(-1, block)
+
+
+def _quantize_signed(x: Tensor, block: int) -> tuple[Tensor, Tensor]:
+    """Codes ``round(127 * cbrt(x / absmax))`` (int8) and the absmax of each block."""
+    xb = _blocks(x, block)
+    absmax = xb.abs().amax(1)
+    scale = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+    codes = (xb.abs() / scale[:, None]).pow_(1 / 3).mul_(127).round_().mul_(xb.sign())
+    return codes.to(torch.int8).view(-1), absmax
+
+
+def _dequantize_signed(codes: Tensor, absmax: Tensor, block: int) -> Tensor:
+    return (codes.view(-1, block).float() / 127).pow_(3).mul_(absmax[:, None]).view(-1)
+
+
+def _quantize_root(s: Tensor, block: int) -> tuple[Tensor, Tensor]:
+    """Codes ``round(255 * sqrt(s / absmax))`` (uint8) of non-negative ``s`` and the absmax of each block."""
+    sb = _blocks(s, block)
+    absmax = sb.amax(1)
+    scale = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+    codes = (sb / scale[:, None]).sqrt_().mul_(255).round_()
+    return codes.to(torch.uint8).view(-1), absmax
+
+
+def _dequantize_root(codes: Tensor, absmax: Tensor, block: int) -> Tensor:
+    # code 0 stands for "below half the first level": half of it, so that no tiny second moment becomes 0
+    q = codes.view(-1, block).float().clamp_(min=0.5) / 255
+    return q.square_().mul_(absmax[:, None]).view(-1)
