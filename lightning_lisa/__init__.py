@@ -26,10 +26,10 @@ __version__ = "0.1.0"
 __all__ = [
     "BLOCK_LISTS",
     "LISA",
+    "CompactAdamW",
     "LISAConfigError",
     "LISAFSDPStrategy",
     "LISAModelParallelStrategy",
-    "CompactAdamW",
     "LayerInfo",
     "NormRecord",
     "OptimizerStateHandler",
