@@ -5,7 +5,9 @@
   optimizer state on the device) and the rest (activations, temporaries), with its ratio to full
   fine-tuning.
 * ``--quality Q.json``: the training-loss curves of ``quality.py``, per task, one line per arm (the
-  mean over seeds at the arm's chosen learning rate, smoothed over a few steps), seeds as a band.
+  mean over seeds at the arm's chosen learning rate, smoothed over a few steps), seeds as a band; and,
+  when the results hold each arm's estimated peak memory, the test metric of every arm against its
+  peak memory at the 7B shape (mean and standard deviation over seeds).
 
     make figures    # runs this script on the committed results (see the Makefile for the files)
 """
@@ -26,7 +28,12 @@ QUALITY_NAMES = {
     "lisa-weight_norm": "LISA weight_norm",
     "lisa-cyclic": "LISA cyclic",
 }
-TASK_TITLES = {"code": "domain shift: Python source", "arithmetic": "arithmetic word problems"}
+TASK_TITLES = {
+    "code": "domain shift: Python source",
+    "arithmetic": "arithmetic word problems",
+    "reverse": "reversing 3 words (SmolLM2-135M)",
+}
+METRICS = {"reverse": ("accuracy", "exact match, %"), "code": ("test_loss", "held-out code loss")}
 
 
 def _pyplot() -> Any:
@@ -76,10 +83,15 @@ def plot_quality(path: Path, out: Path, window: int = 5) -> None:
     """Training-loss curves per task: the mean over seeds of each arm, with the seeds' range as a band."""
     plt = _pyplot()
     run = json.loads(path.read_text())
+    names = {**QUALITY_NAMES, **run.get("arm_names", {})}
     tasks = [t for t in run["results"] if run["results"][t]]
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6.2 * len(tasks), 3.8), squeeze=False)
+    memory = run.get("memory", {}).get("llama-2-7b")
+    rows = 2 if memory else 1
+    fig, axes = plt.subplots(rows, len(tasks), figsize=(6.2 * len(tasks), 3.8 * rows), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
         for arm, result in run["results"][task].items():
+            if not result.get("seeds"):
+                continue
             curves = [s["train_loss"] for s in result["seeds"].values() if s.get("train_loss")]
             if not curves:
                 continue
@@ -89,12 +101,27 @@ def plot_quality(path: Path, out: Path, window: int = 5) -> None:
             low = [min(c[i] for c in curves) for i in range(steps)]
             high = [max(c[i] for c in curves) for i in range(steps)]
             x = list(range(1, steps + 1))
-            line = ax.plot(x, mean, label=f"{QUALITY_NAMES.get(arm, arm)} (lr {result['best_lr']:g})", lw=1.4)
+            line = ax.plot(x, mean, label=f"{names.get(arm, arm)} (lr {result['best_lr']:g})", lw=1.4)
             ax.fill_between(x, low, high, color=line[0].get_color(), alpha=0.15, lw=0)
         ax.set_title(f"{TASK_TITLES.get(task, task)}: training loss", fontsize=10)
         ax.set_xlabel(f"optimizer step (moving average over {window})")
         ax.set_ylabel("loss")
         ax.legend(fontsize=7)
+    if memory:
+        for ax, task in zip(axes[1], tasks, strict=True):
+            metric, label = METRICS.get(task, ("test_loss", "test loss"))
+            for arm, result in run["results"][task].items():
+                values = [s[metric] for s in result.get("seeds", {}).values() if metric in s]
+                if not values or arm not in memory:
+                    continue
+                x = memory[arm]["peak_bytes"] / GIB
+                y = statistics.mean(values)
+                err = statistics.stdev(values) if len(values) > 1 else 0.0
+                ax.errorbar([x], [y], yerr=[err], fmt="o", capsize=3, label=names.get(arm, arm))
+            ax.set_title(f"{TASK_TITLES.get(task, task)}: quality against memory", fontsize=10)
+            ax.set_xlabel(f"estimated peak memory at the 7B shape, GiB ({memory.get('regime', '')})", fontsize=8)
+            ax.set_ylabel(label)
+            ax.legend(fontsize=7)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)

