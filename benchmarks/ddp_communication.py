@@ -23,16 +23,13 @@ import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.utils.data import DataLoader
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2LMHeadModel
 
 from lightning_lisa import LISA
+from lightning_lisa.estimate import SHAPES, load_config
 
-SHAPES: dict[str, dict[str, int]] = {
-    "tiny": dict(n_embd=32, n_layer=6, n_head=2, vocab_size=256, n_positions=64, bos_token_id=0, eos_token_id=0),
-    "gpt2-mini": dict(
-        n_embd=256, n_layer=12, n_head=4, vocab_size=8192, n_positions=128, bos_token_id=0, eos_token_id=0
-    ),
-}
+#: ``--shape`` choices: GPT-2 shapes of :data:`lightning_lisa.estimate.SHAPES`.
+SHAPE_NAMES = {"tiny": "gpt2-tiny", "gpt2-mini": "gpt2-mini"}
 
 
 class LM(pl.LightningModule):
@@ -41,7 +38,7 @@ class LM(pl.LightningModule):
     def __init__(self, shape: str) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.model = GPT2LMHeadModel(GPT2Config(**SHAPES[shape]))
+        self.model = GPT2LMHeadModel(load_config(SHAPE_NAMES[shape])[1])
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         return self.model(input_ids=batch, labels=batch).loss
@@ -96,7 +93,7 @@ def run_arm(shape: str, steps: int, hook: bool, n_layers: int, interval: int) ->
     lisa = LISA(n_layers=n_layers, interval=interval, ddp_comm_hook=hook)
     per_step = PerStep(lisa, None if hook else CountingAllReduce())
     module = LM(shape)
-    vocab = SHAPES[shape]["vocab_size"]
+    vocab = SHAPES[SHAPE_NAMES[shape]]["vocab_size"]
     data = DataLoader(list(torch.randint(0, vocab, (steps * 4, 32), generator=torch.Generator().manual_seed(0))), 2)
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -115,7 +112,7 @@ def run_arm(shape: str, steps: int, hook: bool, n_layers: int, interval: int) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="gpt2-mini")
+    parser.add_argument("--shape", choices=sorted(SHAPE_NAMES), default="gpt2-mini")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--interval", type=int, default=5)
     parser.add_argument("--n-layers", type=int, default=2)

@@ -37,45 +37,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lightning_lisa import find_layers
-from lightning_lisa.estimate import estimate_memory, load_config
+from lightning_lisa.estimate import SHAPES, estimate_memory, load_config
 from lightning_lisa.estimate.measure import TensorPeak
 from lightning_lisa.layers import unique_parameters
 from lightning_lisa.recipes.loss import causal_lm_loss
 
-#: Small shapes with the proportions that matter: a large vocabulary (Llama-3-like), tied and softcapped (Gemma-2).
-CHECK_SHAPES: dict[str, dict[str, Any]] = {
-    "llama-small": {
-        "model_type": "llama",
-        "hidden_size": 256,
-        "intermediate_size": 896,
-        "num_hidden_layers": 8,
-        "num_attention_heads": 8,
-        "num_key_value_heads": 2,
-        "vocab_size": 16000,
-        "max_position_embeddings": 1024,
-        "tie_word_embeddings": False,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-    },
-    "gemma2-small": {
-        "model_type": "gemma2",
-        "hidden_size": 256,
-        "intermediate_size": 1024,
-        "num_hidden_layers": 6,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": 64,
-        "vocab_size": 16000,
-        "max_position_embeddings": 1024,
-        "tie_word_embeddings": True,
-        "final_logit_softcapping": 30.0,
-        "attn_logit_softcapping": None,
-        "query_pre_attn_scalar": 64,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "pad_token_id": 0,
-    },
-}
+#: The shapes checked: small ones of :data:`lightning_lisa.estimate.SHAPES` with a large vocabulary.
+CHECK_SHAPES: dict[str, dict[str, Any]] = {name: dict(SHAPES[name]) for name in ("llama-small", "gemma2-small")}
 
 
 @dataclass(frozen=True)

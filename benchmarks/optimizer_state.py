@@ -24,14 +24,13 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2LMHeadModel
 
 from lightning_lisa import LISA, optimizer_state_bytes
+from lightning_lisa.estimate import SHAPES, load_config
 
-SHAPES: dict[str, dict[str, int]] = {
-    "tiny": dict(n_embd=64, n_layer=6, n_head=4, vocab_size=512, n_positions=64, bos_token_id=0, eos_token_id=0),
-    "gpt2-small": dict(n_embd=768, n_layer=12, n_head=12, vocab_size=50257, n_positions=1024),
-}
+#: ``--shape`` choices: GPT-2 shapes of :data:`lightning_lisa.estimate.SHAPES`.
+SHAPE_NAMES = {"tiny": "gpt2-tiny", "gpt2-small": "gpt2-small"}
 
 
 class LM(pl.LightningModule):
@@ -78,8 +77,8 @@ class Arm:
 
 def run_arm(name: str, shape: str, steps: int, lisa: LISA | None, seq_len: int) -> Arm:
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(**SHAPES[shape]))
-    vocab = SHAPES[shape]["vocab_size"]
+    model = GPT2LMHeadModel(load_config(SHAPE_NAMES[shape])[1])
+    vocab = SHAPES[SHAPE_NAMES[shape]]["vocab_size"]
     data = DataLoader(list(torch.randint(0, vocab, (steps, seq_len))), batch_size=1)
     counter = Bytes()
     callbacks: list[pl.Callback] = [counter] if lisa is None else [lisa, counter]
@@ -100,7 +99,7 @@ def run_arm(name: str, shape: str, steps: int, lisa: LISA | None, seq_len: int) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="gpt2-small")
+    parser.add_argument("--shape", choices=sorted(SHAPE_NAMES), default="gpt2-small")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--interval", type=int, default=5, help="K, steps between re-samplings")
     parser.add_argument("--n-layers", type=int, default=2, help="gamma, blocks trained at once")
