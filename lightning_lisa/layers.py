@@ -207,11 +207,15 @@ def find_layers(module: nn.Module, layers: str | Sequence[str] | None = None, wa
 
     embeddings, heads = _embeddings_and_head(module, hf_model, in_blocks | in_towers)
     projectors = multimodal.projectors if multimodal is not None else []
+    projector_parts = resolve_modules(module, projectors, "projectors")  # modules, or parameters held directly
     in_projectors = {
-        id(m) for name in projectors if _is_module(module, name) for m in module.get_submodule(name).modules()
+        id(m)
+        for name, p in zip(projectors, projector_parts, strict=True)
+        if _is_module(module, name)
+        for m in p.modules()
     }
     stop = in_blocks | in_towers | in_projectors | {id(m) for e in embeddings + heads for m in e.modules()}
-    stop_params = {id(p) for m in embeddings + heads for p in m.parameters()}
+    stop_params = {id(p) for m in [*embeddings, *heads, *projector_parts] for p in m.parameters()}
     extras = _input_side(module, stop, stop_params)
     excluded = in_blocks | {id(m) for m in embeddings + heads}
     final_norms = [_final_norm(module, path, excluded) for path in paths]

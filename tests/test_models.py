@@ -243,6 +243,47 @@ def test_llava_user_chooses_the_towers_to_sample():
     assert "model.vision_tower.embeddings" in default_always_active(info)
 
 
+# model class -> (language-model block list, towers, projectors); default configs, built on the meta device
+VLM_LAYOUTS = {
+    "Gemma3ForConditionalGeneration": (
+        "model.language_model.layers",
+        ("model.vision_tower",),
+        ("model.multi_modal_projector",),
+    ),
+    "Qwen2VLForConditionalGeneration": ("model.language_model.layers", ("model.visual",), ()),
+    "Idefics3ForConditionalGeneration": ("model.text_model.layers", ("model.vision_model",), ("model.connector",)),
+    "MllamaForConditionalGeneration": (
+        "model.language_model.layers",
+        ("model.vision_model",),
+        ("model.multi_modal_projector",),
+    ),
+    "PaliGemmaForConditionalGeneration": (
+        "model.language_model.layers",
+        ("model.vision_tower",),
+        ("model.multi_modal_projector",),
+    ),
+    "Blip2ForConditionalGeneration": (
+        "language_model.model.decoder.layers",
+        ("vision_model", "qformer"),
+        ("language_projection", "query_tokens"),
+    ),
+}
+
+
+@pytest.mark.parametrize("model_class", sorted(VLM_LAYOUTS))
+def test_vision_language_layouts(model_class):
+    config_class = getattr(tf, model_class.replace("ForConditionalGeneration", "Config"))
+    with torch.device("meta"):
+        model = getattr(tf, model_class)(config_class())
+    info = quiet_find_layers(model)
+    blocks, towers, projectors = VLM_LAYOUTS[model_class]
+    assert info.block_paths == (blocks,)
+    assert (info.tower_names, info.projector_names) == (towers, projectors)
+    always = default_always_active(info)
+    assert len(always) == len(set(always))
+    assert not any(name.startswith(towers) for name in always)  # the towers stay frozen
+
+
 # ---------------------------------------------------------------- 2. nn.Sequential block lists
 
 
