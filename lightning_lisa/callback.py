@@ -221,6 +221,8 @@ class LISA(Callback):
             period = self.schedule.period(trainer.global_step)
             if period != self._period:
                 self._switch(trainer, period, self._draw(trainer, period))
+            if self.schedule.period(trainer.global_step + 1) != period:
+                self._prefetch(trainer, period + 1)
         if self._in_backward is not None:
             self._in_backward.on_train_batch_start(trainer, pl_module, batch, batch_idx)
 
@@ -262,6 +264,12 @@ class LISA(Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         """Give the user back every parameter trainable after a failed or interrupted fit."""
         self.teardown(trainer, pl_module, "fit")
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Wait for offload copies in flight: the checkpoint reads the host buffers."""
+        self._state.synchronize()
 
     def state_dict(self) -> dict[str, Any]:
         """The schedule: seed, interval, period, active units and the switch history."""
@@ -305,6 +313,19 @@ class LISA(Callback):
         if not self.history or self.history[-1].period != period:
             self.history.append(switch)
         _log(trainer, switch)
+
+    def _prefetch(self, trainer: pl.Trainer, period: int) -> None:
+        """During the last step of a period, start copying back the offloaded state of the next one's units.
+
+        The draw is a function of ``(seed, period)``, except with ``sampling="weight_norm"``, whose norms
+        change until the switch: nothing is prefetched then.
+        """
+        if self.optimizer_state != "offload" or self.sampling == "weight_norm" or self._params is None:
+            return
+        coming = [
+            p for i in self._draw(trainer, period) if i not in self.active_layers for p in self._params.by_unit[i]
+        ]
+        self._state.prefetch(trainer.optimizers, coming)
 
     def _draw(self, trainer: pl.Trainer, period: int) -> list[int]:
         """The units of ``period``, among those with trainable parameters."""

@@ -6,7 +6,10 @@ memory creeps up to full fine-tuning. Here, for a parameter that becomes frozen:
 * ``"drop"`` pops its entry from ``optimizer.state``; torch optimizers and bitsandbytes re-create it
   lazily (step and bias correction restart) when the block is sampled again.
 * ``"offload"`` moves its state tensors to CPU memory and moves them back when it trains again. The
-  offloaded entries stay in ``optimizer.state``, so checkpoints hold them.
+  offloaded entries stay in ``optimizer.state``, so checkpoints hold them. On CUDA the host buffers are
+  pinned and reused, and the copies run without blocking on a side stream; :meth:`OptimizerStateHandler.prefetch`
+  starts copying back the state of the next period's blocks before the switch (the schedule is known
+  in advance), so the switch finds it on the device. On CPU the same path runs with plain copies.
 * ``"keep"`` leaves it (the naive behaviour, for comparison).
 
 The optimizer's parameter groups are never changed, so parameter ids and checkpoints stay stable.
@@ -90,9 +93,18 @@ class OptimizerStateHandler:
         if mode not in OPTIMIZER_STATE_MODES:
             raise ValueError(f"`optimizer_state={mode!r}` is not one of {list(OPTIMIZER_STATE_MODES)}.")
         self.mode: OptimizerStateMode = mode
+        #: State tensors moved back from copies :meth:`prefetch` started (the others were copied at the switch).
+        self.prefetch_hits = 0
+        #: State tensors :meth:`restore` had to copy itself.
+        self.prefetch_misses = 0
         self._warned_paged: set[int] = set()
         # The device of each offloaded state tensor, to move it back exactly where it was.
         self._devices: dict[tuple[int, str], torch.device] = {}
+        # One host buffer per offloaded state tensor (pinned on CUDA), reused at every offload.
+        self._host: dict[tuple[int, str], torch.Tensor] = {}
+        # Device copies started by `prefetch`, and the streams that make them.
+        self._prefetched: dict[tuple[int, str], torch.Tensor] = {}
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
 
     def release(self, optimizers: Sequence[Optimizer], params: Iterable[torch.nn.Parameter]) -> None:
         """Apply the mode to ``params``, which have just been frozen."""
@@ -109,28 +121,108 @@ class OptimizerStateHandler:
                     optimizer.state[p] = self._offload(p, optimizer.state[p])
 
     def restore(self, optimizers: Sequence[Optimizer], params: Iterable[torch.nn.Parameter]) -> None:
-        """Undo :meth:`release` for ``params``, which have just been unfrozen (``"offload"`` only)."""
+        """Undo :meth:`release` for ``params``, which have just been unfrozen (``"offload"`` only).
+
+        State that :meth:`prefetch` already copied is used as it is; the rest is copied now. Prefetched
+        copies of parameters that were not unfrozen (a wrong guess) are freed.
+        """
         if self.mode != "offload":
             return
         params = list(params)
         for optimizer in optimizers:
             for p in params:
                 if p in optimizer.state:
-                    optimizer.state[p] = {
-                        key: value.to(self._devices.pop((id(p), key)))
-                        if isinstance(value, torch.Tensor) and (id(p), key) in self._devices
-                        else value
-                        for key, value in optimizer.state[p].items()
-                    }
+                    optimizer.state[p] = {key: self._back(p, key, value) for key, value in optimizer.state[p].items()}
+        self._prefetched.clear()
+
+    def prefetch(self, optimizers: Sequence[Optimizer], params: Iterable[torch.nn.Parameter]) -> int:
+        """Start copying the offloaded state of ``params`` back to its device, before they are unfrozen.
+
+        On CUDA the copies run on a side stream from pinned memory and overlap the training steps
+        until :meth:`restore` installs them; elsewhere they are plain copies. Only state that is
+        offloaded is copied (``"offload"`` only).
+
+        Returns:
+            The bytes whose copy was started.
+
+        Examples:
+            >>> import torch
+            >>> layer = torch.nn.Linear(4, 4)
+            >>> opt = torch.optim.AdamW(layer.parameters())
+            >>> layer(torch.ones(1, 4)).sum().backward(); opt.step()
+            >>> handler = OptimizerStateHandler("offload")
+            >>> handler.release([opt], [layer.weight])
+            >>> handler.prefetch([opt], [layer.weight])  # exp_avg, exp_avg_sq and the step counter
+            132
+            >>> handler.restore([opt], [layer.weight]); handler.prefetch_hits
+            3
+        """
+        if self.mode != "offload":
+            return 0
+        started = 0
+        for optimizer in optimizers:
+            for p in params:
+                for key, value in optimizer.state.get(p, {}).items():
+                    k = (id(p), key)
+                    if not isinstance(value, torch.Tensor) or k not in self._devices or k in self._prefetched:
+                        continue
+                    device = self._devices[k]
+                    if device.type == "cuda":
+                        stream = self._stream(device)
+                        with torch.cuda.stream(stream):  # after the offload copies queued on the same stream
+                            self._prefetched[k] = value.to(device, non_blocking=True)
+                    else:
+                        self._prefetched[k] = value.to(device, copy=True)
+                    started += value.numel() * value.element_size()
+        return started
+
+    def synchronize(self) -> None:
+        """Wait for the copies in flight (before the host buffers are read, e.g. by a checkpoint)."""
+        for stream in self._streams.values():
+            stream.synchronize()
+
+    def _back(self, p: torch.nn.Parameter, key: str, value: Any) -> Any:
+        k = (id(p), key)
+        if not isinstance(value, torch.Tensor) or k not in self._devices:
+            return value
+        device = self._devices.pop(k)
+        copy = self._prefetched.pop(k, None)
+        if copy is None:
+            self.prefetch_misses += 1
+            return value.to(device, non_blocking=value.is_pinned(), copy=True)
+        self.prefetch_hits += 1
+        if device.type == "cuda":  # made on the side stream, used and freed on the current one
+            current = torch.cuda.current_stream(device)
+            current.wait_stream(self._stream(device))
+            copy.record_stream(current)
+        return copy
 
     def _offload(self, p: torch.nn.Parameter, state: dict[str, Any]) -> dict[str, Any]:
         moved: dict[str, Any] = {}
         for key, value in state.items():
-            if isinstance(value, torch.Tensor) and value.device.type != "cpu":
-                self._devices[(id(p), key)] = value.device
-                value = value.to("cpu")
+            if isinstance(value, torch.Tensor) and (id(p), key) not in self._devices:
+                k = (id(p), key)
+                host = self._host.get(k)
+                if host is None or host.shape != value.shape or host.dtype != value.dtype:
+                    host = torch.empty(value.shape, dtype=value.dtype, pin_memory=value.is_cuda)
+                    self._host[k] = host
+                if value.is_cuda:
+                    stream = self._stream(value.device)
+                    stream.wait_stream(torch.cuda.current_stream(value.device))  # after the last update
+                    with torch.cuda.stream(stream):
+                        host.copy_(value, non_blocking=True)
+                    value.record_stream(stream)  # not reused by the allocator before the copy is done
+                else:
+                    host.copy_(value)
+                self._devices[k] = value.device
+                value = host
             moved[key] = value
         return moved
+
+    def _stream(self, device: torch.device) -> torch.cuda.Stream:
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+        return self._streams[device]
 
     def _releasing(self, optimizers: Sequence[Optimizer]) -> list[Optimizer]:
         """The optimizers whose state can really be released; warns once about the others."""

@@ -116,3 +116,62 @@ def test_bitsandbytes_paged_optimizer_is_detected():
 def test_unknown_mode():
     with pytest.raises(ValueError, match="`optimizer_state='free'` is not one of"):
         OptimizerStateHandler("free")  # type: ignore[arg-type]
+
+
+def test_offload_with_prefetch_restores_exactly_the_state_it_moved():
+    model, optimizer = model_and_step(OPTIMIZERS["adamw"])
+    params = list(model[:2].parameters())
+    saved = {p: {k: v.clone() for k, v in optimizer.state[p].items()} for p in params}
+    handler = OptimizerStateHandler("offload")
+    handler.release([optimizer], params)
+    host = {p: optimizer.state[p]["exp_avg"] for p in params}
+    assert all(host[p].data_ptr() != saved[p]["exp_avg"].data_ptr() for p in params)  # really moved (copied)
+    started = handler.prefetch([optimizer], params)
+    assert started == sum(v.numel() * v.element_size() for p in params for v in saved[p].values())
+    assert handler.prefetch([optimizer], params) == 0  # already in flight: nothing copied twice
+    handler.restore([optimizer], params)
+    assert (handler.prefetch_hits, handler.prefetch_misses) == (3 * len(params), 0)
+    for p in params:
+        assert optimizer.state[p]["exp_avg"] is not host[p]
+        for key, value in saved[p].items():
+            assert torch.equal(optimizer.state[p][key], value)
+            assert optimizer.state[p][key].device == value.device
+
+    # the next offload of the same parameters reuses their host buffers
+    handler.release([optimizer], params)
+    assert all(optimizer.state[p]["exp_avg"] is host[p] for p in params)
+
+
+def test_prefetched_state_of_parameters_not_unfrozen_is_discarded():
+    model, optimizer = model_and_step(OPTIMIZERS["adamw"])
+    a, b = model[0].weight, model[1].weight
+    handler = OptimizerStateHandler("offload")
+    handler.release([optimizer], [a, b])
+    handler.prefetch([optimizer], [a])  # the guess: a comes back
+    handler.restore([optimizer], [b])  # but b does
+    assert (handler.prefetch_hits, handler.prefetch_misses) == (0, 3)
+    assert not handler._prefetched
+    handler.restore([optimizer], [a])  # copied at the switch, still exact
+    assert handler.prefetch_misses == 6
+
+
+@pytest.mark.parametrize("sampling", ["uniform", "weight_norm"])
+def test_lisa_prefetches_the_next_period_and_trains_as_with_keep(sampling):
+    from helpers import CausalLM, token_loader, trainer
+
+    from lightning_lisa import LISA
+
+    def run(mode: str) -> tuple[CausalLM, LISA]:
+        lisa = LISA(n_layers=2, interval=2, optimizer_state=mode, sampling=sampling, seed=1)
+        module = CausalLM(num_layers=6)
+        trainer([lisa], max_steps=16).fit(module, token_loader(16))
+        return module, lisa
+
+    offloaded, lisa = run("offload")
+    kept, _ = run("keep")
+    for (name, a), b in zip(offloaded.named_parameters(), kept.parameters(), strict=True):
+        assert torch.equal(a, b), name  # offloading (and prefetching) changes no value
+    if sampling == "uniform":  # the schedule is known in advance: every block coming back was prefetched
+        assert lisa._state.prefetch_hits > 0 and lisa._state.prefetch_misses == 0
+    else:  # norms change until the switch: nothing is guessed
+        assert lisa._state.prefetch_hits == 0 and lisa._state.prefetch_misses > 0
