@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import transformers as tf
@@ -452,3 +454,42 @@ def test_sequential_block_lists():
     model.empty = nn.Sequential()
     with pytest.raises(MisconfigurationException, match=r"'empty' is an empty Sequential"):
         find_layers(model, layers="empty")
+
+
+# the input side beyond the token embedding, trained with it by default (see docs/guides/models.md)
+EXTRA_EMBEDDINGS = {
+    "bart": (
+        "model.encoder.embed_positions",
+        "model.encoder.layernorm_embedding",
+        "model.decoder.embed_positions",
+        "model.decoder.layernorm_embedding",
+    ),
+    "bert": (
+        "bert.embeddings.position_embeddings",
+        "bert.embeddings.token_type_embeddings",
+        "bert.embeddings.LayerNorm",
+    ),
+    "bloom": ("transformer.word_embeddings_layernorm",),
+    "distilbert": ("distilbert.embeddings.position_embeddings", "distilbert.embeddings.LayerNorm"),
+    "gpt2": ("transformer.wpe",),
+    "gpt_bigcode": ("transformer.wpe",),
+    "opt": ("model.decoder.embed_positions",),
+    "roberta": (
+        "roberta.embeddings.token_type_embeddings",
+        "roberta.embeddings.LayerNorm",
+        "roberta.embeddings.position_embeddings",
+    ),
+}
+
+
+EXTRA_EMBEDDINGS["xlm-roberta"] = EXTRA_EMBEDDINGS["roberta"]
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_extra_embeddings_of_known_architectures(model_type):
+    config_cls, model_cls, kwargs, *_ = ARCHITECTURES[model_type]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        info = find_layers(model_cls(config_cls(**kwargs)))
+    assert info.extra_embedding_names == EXTRA_EMBEDDINGS.get(model_type, ())
+    assert info.projector_names == () and info.tower_names == ()
