@@ -383,13 +383,14 @@ def estimate_memory(
         }
 
     vocab = _vocab_size(meta, config)
-    chunked = loss_chunk_size is not None
+    chunked = loss_chunk_size is not None and loss_chunk_size < tokens  # one chunk is the plain loss
     # the backward pass of the loss holds two float32 gradients of the logits (of the loss, of the
     # log-softmax) beside the saved log-probabilities; a chunked loss, one chunk's and its saved tensors
     logits_workspace = 8 * tokens * vocab
     upcast = 4 if compute_nbytes != 4 else 0  # the loss's float32 copy of the logits (none if float32)
     forward_workspace = (compute_nbytes + upcast) * tokens * vocab  # the model's logits and that copy
-    if loss_chunk_size is not None:
+    if chunked:
+        assert loss_chunk_size is not None
         per_token = profiles["full"].head / tokens + 8 * vocab
         logits_workspace = int(min(loss_chunk_size, tokens) * per_token)
         forward_workspace = (compute_nbytes + upcast + 4) * min(loss_chunk_size, tokens) * vocab
