@@ -7,14 +7,19 @@ weights, random tokens) through a Lightning Trainer for ``--warmup`` + ``--steps
 * LoRA r=16 and r=128 on every linear layer but the head (PEFT, ``target_modules="all-linear"``);
 * LISA (gamma = ``--n-layers``, K = ``--interval``) with ``optimizer_state`` drop, offload and keep;
 * LISA with bitsandbytes ``AdamW8bit``;
-* LISA with the embeddings and the head frozen (``train_embeddings=False, train_head=False``).
+* LISA with the embeddings and the head frozen (``train_embeddings=False, train_head=False``);
+* LISA with the optimizer step in the backward pass (``step_in_backward=True``), with the compact
+  always-active state (:func:`lightning_lisa.compact_adamw`, 8-bit or factored moments for the embeddings
+  and the head, exact AdamW for the blocks), and with both.
 
 Reported per arm, each also as a ratio to full fine-tuning: trainable parameters; optimizer-state and
 training-state bytes (parameters + gradients + optimizer state, counted from tensors, peak over the
-steps); activation bytes (tensors saved for backward, counted in the first step); peak memory; median
-step time after the warm-up steps; tokens/s; and LISA's switch overhead: the time of the callback's
-``on_train_batch_start`` at a switch, as a share of the ``K`` steps of its period (a share of 20 steps is
-shown too, the usual K). Next to the measured figures: :func:`lightning_lisa.estimate.estimate_memory`.
+steps; gradients counted whenever one becomes final in the backward pass, so the step in backward's
+one-at-a-time gradients are counted too); activation bytes (tensors saved for backward, counted in
+the first step); peak memory; median step time after the warm-up steps; tokens/s; and LISA's switch
+overhead: the time of the callback's ``on_train_batch_start`` at a switch, as a share of the ``K`` steps
+of its period (a share of 20 steps is shown too, the usual K). Next to the measured figures:
+:func:`lightning_lisa.estimate.estimate_memory`.
 
 Peak memory on CUDA is ``torch.cuda.max_memory_allocated`` (reset before each arm), steps are timed
 between ``torch.cuda.synchronize()`` calls. On CPU it is the peak resident set size (RSS): with
@@ -60,7 +65,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_lisa import LISA, optimizer_state_bytes
+from lightning_lisa import LISA, compact_adamw, optimizer_state_bytes
 from lightning_lisa.estimate import SHAPES, ArmEstimate, build_meta_model, estimate_memory, load_config
 from lightning_lisa.estimate import saved_activation_bytes as count_saved_bytes
 
@@ -81,6 +86,8 @@ class ArmSpec:
     optimizer: str = "adamw"
     train_embeddings: bool = True
     train_head: bool = True
+    step_in_backward: bool = False
+    compact: str | None = None  # "8bit" or "factored": compact_adamw's moments for the always-active set
 
 
 ARMS: dict[str, ArmSpec] = {
@@ -92,6 +99,10 @@ ARMS: dict[str, ArmSpec] = {
     "lisa-keep": ArmSpec("LISA keep", "lisa", optimizer_state="keep"),
     "lisa-8bit": ArmSpec("LISA AdamW8bit", "lisa", optimizer="adamw8bit"),
     "lisa-frozen-eh": ArmSpec("LISA frozen E+H", "lisa", train_embeddings=False, train_head=False),
+    "lisa-sib": ArmSpec("LISA step in bw", "lisa", step_in_backward=True),
+    "lisa-compact": ArmSpec("LISA compact 8bit", "lisa", compact="8bit"),
+    "lisa-factored": ArmSpec("LISA compact fact.", "lisa", compact="factored"),
+    "lisa-sib-compact": ArmSpec("LISA sib+compact", "lisa", step_in_backward=True, compact="8bit"),
 }
 
 
@@ -127,10 +138,13 @@ class ArmResult:
 class Model(pl.LightningModule):
     """A causal LM trained on ``input_ids`` batches; the optimizer covers all (or only trainable) parameters."""
 
-    def __init__(self, model: torch.nn.Module, optimizer: str, lr: float, trainable_only: bool) -> None:
+    def __init__(
+        self, model: torch.nn.Module, optimizer: str, lr: float, trainable_only: bool, compact: str | None = None
+    ) -> None:
         super().__init__()
         self.model = model
         self.optimizer_name = optimizer
+        self.compact = compact
         self.lr = lr
         self.trainable_only = trainable_only
         self.count_activations = True
@@ -148,6 +162,8 @@ class Model(pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.parameters() if p.requires_grad or not self.trainable_only]
+        if self.compact is not None:
+            return compact_adamw(self, compact=self.compact, lr=self.lr)  # type: ignore[arg-type]
         if self.optimizer_name == "adamw8bit":
             import bitsandbytes as bnb
 
@@ -183,6 +199,19 @@ class Meter(pl.Callback):
         self.optimizer_state_on_device = 0
         self.training_state = 0
         self.trainable = 0
+        self.gradient_peak = 0  # gradient bytes resident at once, seen whenever one becomes final
+        self._params: list[torch.nn.Parameter] = []
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # registered before the step in backward's hooks (``on_fit_start``): each sees its gradient first
+        self._params = list(dict.fromkeys(pl_module.parameters()))
+        for p in self._params:
+            if p.requires_grad:
+                p.register_post_accumulate_grad_hook(self._count_gradients)
+
+    def _count_gradients(self, _: torch.Tensor) -> None:
+        resident = sum(p.grad.nbytes for p in self._params if p.grad is not None)
+        self.gradient_peak = max(self.gradient_peak, resident)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         synchronize(self.device)
@@ -201,7 +230,7 @@ class Meter(pl.Callback):
         params = list(dict.fromkeys(pl_module.parameters()))  # tied weights once
         state = optimizer_state_bytes(trainer.optimizers)
         on_device = optimizer_state_bytes(trainer.optimizers, device=trainer.strategy.root_device)
-        grads = sum(p.grad.nbytes for p in params if p.grad is not None)
+        grads = max(self.gradient_peak, sum(p.grad.nbytes for p in params if p.grad is not None))
         self.optimizer_state = max(self.optimizer_state, state)
         self.optimizer_state_on_device = max(self.optimizer_state_on_device, on_device)
         self.training_state = max(self.training_state, sum(p.nbytes for p in params) + grads + on_device)
@@ -331,13 +360,14 @@ def run_arm(key: str, args: argparse.Namespace) -> ArmResult:
             train_embeddings=spec.train_embeddings,
             train_head=spec.train_head,
             seed=args.seed,
+            step_in_backward=spec.step_in_backward,
         )
         callbacks.append(lisa)
     sampler = RssSampler() if device == "cpu" else contextlib.nullcontext()
     try:
         with sampler:
             model = build_model(args.shape, device, DTYPES[args.dtype], spec)
-            module = Model(model, spec.optimizer, args.lr, trainable_only=spec.kind == "lora")
+            module = Model(model, spec.optimizer, args.lr, trainable_only=spec.kind == "lora", compact=spec.compact)
             vocab = model.get_output_embeddings().weight.shape[0]
             total = args.warmup + args.steps
             g = torch.Generator().manual_seed(args.seed)
@@ -437,6 +467,15 @@ def estimates(args: argparse.Namespace, keys: list[str]) -> dict[str, ArmEstimat
             found[key] = estimate_memory(args.shape, lora_rank=spec.lora_rank, **common).lora  # type: ignore[arg-type]
         elif spec.optimizer == "adamw8bit":
             found[key] = estimate_memory(args.shape, optimizer="adamw8bit", **common).lisa  # type: ignore[arg-type]
+        elif spec.compact == "factored":  # the estimate models 8-bit moments only
+            found[key] = None
+        elif spec.step_in_backward or spec.compact is not None:
+            found[key] = estimate_memory(
+                args.shape,
+                step_in_backward=spec.step_in_backward,
+                compact_always_active=spec.compact is not None,
+                **common,
+            ).lisa  # type: ignore[arg-type]
         elif not spec.train_embeddings:
             found[key] = estimate_memory(args.shape, train_embeddings=False, train_head=False, **common).lisa  # type: ignore[arg-type]
         elif spec.optimizer_state == "drop" or (spec.optimizer_state == "offload" and args.device == "cuda"):

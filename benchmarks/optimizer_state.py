@@ -1,4 +1,4 @@
-"""Optimizer-state and training-state bytes of LISA (drop, keep) against full fine-tuning.
+"""Optimizer-state and training-state bytes of LISA (drop, keep, offload, compact) against full fine-tuning.
 
 Every arm trains the same GPT-2-shaped model (random weights, random tokens) with AdamW through a
 Lightning Trainer, in this process, and the bytes are counted from tensors after every optimizer step:
@@ -6,6 +6,11 @@ Lightning Trainer, in this process, and the bytes are counted from tensors after
 * optimizer state: every tensor in ``optimizer.state``;
 * training state: parameters + gradients + optimizer state;
 * analytic minimum for LISA: AdamW's two moments for exactly the parameters trainable at that step.
+
+Besides ``drop`` and ``keep``: ``offload`` (with the prefetch of the next period's state: how many
+state tensors came back from a prefetched copy, how many were copied at the switch), and the compact
+always-active state (:func:`lightning_lisa.compact_adamw`, ``"8bit"`` and ``"factored"``: the blocks keep
+exact AdamW, the embeddings and head compact moments).
 
 Run ``python benchmarks/optimizer_state.py`` (GPT-2 small, 200 steps, K=5; about 10 minutes on 2
 CPU cores) or ``--shape tiny --steps 20`` for a smoke run.
@@ -26,7 +31,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import GPT2LMHeadModel
 
-from lightning_lisa import LISA, optimizer_state_bytes
+from lightning_lisa import LISA, compact_adamw, optimizer_state_bytes
 from lightning_lisa.estimate import SHAPES, load_config
 
 #: ``--shape`` choices: GPT-2 shapes of :data:`lightning_lisa.estimate.SHAPES`.
@@ -36,14 +41,17 @@ SHAPE_NAMES = {"tiny": "gpt2-tiny", "gpt2-small": "gpt2-small"}
 class LM(pl.LightningModule):
     """A causal LM trained with AdamW over all its parameters."""
 
-    def __init__(self, model: GPT2LMHeadModel) -> None:
+    def __init__(self, model: GPT2LMHeadModel, compact: str | None = None) -> None:
         super().__init__()
         self.model = model
+        self.compact = compact
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         return self.model(input_ids=batch, labels=batch).loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.compact is not None:
+            return compact_adamw(self, compact=self.compact, lr=1e-4)  # type: ignore[arg-type]
         return torch.optim.AdamW(self.parameters(), lr=1e-4)
 
 
@@ -75,7 +83,7 @@ class Arm:
     seconds: float
 
 
-def run_arm(name: str, shape: str, steps: int, lisa: LISA | None, seq_len: int) -> Arm:
+def run_arm(name: str, shape: str, steps: int, lisa: LISA | None, seq_len: int, compact: str | None = None) -> Arm:
     torch.manual_seed(0)
     model = GPT2LMHeadModel(load_config(SHAPE_NAMES[shape])[1])
     vocab = SHAPES[SHAPE_NAMES[shape]]["vocab_size"]
@@ -92,7 +100,7 @@ def run_arm(name: str, shape: str, steps: int, lisa: LISA | None, seq_len: int) 
         enable_model_summary=False,
     )
     start = time.perf_counter()
-    trainer.fit(LM(model), data)
+    trainer.fit(LM(model, compact), data)
     seconds = time.perf_counter() - start
     return Arm(name, counter.optimizer_state, counter.training_state, counter.analytic_minimum, seconds)
 
@@ -113,10 +121,14 @@ def main() -> None:
     def lisa(mode: str) -> LISA:
         return LISA(n_layers=args.n_layers, interval=args.interval, optimizer_state=mode)  # type: ignore[arg-type]
 
+    offload = lisa("offload")
     arms = [
         run_arm("full fine-tuning", args.shape, args.steps, None, args.seq_len),
         run_arm("LISA drop", args.shape, args.steps, lisa("drop"), args.seq_len),
         run_arm("LISA keep", args.shape, args.steps, lisa("keep"), args.seq_len),
+        run_arm("LISA offload", args.shape, args.steps, offload, args.seq_len),
+        run_arm("LISA compact 8bit", args.shape, args.steps, lisa("drop"), args.seq_len, compact="8bit"),
+        run_arm("LISA compact fact.", args.shape, args.steps, lisa("drop"), args.seq_len, compact="factored"),
     ]
     full = arms[0]
     full_state, full_training = max(full.optimizer_state), max(full.training_state)
@@ -140,6 +152,8 @@ def main() -> None:
     growth = [keep.optimizer_state[i] / full_state for i in boundaries]
     print("LISA keep, optimizer state / full fine-tuning at the end of each period:")
     print("  " + " ".join(f"{g:.2f}" for g in growth))
+    hits, misses = offload._state.prefetch_hits, offload._state.prefetch_misses
+    print(f"LISA offload: {hits} state tensors came back from prefetched copies, {misses} were copied at the switch")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "arms": [asdict(a) for a in arms]}, f)
