@@ -27,24 +27,10 @@ from transformers import GPT2LMHeadModel
 
 from lightning_lisa import LISA
 from lightning_lisa.estimate import SHAPES, load_config
+from lightning_lisa.testing import CausalLM, quiet_trainer
 
 #: ``--shape`` choices: GPT-2 shapes of :data:`lightning_lisa.estimate.SHAPES`.
 SHAPE_NAMES = {"tiny": "gpt2-tiny", "gpt2-mini": "gpt2-mini"}
-
-
-class LM(pl.LightningModule):
-    """A causal LM trained with AdamW over all its parameters."""
-
-    def __init__(self, shape: str) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.model = GPT2LMHeadModel(load_config(SHAPE_NAMES[shape])[1])
-
-    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        return self.model(input_ids=batch, labels=batch).loss
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.parameters(), lr=1e-4)
 
 
 @dataclass
@@ -92,20 +78,11 @@ class PerStep(pl.Callback):
 def run_arm(shape: str, steps: int, hook: bool, n_layers: int, interval: int) -> tuple[PerStep, int]:
     lisa = LISA(n_layers=n_layers, interval=interval, ddp_comm_hook=hook)
     per_step = PerStep(lisa, None if hook else CountingAllReduce())
-    module = LM(shape)
+    torch.manual_seed(0)
+    module = CausalLM(GPT2LMHeadModel(load_config(SHAPE_NAMES[shape])[1]), lr=1e-4)  # AdamW over all parameters
     vocab = SHAPES[SHAPE_NAMES[shape]]["vocab_size"]
     data = DataLoader(list(torch.randint(0, vocab, (steps * 4, 32), generator=torch.Generator().manual_seed(0))), 2)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp_find_unused_parameters_true",
-        max_steps=steps,
-        callbacks=[lisa, per_step],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer([lisa, per_step], devices=2, strategy="ddp_find_unused_parameters_true", max_steps=steps)
     trainer.fit(module, data)
     return per_step, sum(p.numel() for p in module.parameters())
 

@@ -14,47 +14,35 @@ import logging
 import warnings
 from pathlib import Path
 
-import lightning.pytorch as pl
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from pydoc_data.topics import topics
 
-from pydoc_data.topics import topics  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
+from torch.utils.data import DataLoader
 
-from lightning_lisa import LISA, WeightNormMonitor  # noqa: E402
+from lightning_lisa import LISA, WeightNormMonitor
+from lightning_lisa.testing import CausalLM, quiet_trainer, tiny_llama
 
 HERE = Path(__file__).resolve().parent
 
 
-class LM(pl.LightningModule):
-    def __init__(self, vocab_size: int = 128, hidden_size: int = 32, lr: float = 1e-3) -> None:
-        super().__init__()
-        config = LlamaConfig(
-            vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=8,
-            num_attention_heads=4, num_key_value_heads=2,
-        )  # fmt: skip
-        self.model = LlamaForCausalLM(config)
-        self.lr = lr
-
-    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        return self.model(input_ids=batch, labels=batch).loss
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.parameters(), lr=self.lr)
+def LM(vocab_size: int = 128, hidden_size: int = 32, lr: float = 1e-3) -> CausalLM:  # noqa: N802 - reads as a class
+    """A Llama with 8 blocks and random weights, trained with AdamW."""
+    model = tiny_llama(
+        8, vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=2048,
+    )  # fmt: skip
+    return CausalLM(model, lr=lr)
 
 
 def schedule(path: Path, steps: int = 60) -> None:
     lisa = LISA(n_layers=2, interval=10, seed=0)
     torch.manual_seed(0)
     data = DataLoader(list(torch.randint(0, 128, (steps, 16))), batch_size=1)
-    trainer = pl.Trainer(
-        accelerator="cpu", max_steps=steps, callbacks=[lisa], logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-    )  # fmt: skip
+    trainer = quiet_trainer([lisa], max_steps=steps)
     trainer.fit(LM(), data)
     rows = ["head (lm_head)"] + [f"block {i}" for i in reversed(range(8))] + ["embeddings"]
     grid = torch.zeros(len(rows), steps)
@@ -80,10 +68,7 @@ def norms(directory: Path, steps: int = 240) -> None:
     chunks = text[: len(text) // 64 * 64].view(-1, 64)
     data = DataLoader(list(chunks), batch_size=16, shuffle=True)
     monitor = WeightNormMonitor(logging_interval=5, track_change=True, plot=False)
-    trainer = pl.Trainer(
-        accelerator="cpu", max_steps=steps, callbacks=[LISA(n_layers=2, interval=20), monitor], logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-    )  # fmt: skip
+    trainer = quiet_trainer([LISA(n_layers=2, interval=20), monitor], max_steps=steps)
     trainer.fit(LM(vocab_size=256, hidden_size=128, lr=3e-3), data)
     monitor.save_plots(directory)
 

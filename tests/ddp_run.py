@@ -15,10 +15,9 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from helpers import CausalLM, token_loader
-from recorder import Recorder
 
 from lightning_lisa import LISA
+from lightning_lisa.testing import CausalLM, Recorder, token_loader
 
 
 class AgreeingRanks(pl.Callback):

@@ -16,7 +16,6 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-from helpers import CausalLM, token_loader
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.fsdp import MixedPrecisionPolicy
 
@@ -24,6 +23,7 @@ import lightning_lisa
 import lightning_lisa.strategies.checkpoints as checkpoints
 import lightning_lisa.strategies.fsdp2 as fsdp
 from lightning_lisa import LISA, LISAModelParallelStrategy
+from lightning_lisa.testing import CausalLM, token_loader
 
 ALWAYS = ("model.model.embed_tokens.weight", "model.lm_head.weight")
 

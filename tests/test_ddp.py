@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from helpers import subprocess_env
-from recorder import block_of
+
+from lightning_lisa.testing import block_of, run_script
 
 HERE = Path(__file__).resolve().parent
 ALWAYS = {"model.model.embed_tokens.weight", "model.lm_head.weight"}
@@ -17,17 +15,7 @@ ALWAYS = {"model.model.embed_tokens.weight", "model.lm_head.weight"}
 
 def launch(out: Path, *args: str) -> None:
     """Run ddp_run.py with ``args`` in ``out``; it starts the second process itself."""
-    out.mkdir()
-    env = subprocess_env(PYTHONPATH=str(HERE))
-    result = subprocess.run(
-        [sys.executable, str(HERE / "ddp_run.py"), str(out), *args],
-        cwd=out,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+    result = run_script(HERE / "ddp_run.py", out, *args)
     assert result.returncode == 0, result.stderr[-3000:]
 
 

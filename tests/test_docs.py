@@ -18,12 +18,10 @@ BLOCK = re.compile(r"^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
 # The README's usage example stands for a user's project: give it a tiny module and data to train.
 README_PRELUDE = textwrap.dedent(
     """
-    import sys
-    sys.path.insert(0, {tests!r})
-    from helpers import CausalLM, token_loader
+    from lightning_lisa.testing import CausalLM, token_loader
     module, train_dataloader = CausalLM(), token_loader(n_batches=4)
     """
-).format(tests=str(ROOT / "tests"))
+)
 
 
 def python_blocks(page: Path) -> list[str]:

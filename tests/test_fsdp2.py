@@ -7,15 +7,13 @@ writes what it saw.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import subprocess_env
-from recorder import block_of
+
+from lightning_lisa.testing import block_of, run_script
 
 
 def _fsdp2_available() -> bool:
@@ -39,17 +37,7 @@ ALWAYS = {"model.model.embed_tokens.weight", "model.lm_head.weight"}
 
 
 def run(out: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    out.mkdir()
-    env = subprocess_env(PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
-    return subprocess.run(
-        [sys.executable, str(HERE / "fsdp2_run.py"), str(out), *args],
-        cwd=out,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+    return run_script(HERE / "fsdp2_run.py", out, *args)
 
 
 def ranks(out: Path, name: str) -> list[dict]:

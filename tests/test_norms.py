@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import socket
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import subprocess_env, tiny_llama
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from torch import nn
 
@@ -26,6 +22,7 @@ from lightning_lisa.norms import (
     partial_norm,
     partial_norms,
 )
+from lightning_lisa.testing import free_port, run_script, tiny_llama
 
 HERE = Path(__file__).resolve().parent
 ORDERS = {"l2": 2.0, "l1": 1.0, "linf": math.inf}
@@ -137,23 +134,8 @@ def test_dtensor_local_shards_count_once_per_replica_group():
         local_part(FakeDTensor(shard, ["partial"], [0]))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_two_gloo_ranks_replicated_dtensor_and_fsdp2_equal_the_single_process_norms(tmp_path: Path):
-    env = subprocess_env(PYTHONPATH=str(HERE))
-    result = subprocess.run(
-        [sys.executable, str(HERE / "norms_dist_run.py"), str(tmp_path), str(free_port())],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    result = run_script(HERE / "norms_dist_run.py", tmp_path, str(free_port()), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     zero, one = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
     assert zero == one  # every rank gets the same values
