@@ -44,11 +44,11 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
-from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # lightning_lisa from this tree
 
 from lightning_lisa import LISA
+from lightning_lisa.testing import CausalLM, tiny_llama
 
 STEPS = 12
 INTERVAL = 3
@@ -59,35 +59,16 @@ ALWAYS = ("embed_tokens", "lm_head")
 SCRATCH = "LISA_FSDP_CHECK_SCRATCH"  # checkpoints; set by the first process, inherited by the ranks it starts
 
 
-def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=BLOCKS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-        max_position_embeddings=64,
-        attn_implementation="eager",  # deterministic kernels: a resumed run can match bit for bit
-    )
-    return LlamaForCausalLM(config)
-
-
-class LM(pl.LightningModule):
-    """A tiny Llama trained with AdamW (under FSDP1, LISA gives the strategy one unit per block)."""
+class LM(CausalLM):
+    """A tiny Llama trained with AdamW (under FSDP1, the strategy wraps one unit per block)."""
 
     def __init__(self, bf16: bool) -> None:
-        super().__init__()
-        self.model = tiny_llama()
+        model = tiny_llama(
+            BLOCKS, seed=0, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=256, attn_implementation="eager",  # deterministic kernels: a resume can match bit for bit
+        )  # fmt: skip
+        super().__init__(model, lr=1e-2, optimizer_kwargs={"weight_decay": 0.01})
         self.bf16 = bf16
-
-    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        loss: torch.Tensor = self.model(input_ids=batch, labels=batch).loss
-        return loss
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.01)
 
 
 class ShardedLM(LM):

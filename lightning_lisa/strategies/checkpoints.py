@@ -12,11 +12,13 @@ start without state afterwards, as they would have in the saved run.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
+from lightning.pytorch.strategies import Strategy
 from torch import nn
 
 
@@ -105,6 +107,27 @@ def params_with_saved_state(
             elif isinstance(key, str) and key in known:
                 found.add(key)
     return found
+
+
+def load_partial(
+    strategy: Strategy, load: Callable[..., dict[str, Any]], path: str | Path, weights_only: bool | None
+) -> dict[str, Any]:
+    """Run a strategy's own loading with the parameters that have no saved optimizer state frozen meanwhile.
+
+    A strict loader then finds every trainable parameter in the checkpoint.
+
+    Args:
+        strategy: The strategy that loads (its wrapped ``model``, ``optimizers`` and ``broadcast``).
+        load: The parent class's ``load_checkpoint``, bound to ``strategy``.
+        path: The checkpoint.
+        weights_only: Passed on.
+    """
+    if strategy.model is None or not path:
+        return load(path, weights_only=weights_only)
+    path = strategy.broadcast(path)
+    held = params_without_saved_state(path, strategy.model, len(strategy.optimizers), weights_only)
+    with frozen_while(held):
+        return load(path, weights_only=weights_only)
 
 
 def params_without_saved_state(

@@ -40,7 +40,7 @@ from torch import nn
 from lightning_lisa.errors import LISAConfigError
 from lightning_lisa.layers import LayerInfo, find_layers
 from lightning_lisa.strategies.base import StrategyAdapter
-from lightning_lisa.strategies.checkpoints import frozen_while, params_without_saved_state
+from lightning_lisa.strategies.checkpoints import load_partial
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -64,12 +64,7 @@ class LISAModelParallelStrategy(ModelParallelStrategy):
 
     def load_checkpoint(self, checkpoint_path: str | Path, weights_only: bool | None = None) -> dict[str, Any]:
         """Load as ``ModelParallelStrategy`` does, leaving out parameters without saved optimizer state."""
-        if self.model is None or not checkpoint_path:
-            return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
-        path = self.broadcast(checkpoint_path)
-        held = params_without_saved_state(path, self.model, len(self.optimizers), weights_only)
-        with frozen_while(held):
-            return super().load_checkpoint(path, weights_only=weights_only)
+        return load_partial(self, super().load_checkpoint, checkpoint_path, weights_only)
 
 
 class FSDP2Adapter(StrategyAdapter):
