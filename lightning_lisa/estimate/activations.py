@@ -347,14 +347,15 @@ def trace_activations(
         b = nn.Parameter(torch.empty((fan_out, lora_rank), dtype=dtype, device="meta"))
         lora += [a, b]
         handles.append(model.get_submodule(name).register_forward_hook(_lora_hook(a, b)))
-    config = getattr(model, "config", None)
-    implementation = getattr(config, "_attn_implementation", None)
-    if config is not None and implementation == "eager" and not unfused_dropout:
+    implementation = getattr(getattr(model, "config", None), "_attn_implementation", None)  # read only
+    switch: Callable[[str], None] | None = getattr(model, "set_attn_implementation", None)
+    fused = implementation == "eager" and not unfused_dropout and switch is not None
+    if fused and switch is not None:
         # models without an SDPA path (e.g. Gemma-2's softcapped attention) run flash-attention on GPUs
         from transformers import AttentionInterface
 
         AttentionInterface.register(FUSED_ATTENTION, _fused_attention_interface)
-        config._attn_implementation = FUSED_ATTENTION
+        switch(FUSED_ATTENTION)
     head = getattr(model, "get_output_embeddings", lambda: None)()
     try:
         with MetaTraceMode(unfused_dropout, autocast):
@@ -366,8 +367,8 @@ def trace_activations(
     finally:
         for handle in handles:
             handle.remove()
-        if config is not None and implementation is not None:
-            config._attn_implementation = implementation
+        if fused and switch is not None:
+            switch(str(implementation))
         model.requires_grad_(False)
 
 

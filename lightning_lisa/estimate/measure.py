@@ -11,12 +11,11 @@ compared at small shapes on a CPU.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from torch.utils._python_dispatch import TorchDispatchMode  # where torch defines it; no public alias
 
 
 class TensorPeak(TorchDispatchMode):  # type: ignore[no-untyped-call]
@@ -58,10 +57,9 @@ class TensorPeak(TorchDispatchMode):  # type: ignore[no-untyped-call]
         self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None
     ) -> Any:
         out = func(*args, **(kwargs or {}))
-        inputs = {_address(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
-        for tensor in tree_flatten(out)[0]:
-            if isinstance(tensor, torch.Tensor):
-                self._add(tensor, inputs)
+        inputs = {_address(t) for t in _tensors((args, kwargs))}
+        for tensor in _tensors(out):
+            self._add(tensor, inputs)
         return out
 
     def _add(self, tensor: torch.Tensor, inputs: Iterable[int]) -> None:
@@ -89,6 +87,18 @@ class TensorPeak(TorchDispatchMode):  # type: ignore[no-untyped-call]
         if entry[1] == 0:
             self.current -= entry[0]
             del self._live[key]
+
+
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    """The tensors in ``value``, through lists, tuples and dicts (an operator's arguments and results)."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _tensors(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
 
 
 def _address(tensor: torch.Tensor) -> int:
