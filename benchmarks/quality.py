@@ -28,9 +28,11 @@ initialization and LISA's draws. Each arm's peak training memory is the estimate
 :func:`lightning_lisa.estimate.estimate_memory` (the one ``lightning-lisa estimate`` prints), at this
 benchmark's model and batch (float32, CPU) and at the Llama-2-7B shape (bf16, batch 1 x 1024).
 
-Results are written after every run (``--json``), and ``--resume`` skips the runs a JSON file already
-holds, so an interrupted run can continue. ``--smoke`` runs a tiny random Llama with the default BPE
-tokenizer (no real model) for a few steps, to test the script.
+On a GPU, ``--device cuda --steps 100 --seeds 5`` runs the same protocol with more steps and seeds
+(the CPU defaults are sized for a shared 2-core machine). Results are written after every run
+(``--json``), and ``--resume`` skips the runs a JSON file already holds, so an interrupted run can
+continue. ``--smoke`` runs a tiny random Llama with the default BPE tokenizer (no real model) for a
+few steps, to test the script.
 """
 
 from __future__ import annotations
@@ -79,13 +81,13 @@ ARM_NAMES = {
 #: Learning-rate grids (2 values each: the CPU budget). Full fine-tuning of a pretrained model takes a lower
 #: rate than the arms that train fewer parameters; LoRA's adapters start at zero and take the highest.
 DEFAULT_LRS = {
-    "full": [3e-5, 1e-4],
-    "lora16": [3e-4, 1e-3],
-    "lora128": [3e-4, 1e-3],
-    "lisa": [1e-4, 3e-4],
-    "lisa4": [1e-4, 3e-4],
-    "eh": [1e-4, 3e-4],
-    "fixed": [1e-4, 3e-4],
+    "full": [5e-5, 2e-4],
+    "lora16": [5e-4, 2e-3],
+    "lora128": [5e-4, 2e-3],
+    "lisa": [2e-4, 6e-4],
+    "lisa4": [2e-4, 6e-4],
+    "eh": [2e-4, 6e-4],
+    "fixed": [2e-4, 6e-4],
 }
 TASKS = ("reverse", "code")
 
@@ -110,9 +112,9 @@ class Sizes:
     """Data sizes and the batch (``--smoke`` uses tiny ones)."""
 
     words: int = 3
-    batch: int = 8
+    batch: int = 4
     train: int = 2000
-    val: int = 64
+    val: int = 32
     test: int = 64
     english_rows: int = 8
     english_len: int = 64
@@ -281,11 +283,15 @@ class Recorder(pl.Callback):
             self.losses.append(float(outputs["loss"]))
 
 
+DEVICE = {"name": "cpu"}  # --device
+
+
 def fit(module: LM, data: Dataset[Any], batch: int, steps: int, seed: int, pad_id: int, callbacks: list[Any]) -> None:
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(data, batch_size=batch, shuffle=True, generator=generator, collate_fn=collate(pad_id))
     trainer = pl.Trainer(
-        accelerator="cpu",
+        accelerator="gpu" if DEVICE["name"] == "cuda" else "cpu",
+        devices=1,
         max_steps=steps,
         max_epochs=-1,
         callbacks=callbacks,
@@ -303,8 +309,10 @@ def fit(module: LM, data: Dataset[Any], batch: int, steps: int, seed: int, pad_i
 def mean_loss(model: torch.nn.Module, data: Dataset[Any], pad_id: int, batch: int = 16) -> float:
     """Mean loss per target token over ``data``."""
     model.eval()
+    model.to(DEVICE["name"])
     total, count = 0.0, 0
-    for items in DataLoader(data, batch_size=batch, collate_fn=collate(pad_id)):
+    for batch_items in DataLoader(data, batch_size=batch, collate_fn=collate(pad_id)):
+        items = {k: v.to(DEVICE["name"]) for k, v in batch_items.items()}
         logits = model(input_ids=items["input_ids"], attention_mask=items["attention_mask"]).logits[:, :-1]
         targets = items["labels"][:, 1:]
         loss = torch.nn.functional.cross_entropy(
@@ -327,6 +335,8 @@ def accuracy(
     for start in range(0, len(items), batch):
         chunk = items[start : start + batch]
         enc = tokenizer([p.prompt for p in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
+        model.to(DEVICE["name"])
+        enc = {k: v.to(DEVICE["name"]) for k, v in enc.items()}
         out = model.generate(
             **enc, max_new_tokens=8, do_sample=False, pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id
         )
@@ -559,7 +569,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny random model, a few steps (seconds)")
     parser.add_argument("--model", default=SMOLLM2, help=f"GGUF file of the model (default {SMOLLM2})")
-    parser.add_argument("--steps", type=int, help="fine-tuning steps of every run (default 30; smoke 4)")
+    parser.add_argument("--steps", type=int, help="fine-tuning steps of every run (default 20; smoke 4)")
     parser.add_argument("--seeds", type=int, help="seeds per arm (default 3; smoke 2)")
     parser.add_argument("--lrs", nargs="+", help="learning-rate grid: '1e-4,3e-4' for every arm, 'full=1e-4' per arm")
     parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, from {','.join(ARMS)}")
@@ -567,12 +577,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--n-layers", type=int, default=2, help="gamma of the lisa and fixed arms (default 2)")
     parser.add_argument("--interval", type=int, help="K of the LISA arms (default 10; smoke 2)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to train (default cpu)")
     parser.add_argument("--cache-dir", help="where the tokenizer and the converted model are cached")
     parser.add_argument("--json", help="write the results to this file (after every run)")
     parser.add_argument("--resume", action="store_true", help="skip the runs that the --json file already holds")
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        help="merge the results of runs of the same settings on different arms (e.g. two processes) into --json, "
+        "print the tables, and exit",
+    )
     args = parser.parse_args(argv)
     smoke = args.smoke
-    args.steps = args.steps if args.steps is not None else (4 if smoke else 30)
+    args.steps = args.steps if args.steps is not None else (4 if smoke else 20)
     args.seeds = args.seeds if args.seeds is not None else (2 if smoke else 3)
     args.interval = args.interval if args.interval is not None else (2 if smoke else 10)
     for name in ("steps", "seeds", "n_layers", "interval"):
@@ -590,10 +607,43 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def merge(paths: list[str], out: str | None) -> int:
+    """Merge results of the same settings (arms split over several processes) and print the tables."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    first = runs[0]
+    keys = ("steps", "seeds", "n_layers", "interval", "smoke", "model")
+    for path, run in zip(paths[1:], runs[1:], strict=True):
+        differ = [k for k in keys if run["args"].get(k) != first["args"].get(k)]
+        if differ or run["sizes"] != first["sizes"]:
+            raise SystemExit(f"--merge: {path} was run with other settings ({differ or 'sizes'}) than {paths[0]}")
+    payload = dict(first)
+    payload["results"] = {}
+    payload["merged_from"] = paths
+    payload["seconds"] = max(float(r.get("seconds", 0.0)) for r in runs)
+    for run in runs:
+        payload["grids"] = {**payload["grids"], **run["grids"]}
+        for regime, row in run["memory"].items():
+            payload["memory"][regime] = {**payload["memory"].get(regime, {}), **row}
+        for task, arms in run["results"].items():
+            payload["results"].setdefault(task, {}).update(arms)
+    arms = [a for a in ARMS if any(a in r for r in payload["results"].values())]
+    payload["args"] = {**first["args"], "arm_list": arms}
+    print(f"merged {', '.join(paths)}: model {payload['model']}; {first['args']['steps']} steps")
+    print(f"base model: {fmt(payload['base'])}")
+    report(payload, arms, list(payload["results"]))
+    print(f"\nlongest process: {payload['seconds'] / 60:.1f} min")
+    if out:
+        Path(out).write_text(json.dumps(payload, indent=1))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.json)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    DEVICE["name"] = args.device
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*LeafSpec.*is deprecated.*")
     for name in ("lightning.pytorch", "lightning.fabric", "lightning_lisa", "transformers", "peft"):
@@ -630,7 +680,10 @@ def main(argv: list[str] | None = None) -> int:
         "args": {k: v for k, v in vars(args).items() if k not in ("grids",)},
         "grids": args.grids,
         "date": started.isoformat(timespec="seconds"),
-        "machine": f"CPU only, no GPU: {os.cpu_count()} cores; torch threads {torch.get_num_threads()}",
+        "machine": (
+            torch.cuda.get_device_name() if args.device == "cuda" else f"CPU only, no GPU: {os.cpu_count()} cores"
+        )
+        + f"; torch threads {torch.get_num_threads()}",
         "versions": versions(),
         "model": bench.model_name,
         "sizes": asdict(sizes),
