@@ -5,7 +5,9 @@ always-active state) and arm (full fine-tuning, LoRA r=16, LISA), one model is t
 the way Lightning's automatic optimization runs them (forward pass, zero the gradients, backward pass,
 optimizer step). The second step runs inside :class:`~lightning_lisa.estimate.measure.TensorPeak`,
 which counts every tensor storage alive at once (weights, gradients and optimizer state tracked from
-before). Its peak is set against :func:`~lightning_lisa.estimate.estimate_memory` with ``device="cpu"``.
+before). Its peak is set against :func:`~lightning_lisa.estimate.estimate_memory` on the same device.
+With ``--device cuda`` (a GPU session) the same runs on the GPU, with the CUDA allocator's peak
+(``torch.cuda.max_memory_allocated``) reported beside the tensor count.
 
 * The step in backward is modelled here by one optimizer per parameter, stepped and zeroed in a
   post-accumulate-grad hook (what ``LISA(step_in_backward=True)`` does); the compact always-active
@@ -51,6 +53,7 @@ class Case:
     """One setting."""
 
     shape: str = "llama-small"
+    device: str = "cpu"
     dtype: str = "bf16"
     mixed_precision: bool = False
     gradient_checkpointing: bool = False
@@ -63,6 +66,8 @@ class Case:
     @property
     def label(self) -> str:
         parts = [self.shape, f"{self.dtype}-mixed" if self.mixed_precision else f"{self.dtype}-true"]
+        if self.device != "cpu":
+            parts.append(self.device)
         parts.append(f"{self.batch_size}x{self.seq_len}")
         parts += [
             name
@@ -99,6 +104,7 @@ for _name in list(CHECK_SHAPES):
     CHECK_SHAPES[f"{_name}-tiny"] = {**CHECK_SHAPES[_name], **TINY}
 CHECK_SHAPES["gemma2-small-tiny"]["head_dim"] = 16
 CHECK_SHAPES["gemma2-small-tiny"]["query_pre_attn_scalar"] = 16
+SHAPES = {**SHAPES, **CHECK_SHAPES}  # the estimate's shapes, and the tiny variants of the checked ones
 
 
 def tiny(case: Case) -> Case:
@@ -118,6 +124,7 @@ class Row:
     arm: str
     estimated: int
     measured: int
+    allocator: int | None = None  # CUDA: torch.cuda.max_memory_allocated during the step
 
     @property
     def error(self) -> float:
@@ -127,9 +134,10 @@ class Row:
 def build(case: Case, arm: str) -> tuple[torch.nn.Module, list[torch.nn.Parameter], list[torch.nn.Parameter]]:
     """The model of an arm, its trainable always-active parameters and its other trainable ones."""
     torch.manual_seed(0)
-    config = load_config(CHECK_SHAPES[case.shape])[1]
+    config = load_config(SHAPES[case.shape])[1]
     weights = torch.float32 if case.mixed_precision else DTYPES[case.dtype]
-    model = AutoModelForCausalLM.from_config(config, dtype=weights)
+    with torch.device(case.device):
+        model = AutoModelForCausalLM.from_config(config, dtype=weights)
     if case.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.train()
@@ -150,8 +158,8 @@ def build(case: Case, arm: str) -> tuple[torch.nn.Module, list[torch.nn.Paramete
     return model, always, blocks
 
 
-def measure(case: Case, arm: str) -> int:
-    """Peak tensor bytes of the second of two training steps."""
+def measure(case: Case, arm: str) -> tuple[int, int | None]:
+    """Peak tensor bytes of the second of two training steps (and the CUDA allocator's peak on a GPU)."""
     model, always, others = build(case, arm)
     compact = arm == "lisa" and case.compact_always_active
     in_backward = arm == "lisa" and case.step_in_backward
@@ -176,9 +184,10 @@ def measure(case: Case, arm: str) -> int:
     else:
         optimizers = [adamw([*always, *others])]
     g = torch.Generator().manual_seed(0)
-    vocab = CHECK_SHAPES[case.shape]["vocab_size"]
-    ids = torch.randint(0, vocab, (case.batch_size, case.seq_len), generator=g)
-    autocast = torch.autocast("cpu", dtype=DTYPES[case.dtype]) if case.mixed_precision else contextlib.nullcontext()
+    vocab = SHAPES[case.shape]["vocab_size"]
+    ids = torch.randint(0, vocab, (case.batch_size, case.seq_len), generator=g).to(case.device)
+    mixed = torch.autocast(case.device, dtype=DTYPES[case.dtype])
+    autocast = mixed if case.mixed_precision else contextlib.nullcontext()
 
     def step() -> None:
         with autocast:
@@ -201,11 +210,15 @@ def measure(case: Case, arm: str) -> int:
     existing = [*model.parameters(), *(p.grad for p in model.parameters() if p.grad is not None)]
     for opt in optimizers:
         existing += [t for state in opt.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
+    cuda = case.device == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     with TensorPeak() as peak:
         peak.track(existing)
         del existing  # the gradients must be freed when the step zeroes them
         step()
-    return peak.peak
+    return peak.peak, torch.cuda.max_memory_allocated() if cuda else None
 
 
 def _step_now(optimizer: torch.optim.Optimizer) -> Any:
@@ -218,11 +231,11 @@ def _step_now(optimizer: torch.optim.Optimizer) -> Any:
 
 def estimated(case: Case) -> dict[str, int]:
     est = estimate_memory(
-        CHECK_SHAPES[case.shape],
+        SHAPES[case.shape],
         batch_size=case.batch_size,
         seq_len=case.seq_len,
         dtype=case.dtype,  # type: ignore[arg-type]
-        device="cpu",
+        device=case.device,  # type: ignore[arg-type]
         mixed_precision=case.mixed_precision,
         gradient_checkpointing=case.gradient_checkpointing,
         loss_chunk_size=case.loss_chunk_size,
@@ -239,11 +252,12 @@ def run(cases: list[Case], arms: list[str]) -> list[Row]:
         for arm in arms:
             if arm != "lisa" and (case.step_in_backward or case.compact_always_active) and case != cases[0]:
                 continue  # LISA-only options: the other arms are those of the case without them
-            row = Row(case.label, arm, est[arm], measure(case, arm))
+            row = Row(case.label, arm, est[arm], *measure(case, arm))
             rows.append(row)
+            allocator = "" if row.allocator is None else f"  (CUDA allocator {row.allocator / 2**20:8.1f} MiB)"
             print(
                 f"{row.case:<75} {arm:<5} estimated {row.estimated / 2**20:8.1f} MiB  measured "
-                f"{row.measured / 2**20:8.1f} MiB  {100 * row.error:+6.1f}%",
+                f"{row.measured / 2**20:8.1f} MiB  {100 * row.error:+6.1f}%{allocator}",
                 flush=True,
             )
     return rows
@@ -265,12 +279,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (hidden size 64, vocabulary 4000)")
     parser.add_argument("--arms", nargs="+", default=["full", "lora", "lisa"], choices=["full", "lora", "lisa"])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: the same count on a GPU")
+    parser.add_argument("--shape", choices=list(SHAPES), default=None, help="every case at this shape instead")
+    parser.add_argument("--batch-size", type=int, default=None, help="every case at this batch size instead")
+    parser.add_argument("--seq-len", type=int, default=None, help="every case at this sequence length instead")
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     with quiet():
-        cases = QUICK if args.quick else CASES
-        rows = run([tiny(c) for c in cases] if args.tiny else cases, args.arms)
+        cases = [tiny(c) for c in (QUICK if args.quick else CASES)] if args.tiny else QUICK if args.quick else CASES
+        overrides = {"shape": args.shape, "batch_size": args.batch_size, "seq_len": args.seq_len}
+        cases = [replace(c, device=args.device, **{k: v for k, v in overrides.items() if v is not None}) for c in cases]
+        rows = run(list(dict.fromkeys(cases)), args.arms)
     worst = max(abs(r.error) for r in rows)
     print(
         f"largest error: {100 * worst:.1f}% over {len(rows)} arms; versions: {common.versions('torch', 'transformers')}"
