@@ -8,12 +8,11 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import CausalLM, tiny_llama, token_loader, trainer
 from lightning.pytorch.loggers import CSVLogger
-from recorder import Recorder, block_of
 from torch.utils.checkpoint import checkpoint
 
 from lightning_lisa import LISA, sample_layers
+from lightning_lisa.testing import CausalLM, Recorder, block_of, quiet_trainer, tiny_llama, token_loader
 
 ALWAYS = ("model.model.embed_tokens.weight", "model.lm_head.weight")
 
@@ -25,7 +24,7 @@ def expected_trainable(names: set[str], active: tuple[int, ...]) -> set[str]:
 def run(lisa: LISA, steps: int = 12, module: CausalLM | None = None, **kwargs) -> tuple[CausalLM, Recorder]:
     module = module or CausalLM()
     recorder = Recorder(lisa)
-    trainer([lisa, recorder], max_steps=steps, **kwargs).fit(module, token_loader(n_batches=steps))
+    quiet_trainer([lisa, recorder], max_steps=steps, **kwargs).fit(module, token_loader(n_batches=steps))
     return module, recorder
 
 
@@ -100,7 +99,7 @@ def test_gradient_accumulation_switches_only_on_step_boundaries(accumulate):
     lisa = LISA(n_layers=2, interval=2, seed=5)
     module = CausalLM()
     recorder = Recorder(lisa)
-    trainer([lisa, recorder], max_steps=8, accumulate_grad_batches=accumulate).fit(
+    quiet_trainer([lisa, recorder], max_steps=8, accumulate_grad_batches=accumulate).fit(
         module, token_loader(n_batches=8 * accumulate)
     )
     names = {n for n, _ in module.named_parameters()}
@@ -161,7 +160,7 @@ def test_tied_embeddings_are_counted_once():
 def test_logs_each_switch_to_the_trainers_loggers(tmp_path: Path):
     lisa = LISA(n_layers=2, interval=4)
     logger = CSVLogger(tmp_path, name="run")
-    trainer([lisa], max_steps=9, logger=logger, log_every_n_steps=1).fit(CausalLM(), token_loader(9))
+    quiet_trainer([lisa], max_steps=9, logger=logger, log_every_n_steps=1).fit(CausalLM(), token_loader(9))
     with open(Path(logger.log_dir) / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     switches = [r for r in rows if r.get("lisa/period")]

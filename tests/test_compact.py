@@ -7,7 +7,6 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import CausalLM, tiny_llama, token_loader, trainer
 
 from lightning_lisa import LISA, CompactAdamW, compact_adamw, optimizer_state_bytes
 from lightning_lisa.compact import (
@@ -17,6 +16,7 @@ from lightning_lisa.compact import (
     _quantize_signed,
 )
 from lightning_lisa.errors import LISAConfigError
+from lightning_lisa.testing import CausalLM, quiet_trainer, tiny_llama, token_loader
 
 
 def feed(params: list[torch.nn.Parameter], step: int) -> None:
@@ -159,7 +159,7 @@ class CompactLM(CausalLM):
 def test_lisa_frees_the_blocks_state_and_keeps_the_compact_state(mode):
     lisa = LISA(n_layers=1, interval=2, optimizer_state=mode)
     module = CompactLM(tiny_llama(4), optimizer="8bit")
-    trainer([lisa], max_steps=5).fit(module, token_loader(8))
+    quiet_trainer([lisa], max_steps=5).fit(module, token_loader(8))
     optimizer = module.trainer.optimizers[0]
     embed = module.model.model.embed_tokens.weight
     assert optimizer.state[embed]["exp_avg_codes"].dtype == torch.int8
@@ -176,7 +176,7 @@ def test_lisa_frees_the_blocks_state_and_keeps_the_compact_state(mode):
 def test_with_the_step_in_backward_the_weights_equal_a_normal_run(mode):
     def run(step_in_backward: bool) -> CompactLM:
         module = CompactLM(tiny_llama(4), optimizer=mode)
-        trainer([LISA(n_layers=1, interval=2, step_in_backward=step_in_backward)], max_steps=6).fit(
+        quiet_trainer([LISA(n_layers=1, interval=2, step_in_backward=step_in_backward)], max_steps=6).fit(
             module, token_loader(8)
         )
         return module

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import CausalLM, token_loader, trainer
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
 from lightning_lisa import LISA
 from lightning_lisa.errors import LISAConfigError
 from lightning_lisa.strategies import adapter_for, check_supported
+from lightning_lisa.testing import CausalLM, quiet_trainer, token_loader
 
 
 @pytest.mark.parametrize(
@@ -46,7 +46,7 @@ def fit_fails(lisa: LISA, message: str, module: CausalLM | None = None, **traine
     module = module or CausalLM()
     before = {n: (p.requires_grad, p.detach().clone()) for n, p in module.named_parameters()}
     with pytest.raises(MisconfigurationException, match=message):
-        trainer([lisa], max_steps=2, **trainer_kwargs).fit(module, token_loader(2))
+        quiet_trainer([lisa], max_steps=2, **trainer_kwargs).fit(module, token_loader(2))
     assert module.training_steps == 0
     for n, p in module.named_parameters():
         assert p.requires_grad == before[n][0], n
@@ -102,7 +102,7 @@ def test_bad_probabilities(sampling, message):
 
 
 def test_tied_embeddings_cannot_train_on_one_side_only():
-    from helpers import tiny_llama
+    from lightning_lisa.testing import tiny_llama
 
     fit_fails(LISA(train_embeddings=False), r"share \(tie\) their weights", module=CausalLM(model=tiny_llama(tie=True)))
 
@@ -114,7 +114,7 @@ def test_module_granularity_counts_modules():
 def test_two_lisa_callbacks():
     # one LISA per Trainer: its state_key is fixed, and Lightning refuses duplicates at construction
     with pytest.raises(RuntimeError, match="state_key` must be unique"):
-        trainer([LISA(), LISA()], max_steps=1)
+        quiet_trainer([LISA(), LISA()], max_steps=1)
 
 
 class _WrappedDDP:

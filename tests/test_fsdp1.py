@@ -10,7 +10,6 @@ import logging
 
 import pytest
 import torch
-from helpers import tiny_llama
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
@@ -22,6 +21,7 @@ from lightning_lisa.layers import find_layers, split_units
 from lightning_lisa.parameters import ParameterSet
 from lightning_lisa.strategies import adapter_for
 from lightning_lisa.strategies.fsdp1 import LISAFSDPStrategy, blocks_without_own_unit
+from lightning_lisa.testing import tiny_llama
 
 
 def classes(policy: object) -> set[type[nn.Module]]:
@@ -82,7 +82,7 @@ def test_model_built_in_configure_model_gets_a_warning():
 
 def test_setup_with_fsdp_strategy_prepares_it():
     # LISA.setup runs before the strategy wraps anything; it must not need an accelerator
-    from helpers import CausalLM
+    from lightning_lisa.testing import CausalLM
 
     lisa = LISA(n_layers=1)
 
@@ -158,6 +158,6 @@ class FakeTrainer:
 
 
 def CausalLMForNorms():  # noqa: N802 - a factory named like the class it returns
-    from helpers import CausalLM
+    from lightning_lisa.testing import CausalLM
 
     return CausalLM(num_layers=3)

@@ -7,12 +7,12 @@ import warnings
 import pytest
 import torch
 import transformers as tf
-from helpers import CausalLM, tiny_llama
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from lightning_lisa import BLOCK_LISTS, find_layers
 from lightning_lisa.layers import module_list_candidates, split_units, unique_parameters
+from lightning_lisa.testing import CausalLM, tiny_llama
 
 SMALL = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2, vocab_size=64)
 GQA = dict(SMALL, num_key_value_heads=1)

@@ -13,7 +13,6 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import CausalLM, token_loader, trainer
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.logger import Logger
@@ -21,6 +20,7 @@ from lightning.pytorch.loggers.logger import Logger
 from lightning_lisa import LISA
 from lightning_lisa.monitoring.monitor import WeightNormMonitor
 from lightning_lisa.norms import layer_norms
+from lightning_lisa.testing import CausalLM, quiet_trainer, token_loader
 
 LAYERS = [
     "model.model.embed_tokens",
@@ -34,7 +34,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 def fit(monitor: WeightNormMonitor, steps: int, module: CausalLM | None = None, **kwargs: Any) -> CausalLM:
     module = module or CausalLM()
     callbacks = kwargs.pop("callbacks", [])
-    trainer([*callbacks, monitor], max_steps=steps, **kwargs).fit(module, token_loader(n_batches=steps))
+    quiet_trainer([*callbacks, monitor], max_steps=steps, **kwargs).fit(module, token_loader(n_batches=steps))
     return module
 
 
@@ -256,7 +256,7 @@ def test_missing_matplotlib_warns_once_with_the_install_command_and_training_goe
 def test_history_survives_a_resume(tmp_path: Path):
     batches = 3
     first = WeightNormMonitor(logging_interval=2, plot=False)
-    run = trainer([first], max_epochs=2)
+    run = quiet_trainer([first], max_epochs=2)
     run.fit(CausalLM(), token_loader(n_batches=batches))
     run.save_checkpoint(tmp_path / "stop.ckpt")
     state = torch.load(tmp_path / "stop.ckpt", weights_only=False)["callbacks"]["WeightNormMonitor"]
@@ -264,7 +264,7 @@ def test_history_survives_a_resume(tmp_path: Path):
     assert state["layer_names"] == LAYERS
 
     resumed = WeightNormMonitor(logging_interval=2, plot=False)
-    run = trainer([resumed], max_epochs=4)
+    run = quiet_trainer([resumed], max_epochs=4)
     run.fit(CausalLM(), token_loader(n_batches=batches), ckpt_path=str(tmp_path / "stop.ckpt"))
     assert [row.step for row in resumed.history] == [0, 2, 4, 6, 8, 10, 12]
     assert resumed.history[:4] == first.history

@@ -157,14 +157,13 @@ def test_prefetched_state_of_parameters_not_unfrozen_is_discarded():
 
 @pytest.mark.parametrize("sampling", ["uniform", "weight_norm"])
 def test_lisa_prefetches_the_next_period_and_trains_as_with_keep(sampling):
-    from helpers import CausalLM, token_loader, trainer
-
     from lightning_lisa import LISA
+    from lightning_lisa.testing import CausalLM, quiet_trainer, token_loader
 
     def run(mode: str) -> tuple[CausalLM, LISA]:
         lisa = LISA(n_layers=2, interval=2, optimizer_state=mode, sampling=sampling, seed=1)
         module = CausalLM(num_layers=6)
-        trainer([lisa], max_steps=16).fit(module, token_loader(16))
+        quiet_trainer([lisa], max_steps=16).fit(module, token_loader(16))
         return module, lisa
 
     offloaded, lisa = run("offload")

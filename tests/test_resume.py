@@ -6,16 +6,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import CausalLM, token_loader, trainer
 
 from lightning_lisa import LISA
+from lightning_lisa.testing import CausalLM, quiet_trainer, token_loader
 
 BATCHES_PER_EPOCH = 3
 
 
 def fit(lisa: LISA | None, epochs: int, module: CausalLM, ckpt_path: str | None = None) -> CausalLM:
     callbacks = [lisa] if lisa is not None else []
-    run = trainer(callbacks, max_epochs=epochs)
+    run = quiet_trainer(callbacks, max_epochs=epochs)
     run.fit(module, token_loader(n_batches=BATCHES_PER_EPOCH), ckpt_path=ckpt_path)
     return module
 
@@ -32,7 +32,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path: Path, mode: str, interva
 
     first_lisa = LISA(n_layers=2, interval=interval, optimizer_state=mode, seed=11)
     first = CausalLM()
-    run = trainer([first_lisa], max_epochs=stop_epoch)
+    run = quiet_trainer([first_lisa], max_epochs=stop_epoch)
     run.fit(first, token_loader(n_batches=BATCHES_PER_EPOCH))
     ckpt = tmp_path / "stop.ckpt"
     run.save_checkpoint(ckpt)
@@ -59,7 +59,7 @@ def test_resume_with_other_strategies(tmp_path: Path, options: dict):
     options = {"n_layers": 2, "interval": 4, "seed": 2, **options}
     reference_lisa = LISA(**options)
     reference = fit(reference_lisa, 4, CausalLM())
-    run = trainer([LISA(**options)], max_epochs=2)
+    run = quiet_trainer([LISA(**options)], max_epochs=2)
     run.fit(CausalLM(), token_loader(n_batches=BATCHES_PER_EPOCH))
     run.save_checkpoint(tmp_path / "stop.ckpt")
     resumed_lisa = LISA(**options)
@@ -72,7 +72,7 @@ def test_resume_with_other_strategies(tmp_path: Path, options: dict):
 def test_checkpoint_holds_the_schedule_and_loads_without_the_callback(tmp_path: Path):
     lisa = LISA(n_layers=2, interval=2, seed=4)
     module = CausalLM()
-    run = trainer([lisa], max_epochs=2)
+    run = quiet_trainer([lisa], max_epochs=2)
     run.fit(module, token_loader(n_batches=BATCHES_PER_EPOCH))
     ckpt = tmp_path / "lisa.ckpt"
     run.save_checkpoint(ckpt)
@@ -94,7 +94,7 @@ def test_checkpoint_holds_the_schedule_and_loads_without_the_callback(tmp_path: 
 
 
 def test_resuming_with_other_arguments_warns(tmp_path: Path):
-    run = trainer([LISA(n_layers=2, interval=2, seed=1)], max_epochs=1)
+    run = quiet_trainer([LISA(n_layers=2, interval=2, seed=1)], max_epochs=1)
     run.fit(CausalLM(), token_loader(n_batches=BATCHES_PER_EPOCH))
     run.save_checkpoint(tmp_path / "a.ckpt")
     with pytest.warns(UserWarning, match="seed=2"):

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 from cli_args import tiny, torch_threads
-from helpers import subprocess_env
 
 from lightning_lisa.recipes.cli import cli_main
+from lightning_lisa.testing import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,11 +8,11 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import CausalLM, tiny_llama, token_loader, trainer
 
 from lightning_lisa import LISA, StepInBackward
 from lightning_lisa.errors import LISAConfigError
 from lightning_lisa.step_in_backward import step_one, steps_per_parameter
+from lightning_lisa.testing import CausalLM, quiet_trainer, tiny_llama, token_loader
 
 OPTIMIZERS: dict[str, tuple[str, dict[str, Any]]] = {
     "adamw": ("adamw", {"weight_decay": 0.1}),
@@ -36,7 +36,7 @@ def fit(
 ) -> CausalLM:
     module = CausalLM(tiny_llama(4), optimizer=optimizer, lr=1e-2, scheduler=True, optimizer_kwargs=kwargs)
     extra = [StepInBackward()] if step_in_backward else []
-    trainer(extra + list(callbacks or []), max_epochs=1, **trainer_kwargs).fit(module, token_loader(n_batches))
+    quiet_trainer(extra + list(callbacks or []), max_epochs=1, **trainer_kwargs).fit(module, token_loader(n_batches))
     return module
 
 
@@ -52,7 +52,7 @@ def test_same_weights_as_a_normal_run(name, accumulate):
     normal = fit(False, optimizer, kwargs, accumulate_grad_batches=accumulate)
     callback = StepInBackward()
     module = CausalLM(tiny_llama(4), optimizer=optimizer, lr=1e-2, scheduler=True, optimizer_kwargs=kwargs)
-    trainer([callback], max_epochs=1, accumulate_grad_batches=accumulate).fit(module, token_loader(8))
+    quiet_trainer([callback], max_epochs=1, accumulate_grad_batches=accumulate).fit(module, token_loader(8))
     assert callback.steps_in_backward == 8 // accumulate  # every step ran in the backward pass
     assert_same_weights(normal, module)
     # the scheduler halved the learning rate every 3 steps in both runs, and the weights moved
@@ -81,7 +81,7 @@ def test_lisa_flag_is_checked():
     with pytest.raises(LISAConfigError, match="`step_in_backward='yes'` is not allowed"):
         LISA(step_in_backward="yes")  # type: ignore[arg-type]
     with pytest.raises(LISAConfigError, match="`step_in_backward=True` is not supported with `gradient_clip_val"):
-        trainer([LISA(n_layers=1, step_in_backward=True)], gradient_clip_val=1.0).fit(
+        quiet_trainer([LISA(n_layers=1, step_in_backward=True)], gradient_clip_val=1.0).fit(
             CausalLM(tiny_llama(2)), token_loader(2)
         )
 
@@ -179,7 +179,7 @@ def test_refused_settings_raise_before_any_step(name):
         scaler = torch.amp.GradScaler("cpu")
         kwargs = {"plugins": [pl.plugins.MixedPrecision("16-mixed", "cpu", scaler=scaler)]}
     with pytest.raises(LISAConfigError, match=message):
-        trainer([StepInBackward()], max_epochs=1, **kwargs).fit(module, token_loader(2))
+        quiet_trainer([StepInBackward()], max_epochs=1, **kwargs).fit(module, token_loader(2))
     assert module.training_steps == 0
     assert all(torch.equal(a, b) for a, b in zip(before, module.parameters(), strict=True))
 
@@ -193,7 +193,7 @@ def test_multi_device_strategies_are_refused(strategy):
     if strategy == "fsdp2":
         kwargs["strategy"] = pl.strategies.ModelParallelStrategy()
     with pytest.raises(LISAConfigError, match=r"not supported with `strategy=.*Strategy`.*one device"):
-        check_trainer(trainer([], **kwargs), CausalLM(tiny_llama(2)))
+        check_trainer(quiet_trainer([], **kwargs), CausalLM(tiny_llama(2)))
 
 
 def test_several_optimizers_are_refused():
@@ -230,7 +230,7 @@ def test_resume_with_the_step_in_backward_equals_an_uninterrupted_run(tmp_path, 
     def run(epochs: int, ckpt: str | None = None) -> tuple[CausalLM, pl.Trainer]:
         module = CausalLM(tiny_llama(4), lr=1e-2, scheduler=True)
         callbacks = [LISA(n_layers=1, interval=4, optimizer_state=mode, seed=3, step_in_backward=True)]
-        fitting = trainer(callbacks, max_epochs=epochs)
+        fitting = quiet_trainer(callbacks, max_epochs=epochs)
         fitting.fit(module, token_loader(3), ckpt_path=ckpt)
         return module, fitting
 
