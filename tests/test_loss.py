@@ -150,3 +150,23 @@ def test_bad_arguments_are_named(kwargs: dict, words: list[str]):
 def test_module_refuses_a_bad_chunk_size():
     with pytest.raises(LISAConfigError, match="loss_chunk_size=0"):
         CausalLMModule(config=dict(LLAMA), loss_chunk_size=0)
+
+
+def test_models_that_scale_their_logits_are_refused():
+    """Cohere scales its logits after the head: the chunked loss would differ, so it is refused."""
+    cohere = {
+        "model_type": "cohere",
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 4,
+        "vocab_size": VOCAB,
+        "logit_scale": 0.0625,
+    }
+    ids, labels = batch()
+    model = model_of(cohere)
+    hidden = model.get_decoder()(input_ids=ids)[0]
+    plain = causal_lm_loss(hidden, model.get_output_embeddings(), labels, chunk_size=4)
+    assert abs(plain.item() - model(input_ids=ids, labels=labels).loss.item()) > 1e-3  # why it is refused
+    with pytest.raises(LISAConfigError, match=r"logit_scale=0.0625"):
+        CausalLMModule(config=cohere, loss_chunk_size=4)

@@ -15,15 +15,51 @@ the backward pass sees it once.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.nn import functional
 from torch.utils.checkpoint import checkpoint
 
-from lightning_lisa.errors import check_int, check_positive
+from lightning_lisa.errors import LISAConfigError, check_int, check_positive
 
 #: The label of positions that are not predicted (Hugging Face's and PyTorch's ``ignore_index``).
 IGNORE_INDEX = -100
+#: Config attributes of models whose logits are more than ``head(hidden)`` and a softcap (Cohere's
+#: ``logit_scale``, Granite's ``logits_scaling``): with a value other than 1 the chunked loss would differ.
+SCALED_LOGITS = ("logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def check_chunked_loss(model: Any) -> None:
+    """Raise unless ``model``'s logits are ``head(decoder(...)[0])`` (and Gemma-2's softcap), as chunks compute them.
+
+    Args:
+        model: A Hugging Face causal LM.
+
+    Raises:
+        LISAConfigError: If the model has no ``get_decoder``/``get_output_embeddings``, or scales its logits.
+
+    Examples:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> check_chunked_loss(LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16,
+        ...     num_hidden_layers=1, num_attention_heads=2)))
+    """
+    name = type(model).__name__
+    decoder = getattr(model, "get_decoder", None)
+    head = getattr(model, "get_output_embeddings", None)
+    if not callable(decoder) or not callable(head) or head() is None:
+        raise LISAConfigError(
+            f"`loss_chunk_size` is not allowed for {name}: the chunked loss needs `get_decoder()` and "
+            "`get_output_embeddings()`; leave `loss_chunk_size=None`."
+        )
+    config = getattr(model, "config", None)
+    for attribute in SCALED_LOGITS:
+        value = getattr(config, attribute, None)
+        if value is not None and value != 1:
+            raise LISAConfigError(
+                f"`loss_chunk_size` is not allowed for {name}: its config scales the logits "
+                f"(`{attribute}={value!r}`), which the chunked loss does not; leave `loss_chunk_size=None`."
+            )
 
 
 def causal_lm_loss(

@@ -23,7 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 from lightning_lisa.errors import check_int
 from lightning_lisa.recipes.data import IGNORE_INDEX, Batch
 from lightning_lisa.recipes.gguf import is_gguf, load_gguf_model
-from lightning_lisa.recipes.loss import causal_lm_loss
+from lightning_lisa.recipes.loss import causal_lm_loss, check_chunked_loss
 from lightning_lisa.recipes.optim import OptimizerName, ScheduleName, build_optimizer, lr_lambda, parameter_groups
 
 
@@ -130,6 +130,8 @@ class CausalLMModule(pl.LightningModule):
             self.model = AutoModelForCausalLM.from_config(build_config(config), **kwargs)  # type: ignore[no-untyped-call]
         if gradient_checkpointing:
             enable_checkpointing(self.model)
+        if loss_chunk_size is not None:
+            check_chunked_loss(self.model)
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
