@@ -319,13 +319,17 @@ def available_memory() -> int:
     return 0
 
 
-def build_model(shape: str, device: str, dtype: torch.dtype, spec: ArmSpec) -> torch.nn.Module:
+def build_model(
+    shape: str, device: str, dtype: torch.dtype, spec: ArmSpec, gradient_checkpointing: bool = False
+) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     config = load_config(shape)[1]
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if gradient_checkpointing:  # non-reentrant: blocks whose inputs need no grad still get gradients
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if spec.kind == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -366,7 +370,7 @@ def run_arm(key: str, args: argparse.Namespace) -> ArmResult:
     sampler = RssSampler() if device == "cpu" else contextlib.nullcontext()
     try:
         with sampler:
-            model = build_model(args.shape, device, DTYPES[args.dtype], spec)
+            model = build_model(args.shape, device, DTYPES[args.dtype], spec, args.gradient_checkpointing)
             module = Model(model, spec.optimizer, args.lr, trainable_only=spec.kind == "lora", compact=spec.compact)
             vocab = model.get_output_embeddings().weight.shape[0]
             total = args.warmup + args.steps
@@ -449,13 +453,19 @@ def cli_args(args: argparse.Namespace) -> list[str]:
         "lr",
         "seed",
     ]
-    return [f"--{n.replace('_', '-')}={getattr(args, n)}" for n in names] + ["--force"]
+    flags = ["--gradient-checkpointing"] if args.gradient_checkpointing else []
+    return [f"--{n.replace('_', '-')}={getattr(args, n)}" for n in names] + flags + ["--force"]
 
 
 def estimates(args: argparse.Namespace, keys: list[str]) -> dict[str, ArmEstimate | None]:
     """The estimate of every arm (``None`` for offload/keep, which the estimate does not model)."""
     common = dict(
-        n_layers=args.n_layers, batch_size=args.batch_size, seq_len=args.seq_len, dtype=args.dtype, device=args.device
+        n_layers=args.n_layers,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        dtype=args.dtype,
+        device=args.device,
+        gradient_checkpointing=args.gradient_checkpointing,
     )
     base = estimate_memory(args.shape, **common)  # type: ignore[arg-type]
     found: dict[str, ArmEstimate | None] = {}
@@ -512,6 +522,7 @@ def report(results: list[ArmResult], args: argparse.Namespace) -> dict[str, Any]
     print(
         f"\nshape={args.shape} device={args.device} dtype={args.dtype} batch={args.batch_size} seq={args.seq_len} "
         f"steps={args.steps} (+{args.warmup} warm-up) gamma={args.n_layers} K={args.interval}"
+        + (" gradient checkpointing" if getattr(args, "gradient_checkpointing", False) else "")
     )
     kind = ok[0].peak_memory_kind if ok else "-"
     print(f"peak: {kind}, minus the memory in use before the arm started; sizes in {peak_unit}; x: ratio to full")
@@ -624,6 +635,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument(
+        "--gradient-checkpointing", action="store_true", help="Hugging Face gradient checkpointing of every block"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--threads", type=int, default=0, help="torch CPU threads (0: torch's default; 1 avoids stalls on busy CPUs)"
@@ -704,6 +718,7 @@ def report_saved(paths: list[str], out: str | None) -> int:
     """Print the report of saved runs (same shape and settings), merging their arms in the usual order."""
     runs = [json.loads(Path(p).read_text()) for p in paths]
     settings = ("shape", "device", "dtype", "steps", "warmup", "interval", "n_layers", "seq_len", "batch_size")
+    settings += ("gradient_checkpointing",)
     first = runs[0]["args"]
     for path, run in zip(paths[1:], runs[1:], strict=True):
         differ = [k for k in settings if run["args"].get(k) != first.get(k)]

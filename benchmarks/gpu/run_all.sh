@@ -6,6 +6,13 @@
 #
 #   OUT=/some/dir bash benchmarks/gpu/run_all.sh           # results in $OUT (default: benchmarks/results/gpu)
 #   bash benchmarks/gpu/run_all.sh --check                 # the same commands on CPU at the tiny shape
+#   OUT=/some/dir bash benchmarks/gpu/run_all.sh --memory-map        # a second run of under 10 minutes:
+#       the memory options (step in backward, compact always-active state, both) against LoRA r=16 at
+#       batch 4 x 1024 and, with gradient checkpointing, 8 x 2048, at both shapes (no FSDP1 check)
+#   bash benchmarks/gpu/run_all.sh --memory-map --check    # that run's commands on CPU at the tiny shape
+#
+# The memory options' arms (memory_speed.py): lisa-sib (LISA(step_in_backward=True)), lisa-compact and
+# lisa-factored (compact_adamw: 8-bit or factored moments for the embeddings and head), lisa-sib-compact.
 #
 # Written to $OUT: env.txt (GPU, driver, packages), fsdp1_check.txt and fsdp1_check_<strategy>.json,
 # one <shape>.txt (printed tables) and <shape>.json per shape, estimate_<shape>.txt, and run_all.log. Llama-2-7B runs one process per arm (--isolate),
@@ -19,12 +26,17 @@ OUT="${OUT:-$ROOT/benchmarks/results/gpu}"
 mkdir -p "$OUT"
 
 CHECK=0
-if [[ "${1:-}" == "--check" ]]; then
-    CHECK=1
-elif [[ $# -gt 0 ]]; then
-    echo "usage: OUT=/dir $0 [--check]   (unknown argument: $1)" >&2
-    exit 2
-fi
+MEMORY_MAP=0
+for argument in "$@"; do
+    case "$argument" in
+        --check) CHECK=1 ;;
+        --memory-map) MEMORY_MAP=1 ;;
+        *)
+            echo "usage: OUT=/dir $0 [--memory-map] [--check]   (unknown argument: $argument)" >&2
+            exit 2
+            ;;
+    esac
+done
 
 # A Python with torch: the project's virtual environment if it has CUDA (or in --check), else python3.
 PY="${PYTHON:-}"
@@ -69,7 +81,7 @@ PYEOF
 cat "$OUT/env.txt" | tee -a "$OUT/run_all.log"
 
 # Arms: LoRA needs peft, the 8-bit arm bitsandbytes (with CUDA support); skip what is missing.
-ARMS="full,lisa-drop,lisa-offload,lisa-keep,lisa-frozen-eh"
+ARMS="full,lisa-drop,lisa-sib,lisa-compact,lisa-sib-compact,lisa-factored,lisa-offload,lisa-keep,lisa-frozen-eh"
 if "$PY" -c "import peft" >/dev/null 2>&1; then
     ARMS="full,lora16,lora128,${ARMS#full,}"
 else
@@ -87,6 +99,9 @@ if [[ $CHECK == 1 ]]; then
     SEQ=32
     SHAPES=("tiny:--no-isolate:120:all" "tiny:--isolate:300:core")
     COMMON=(--steps 2 --warmup 1 --interval 1 --batch-size 1 --threads 1)
+    # shape : process mode : time limit : batch size : sequence length : gradient checkpointing (1/0)
+    ROWS=("tiny:--no-isolate:120:4:32:0" "tiny:--no-isolate:120:8:64:1")
+    ROW_COMMON=(--steps 2 --warmup 1 --interval 1 --threads 1)
 else
     DEVICE=cuda
     # shape : process mode : time limit in seconds (all together under 10 minutes) : arms
@@ -94,9 +109,45 @@ else
     SEQ=1024
     SHAPES=("tinyllama-1.1b:--no-isolate:150:all" "llama-2-7b:--isolate:300:core")
     COMMON=(--steps 10 --warmup 2 --interval 5 --batch-size 1)
+    ROWS=(
+        "tinyllama-1.1b:--no-isolate:90:4:1024:0" "tinyllama-1.1b:--no-isolate:100:8:2048:1"
+        "llama-2-7b:--isolate:170:4:1024:0" "llama-2-7b:--isolate:200:8:2048:1"
+    )
+    ROW_COMMON=(--steps 5 --warmup 1 --interval 5)
 fi
+# The arms of the --memory-map rows: the ratios to LoRA r=16 of each memory option.
+MAP_ARMS=""
+for arm in lora16 lisa-drop lisa-sib lisa-compact lisa-sib-compact; do
+    [[ ",full,lora16,${ARMS#full,}," == *",$arm,"* ]] && MAP_ARMS="${MAP_ARMS:+$MAP_ARMS,}$arm"
+done
 
 status=0
+if [[ $MEMORY_MAP == 1 ]]; then
+    for entry in "${ROWS[@]}"; do
+        IFS=: read -r shape mode limit batch seq checkpointing <<<"$entry"
+        name="${shape}_${batch}x${seq}"
+        flags=()
+        if [[ $checkpointing == 1 ]]; then
+            name="${name}_ckpt"
+            flags=(--gradient-checkpointing)
+        fi
+        [[ $CHECK == 1 ]] && name="check_$name"
+        log "memory map $name ($mode, limit ${limit}s): arms $MAP_ARMS"
+        timeout --kill-after=20 "$limit" "$PY" benchmarks/memory_speed.py --shape "$shape" --device "$DEVICE" \
+            --dtype "$DTYPE" --seq-len "$seq" --batch-size "$batch" "${ROW_COMMON[@]}" "${flags[@]}" "$mode" \
+            --arms "$MAP_ARMS" --json "$OUT/$name.json" >"$OUT/$name.txt" 2>"$OUT/$name.err"
+        rc=$?
+        if [[ $rc != 0 ]]; then
+            status=1
+            log "memory map $name exited with $rc (124: time limit); last lines of $name.err:"
+            tail -n 5 "$OUT/$name.err" | tee -a "$OUT/run_all.log"
+        fi
+        sed -n '/^shape=/,$p' "$OUT/$name.txt" | tee -a "$OUT/run_all.log"
+    done
+    log "finished with status $status; results in $OUT"
+    exit $status
+fi
+
 if [[ $CHECK == 1 ]]; then
     FSDP_ARGS=(--strategy fsdp2 --accelerator cpu)  # FSDP1 needs CUDA; the same checks under FSDP2
 else
@@ -112,9 +163,9 @@ if [[ $rc != 0 ]]; then
 fi
 
 # "core": the arms the goals are held against, most important first (a shape cut short by its time
-# limit keeps the arms it finished); LoRA r=128 and LISA keep run at the smaller shape only.
+# limit keeps the arms it finished); LoRA r=128, LISA keep and the factored state run at the smaller shape only.
 CORE=""
-for arm in full lora16 lisa-drop lisa-8bit lisa-offload lisa-frozen-eh; do
+for arm in full lora16 lisa-drop lisa-sib lisa-sib-compact lisa-compact lisa-offload lisa-8bit lisa-frozen-eh; do
     [[ ",$ARMS," == *",$arm,"* ]] && CORE="${CORE:+$CORE,}$arm"
 done
 
