@@ -431,3 +431,34 @@ def test_new_flags_on_the_command_line(capsys):
     assert payload["lisa"]["total"] < estimate_memory("tiny", seq_len=64).lisa.total
     assert main(["tiny", "--mixed", "--dtype", "fp32"]) == 2
     assert "mixed_precision=True" in capsys.readouterr().err
+
+
+def test_memory_map_script_writes_its_tables(tmp_path):
+    """benchmarks/memory_map.py at the tiny shape: two tables (own and chunked loss), one ratio per variant."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(root / "benchmarks" / "memory_map.py"),
+            "--shapes",
+            "tiny",
+            "--out",
+            str(tmp_path / "map"),
+        ],
+        cwd=root / "benchmarks",
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((tmp_path / "map.json").read_text())["rows"]
+    assert len(rows) == 2 * 2 * 2  # batches x checkpointing x loss
+    for row in rows:
+        assert set(row["ratio"]) == {"default", "step in backward", "compact", "both"}
+        assert row["lisa_gib"]["both"] <= row["lisa_gib"]["default"]
+    text = (tmp_path / "map.md").read_text()
+    assert text.count("| tiny |") == 8 and "(estimated)" in text
