@@ -202,14 +202,16 @@ class LISA(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Remember what the user left trainable and start the current period."""
         self.communication = self._adapter_of(trainer).start(trainer, self.ddp_comm_hook)
+        assert self.layer_info is not None, "LISA.setup did not run"
         self._params = ParameterSet(pl_module, self.units, self._always_active_modules)
-        self._check_parameters(trainer, pl_module)
+        self._params.check(self.n_layers, f"{self.granularity}s of `{self.layer_info.path}`", trainer.optimizers)
         period = self.schedule.period(trainer.global_step)
         restored, self._restored = self._restored, None
         if restored is None:  # a fresh run: forget the switches of an earlier fit
             self.history = []
-        if restored is not None and restored["period"] == period and self._valid(restored["active_layers"]):
-            self._switch(trainer, period, list(restored["active_layers"]), first=True)
+        active = restored["active_layers"] if restored is not None and restored["period"] == period else []
+        if self._params.valid(active, self.n_layers):
+            self._switch(trainer, period, list(active), first=True)
         else:
             self._switch(trainer, period, self._draw(trainer, period), first=True)
 
@@ -240,19 +242,11 @@ class LISA(Callback):
         if not self._check_gradients or self._params is None:
             return
         self._check_gradients = False
-        if self._in_backward is None:
-            starved = [self.unit_names[i] for i in self._params.without_gradient(self.active_layers)]
-        else:  # updated in the backward pass, their gradients are gone
-            got = self._in_backward.received_gradient
-            starved = [self.unit_names[i] for i in self.active_layers if not any(map(got, self._params.by_unit[i]))]
+        received = None if self._in_backward is None else self._in_backward.received_gradient  # grads gone
+        starved = [self.unit_names[i] for i in self._params.without_gradient(self.active_layers, received)]
         if starved and not self._warned_no_gradient:
             self._warned_no_gradient = True
-            rank_zero_warn(
-                f"LISA: the sampled {starved} received no gradient at step {trainer.global_step}, so they do not "
-                "train. With gradient checkpointing (use_reentrant=True) and frozen embeddings, blocks whose inputs "
-                "do not require grad get none: call `model.enable_input_require_grads()` on the Hugging Face model, "
-                "or use `gradient_checkpointing_kwargs={'use_reentrant': False}`."
-            )
+            rank_zero_warn(NO_GRADIENT.format(starved=starved, step=trainer.global_step))
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Give the user back every parameter trainable, as it was before fit."""
@@ -360,30 +354,18 @@ class LISA(Callback):
         rank_zero_info(str(self.report))
         warn_whole_model_compile(pl_module, info)
 
-    def _check_parameters(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        assert self._params is not None
-        assert self.layer_info is not None
-        if len(self._params.candidates) < self.n_layers:
-            raise LISAConfigError(
-                f"`n_layers={self.n_layers}`, but only {len(self._params.candidates)} {self.granularity}s of "
-                f"`{self.layer_info.path}` have trainable parameters (the others were frozen before fit)."
-            )
-        missing = {id(p) for p in self._params.not_in(trainer.optimizers)}
-        if missing and trainer.optimizers:
-            names = [n for n, p in pl_module.named_parameters() if id(p) in missing]
-            rank_zero_warn(
-                f"LISA: {len(names)} trainable parameters are in no optimizer (e.g. {names[:3]}); they will "
-                "never change. Build the optimizer over all parameters, not only those with requires_grad."
-            )
-
     def _adapter_of(self, trainer: pl.Trainer) -> StrategyAdapter:
         if self._adapter is None or self._adapter.strategy is not trainer.strategy:
             self._adapter = adapter_for(trainer.strategy)
         return self._adapter
 
-    def _valid(self, active: Sequence[int]) -> bool:
-        assert self._params is not None
-        return len(set(active)) == self.n_layers and all(i in self._params.candidates for i in active)
+
+NO_GRADIENT = (
+    "LISA: the sampled {starved} received no gradient at step {step}, so they do not train. With gradient "
+    "checkpointing (use_reentrant=True) and frozen embeddings, blocks whose inputs do not require grad get none: "
+    "call `model.enable_input_require_grads()` on the Hugging Face model, or use "
+    "`gradient_checkpointing_kwargs={{'use_reentrant': False}}`."
+)
 
 
 def _log(trainer: pl.Trainer, switch: Switch) -> None:

@@ -9,11 +9,13 @@ stops requiring gradients and its gradient is dropped (a frozen parameter that s
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
+from lightning_lisa.errors import LISAConfigError
 from lightning_lisa.layers import Unit, unique_parameters
 
 
@@ -40,6 +42,7 @@ class ParameterSet:
 
     def __init__(self, module: nn.Module, units: Sequence[Unit], always_active: Iterable[nn.Module]) -> None:
         self.managed = [p for p in unique_parameters([module]) if p.requires_grad]
+        self.names = {id(p): name for name, p in module.named_parameters()}
         managed = {id(p) for p in self.managed}
         self.by_unit = [[p for p in unique_parameters(u.modules) if id(p) in managed] for u in units]
         self.always = [p for p in unique_parameters(always_active) if id(p) in managed]
@@ -73,9 +76,43 @@ class ParameterSet:
         """Elements that train now (tied weights once)."""
         return sum(p.numel() for p in self.managed if p.requires_grad)
 
-    def without_gradient(self, active: Sequence[int]) -> list[int]:
-        """The ``active`` units none of whose parameters received a gradient."""
-        return [i for i in active if all(p.grad is None for p in self.by_unit[i])]
+    def without_gradient(
+        self, active: Sequence[int], received: Callable[[nn.Parameter], bool] | None = None
+    ) -> list[int]:
+        """The ``active`` units none of whose parameters received a gradient.
+
+        Args:
+            active: Unit indices.
+            received: Whether a parameter received a gradient, where gradients are gone (updated in the
+                backward pass); by default whether it holds one.
+        """
+        got = received if received is not None else (lambda p: p.grad is not None)
+        return [i for i in active if not any(map(got, self.by_unit[i]))]
+
+    def check(self, n_layers: int, what: str, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+        """Raise when fewer than ``n_layers`` units can train; warn about parameters no optimizer updates.
+
+        Args:
+            n_layers: Units trained at once.
+            what: What the units are, for the message (e.g. "blocks of `model.layers`").
+            optimizers: The Trainer's optimizers.
+        """
+        if len(self.candidates) < n_layers:
+            raise LISAConfigError(
+                f"`n_layers={n_layers}`, but only {len(self.candidates)} {what} have trainable parameters (the "
+                "others were frozen before fit)."
+            )
+        missing = self.not_in(optimizers)
+        if missing and optimizers:
+            rank_zero_warn(
+                f"LISA: {len(missing)} trainable parameters are in no optimizer (e.g. "
+                f"{[self.names[id(p)] for p in missing[:3]]}); they will never change. Build the optimizer over all "
+                "parameters, not only those with requires_grad."
+            )
+
+    def valid(self, active: Sequence[int], n_layers: int) -> bool:
+        """Whether ``active`` (e.g. restored from a checkpoint) names ``n_layers`` distinct units that can train."""
+        return len(set(active)) == len(active) == n_layers and all(i in self.candidates for i in active)
 
     def not_in(self, optimizers: Sequence[torch.optim.Optimizer]) -> list[nn.Parameter]:
         """Managed parameters that no optimizer updates."""
