@@ -609,7 +609,7 @@ def format_estimate(estimate: MemoryEstimate, unit: Literal["GiB", "MiB", "auto"
     if lisa_options:
         lines.append(f"LISA with {' and '.join(lisa_options)}")
     lines.append(
-        "total = weights + opt. state + max(grads + activations, activations + logits grad, activations + "
-        "recompute + grads, grads + step buffers)"
+        "total = weights + opt. state + the largest phase of a step: end of the forward pass (grads, activations, "
+        "logits), loss backward, a block rebuilt, an optimizer step (see ArmEstimate.total)"
     )
     return "\n".join(lines)
