@@ -85,7 +85,7 @@ class NormRecord:
         return values
 
 
-class LayerNormAccumulator(Metric):
+class NormAccumulator(Metric):
     """Per-layer partial norms of one rank, combined across ranks by a single all-reduce.
 
     The state ``partials`` holds one value per layer: the sums of squares (``"l2"``) or of absolute
@@ -100,7 +100,7 @@ class LayerNormAccumulator(Metric):
         kwargs: Passed on to :class:`torchmetrics.Metric` (e.g. ``process_group``).
 
     Examples:
-        >>> acc = LayerNormAccumulator(2)
+        >>> acc = NormAccumulator(2)
         >>> acc.update(torch.tensor([9.0, 1.0]))  # shard 1: sums of squares
         >>> acc.update(torch.tensor([16.0, 0.0]))  # shard 2
         >>> acc.compute().tolist()
@@ -220,7 +220,7 @@ def partial_norms(
         device: Where the result lives (see :func:`partial_norm`).
 
     Returns:
-        A 1-D tensor with one partial value per group, ready for :class:`LayerNormAccumulator`.
+        A 1-D tensor with one partial value per group, ready for :class:`NormAccumulator`.
     """
     values = []
     for group in groups:
@@ -266,7 +266,7 @@ def layer_norms(
     if device is None:
         device = next((p.device for group in groups for p in group), torch.device("cpu"))
     partials = partial_norms(groups, norm, plain, device)
-    accumulator = LayerNormAccumulator(len(items), norm, dtype=accumulator_dtype(device)).to(device)
+    accumulator = NormAccumulator(len(items), norm, dtype=accumulator_dtype(device)).to(device)
     accumulator.update(partials)
     values = accumulator.compute().reshape(-1).tolist()
     return {name: float(v) for (name, _), v in zip(items, values, strict=True)}
@@ -321,3 +321,16 @@ def _all_reduce(tensor: Tensor, group: Any = None, op: str = "sum") -> list[Tens
 def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise LISAConfigError(f"`{name}={value!r}` is not allowed; `{name}` must be one of {list(allowed)}.")
+
+
+def __getattr__(name: str) -> object:
+    if name == "LayerNormAccumulator":  # the old name of NormAccumulator, kept for one release
+        import warnings
+
+        warnings.warn(
+            "`LayerNormAccumulator` is now `NormAccumulator` (it accumulates vector norms, not layer normalization).",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return NormAccumulator
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -21,7 +21,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
-from lightning_lisa.norms import LayerNormAccumulator, layer_norms, monitored_layers, partial_norms
+from lightning_lisa.norms import NormAccumulator, layer_norms, monitored_layers, partial_norms
 
 NORMS = ("l2", "l1", "linf")
 ORDERS = {"l2": 2.0, "l1": 1.0, "linf": float("inf")}
@@ -104,7 +104,7 @@ def worker(rank: int, out: Path, port: str) -> None:
     groups = [[p.grad for p in m.parameters()] for _, m in sharded_layers]
     result["fsdp_grad"] = {}
     for norm in NORMS:
-        accumulator = LayerNormAccumulator(len(groups), norm)
+        accumulator = NormAccumulator(len(groups), norm)
         accumulator.update(partial_norms(groups, norm))
         result["fsdp_grad"][norm] = dict(zip(names, accumulator.compute().tolist(), strict=True))
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from lightning_lisa import find_layers
 from lightning_lisa.norms import (
-    LayerNormAccumulator,
+    NormAccumulator,
     NormRecord,
     layer_norms,
     local_part,
@@ -72,7 +72,7 @@ def test_fake_two_shard_split_sums_of_squares_give_the_full_norm():
         for rank in range(2):
             groups = [[p.detach().flatten().chunk(2)[rank] for p in m.parameters()] for _, m in layers]
             per_rank.append(partial_norms(groups, norm, plain="sharded"))
-        accumulator = LayerNormAccumulator(len(layers), norm)
+        accumulator = NormAccumulator(len(layers), norm)
         for partials in per_rank:  # what the all-reduce does across ranks
             accumulator.update(partials)
         combined = accumulator.compute().tolist()
@@ -90,7 +90,7 @@ def test_replicated_plain_tensors_are_counted_on_rank_zero_only():
     assert local_part(weight, "sharded", rank=1) is weight
     # two DDP ranks: rank 0 counts 36, rank 1 counts 0; the reduced total is the norm, not sqrt(2) times it
     partials = [partial_norms([[weight]], "l2") if r == 0 else partial_norms([[]], "l2") for r in range(2)]
-    accumulator = LayerNormAccumulator(1)
+    accumulator = NormAccumulator(1)
     for p in partials:
         accumulator.update(p)
     assert accumulator.compute().item() == pytest.approx(6.0)
@@ -186,7 +186,7 @@ def test_bad_arguments_raise_naming_the_argument():
     with pytest.raises(MisconfigurationException, match=r"`plain='both'`"):
         layer_norms({"a": nn.Linear(2, 2)}, plain="both")
     with pytest.raises(MisconfigurationException, match="`norm='max'`"):
-        LayerNormAccumulator(2, "max")
+        NormAccumulator(2, "max")
 
 
 def test_records_give_values_by_kind():

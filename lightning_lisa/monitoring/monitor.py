@@ -40,7 +40,7 @@ from lightning_lisa.monitoring.plots import plot_heatmap, plot_layer_means, read
 from lightning_lisa.norms import (
     NORM_TYPES,
     Kind,
-    LayerNormAccumulator,
+    NormAccumulator,
     NormRecord,
     NormType,
     PlainTensors,
@@ -135,7 +135,7 @@ class WeightNormMonitor(Callback):
         self._params: list[list[torch.nn.Parameter]] = []
         self._references: dict[int, torch.Tensor] = {}  # id(parameter) -> its counted part at the start
         self._grad_partials: torch.Tensor | None = None
-        self._accumulator: LayerNormAccumulator | None = None
+        self._accumulator: NormAccumulator | None = None
         self._device = torch.device("cpu")
         self._plain: PlainTensors = "replicated"
         self._bucket = -1  # global_step // logging_interval of the last logged row
@@ -169,7 +169,7 @@ class WeightNormMonitor(Callback):
             self._select(pl_module)
         self._params = [unique_parameters([m]) for m in self._modules]
         self._device = trainer.strategy.root_device
-        self._accumulator = LayerNormAccumulator(
+        self._accumulator = NormAccumulator(
             len(self._modules) * self._kinds_count(), self.norm, dtype=accumulator_dtype(self._device)
         ).to(self._device)
         self._restore_history()
