@@ -166,6 +166,8 @@ class OptimizerStateHandler:
                     k = (id(p), key)
                     if not isinstance(value, torch.Tensor) or k not in self._devices or k in self._prefetched:
                         continue
+                    if local_tensor(value) is not value:  # DTensor shards come back at the switch
+                        continue
                     device = self._devices[k]
                     if device.type == "cuda":
                         stream = self._stream(device)
@@ -189,6 +191,8 @@ class OptimizerStateHandler:
         copy = self._prefetched.pop(k, None)
         if copy is None:
             self.prefetch_misses += 1
+            if local_tensor(value) is not value:  # a DTensor shard, as it was moved
+                return value.to(device)
             return value.to(device, non_blocking=value.is_pinned(), copy=True)
         self.prefetch_hits += 1
         if device.type == "cuda":  # made on the side stream, used and freed on the current one
@@ -202,6 +206,10 @@ class OptimizerStateHandler:
         for key, value in state.items():
             if isinstance(value, torch.Tensor) and (id(p), key) not in self._devices:
                 k = (id(p), key)
+                self._devices[k] = value.device
+                if local_tensor(value) is not value:  # a DTensor shard: moved as a whole, as DTensor.to does
+                    moved[key] = value.to("cpu")
+                    continue
                 host = self._host.get(k)
                 if host is None or host.shape != value.shape or host.dtype != value.dtype:
                     host = torch.empty(value.shape, dtype=value.dtype, pin_memory=value.is_cuda)
@@ -214,7 +222,6 @@ class OptimizerStateHandler:
                     value.record_stream(stream)  # not reused by the allocator before the copy is done
                 else:
                     host.copy_(value)
-                self._devices[k] = value.device
                 value = host
             moved[key] = value
         return moved
