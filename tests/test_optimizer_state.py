@@ -174,3 +174,27 @@ def test_lisa_prefetches_the_next_period_and_trains_as_with_keep(sampling):
         assert lisa._state.prefetch_hits > 0 and lisa._state.prefetch_misses == 0
     else:  # norms change until the switch: nothing is guessed
         assert lisa._state.prefetch_hits == 0 and lisa._state.prefetch_misses > 0
+
+
+def test_offload_of_dtensor_state_restores_it(monkeypatch):
+    # FSDP2 keeps DTensor state: it moves as a whole (no host buffer) and comes back at the switch
+    import torch.distributed as dist
+    from torch.distributed.tensor import DeviceMesh, Shard, distribute_tensor
+
+    from lightning_lisa.testing import free_port
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    mesh = DeviceMesh("cpu", [0])
+    p = torch.nn.Parameter(distribute_tensor(torch.randn(8, 4), mesh, [Shard(0)]))
+    optimizer = torch.optim.AdamW([p], lr=0.1)
+    p.grad = distribute_tensor(torch.randn(8, 4), mesh, [Shard(0)])
+    optimizer.step()
+    saved = {k: v.full_tensor().clone() for k, v in optimizer.state[p].items() if k != "step"}
+    handler = OptimizerStateHandler("offload")
+    handler.release([optimizer], [p])
+    assert handler.prefetch([optimizer], [p]) == 4  # the step counter only
+    handler.restore([optimizer], [p])
+    for key, value in saved.items():
+        assert torch.equal(optimizer.state[p][key].full_tensor(), value)
