@@ -625,7 +625,10 @@ def merge(paths: list[str], out: str | None) -> int:
         for regime, row in run["memory"].items():
             payload["memory"][regime] = {**payload["memory"].get(regime, {}), **row}
         for task, arms in run["results"].items():
-            payload["results"].setdefault(task, {}).update(arms)
+            merged = payload["results"].setdefault(task, {})
+            for arm, entry in arms.items():  # a resumed copy may hold fewer seeds of an arm: keep the most
+                if len(entry.get("seeds", {})) >= len(merged.get(arm, {}).get("seeds", {})):
+                    merged[arm] = entry
     arms = [a for a in ARMS if any(a in r for r in payload["results"].values())]
     payload["args"] = {**first["args"], "arm_list": arms}
     print(f"merged {', '.join(paths)}: model {payload['model']}; {first['args']['steps']} steps")
