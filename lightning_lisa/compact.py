@@ -195,16 +195,18 @@ class CompactAdamW(torch.optim.AdamW):
             m = _dequantize_signed(m_codes[b0 * block : b1 * block], m_absmax[b0:b1], block)[: stop - start]
             m.mul_(beta1).add_(g, alpha=1 - beta1)
             if factored:
-                r = row[start // cols : stop // cols]
-                v = (r[:, None] * col[None, :] / row_mean).view(-1)
+                v = torch.outer(row[start // cols : stop // cols], col).div_(row_mean).view(-1)
             else:
                 s_codes, s_absmax = state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"]
-                s = _dequantize_root(s_codes[b0 * block : b1 * block], s_absmax[b0:b1], block)[: stop - start]
-                v = s.square_().mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                v = _dequantize_root(s_codes[b0 * block : b1 * block], s_absmax[b0:b1], block)[: stop - start]
+                v.square_().mul_(beta2).addcmul_(g, g, value=1 - beta2)
                 codes, absmax = _quantize_root(v.sqrt(), block)
                 s_codes[b0 * block : b1 * block], s_absmax[b0:b1] = codes, absmax
-            denom = (v / bias2).sqrt_().add_(eps)
-            flat_p[start:stop].add_((m / denom).mul_(-lr / bias1).to(p.dtype))
+            # in place from here: few float32 copies of the chunk exist at once
+            update = v.div_(bias2).sqrt_().add_(eps)
+            torch.div(m, update, out=update).mul_(-lr / bias1)
+            flat_p[start:stop].add_(update.to(p.dtype))
+            del update, v
             codes, absmax = _quantize_signed(m, block)
             m_codes[b0 * block : b1 * block], m_absmax[b0:b1] = codes, absmax
 
@@ -306,12 +308,12 @@ def _quantize_signed(x: Tensor, block: int) -> tuple[Tensor, Tensor]:
     xb = _blocks(x, block)
     absmax = xb.abs().amax(1)
     scale = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
-    codes = (xb.abs() / scale[:, None]).pow_(1 / 3).mul_(127).round_().mul_(xb.sign())
+    codes = xb.abs().div_(scale[:, None]).pow_(1 / 3).mul_(127).round_().copysign_(xb)
     return codes.to(torch.int8).view(-1), absmax
 
 
 def _dequantize_signed(codes: Tensor, absmax: Tensor, block: int) -> Tensor:
-    return (codes.view(-1, block).float() / 127).pow_(3).mul_(absmax[:, None]).view(-1)
+    return codes.view(-1, block).float().div_(127).pow_(3).mul_(absmax[:, None]).view(-1)
 
 
 def _quantize_root(s: Tensor, block: int) -> tuple[Tensor, Tensor]:
@@ -319,11 +321,11 @@ def _quantize_root(s: Tensor, block: int) -> tuple[Tensor, Tensor]:
     sb = _blocks(s, block)
     absmax = sb.amax(1)
     scale = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
-    codes = (sb / scale[:, None]).sqrt_().mul_(255).round_()
+    codes = sb.div(scale[:, None]).sqrt_().mul_(255).round_()
     return codes.to(torch.uint8).view(-1), absmax
 
 
 def _dequantize_root(codes: Tensor, absmax: Tensor, block: int) -> Tensor:
     # code 0 stands for "below half the first level": half of it, so that no tiny second moment becomes 0
-    q = codes.view(-1, block).float().clamp_(min=0.5) / 255
+    q = codes.view(-1, block).float().clamp_(min=0.5).div_(255)
     return q.square_().mul_(absmax[:, None]).view(-1)
