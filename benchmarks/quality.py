@@ -19,7 +19,9 @@ Arms (``--arms``): ``full`` (every parameter); ``lora16`` and ``lora128`` (PEFT,
 blocks, alpha = 2 x rank); ``lisa`` (gamma = 2, K = 10: the docs' guidance for a model under 1B
 parameters and a short run); ``lisa4`` (gamma = 4, K = 10); ``eh`` (the embeddings and the head only, no
 block: the always-active set alone); ``fixed`` (a random set of gamma = 2 blocks drawn once from the seed,
-plus the embeddings and the head, never re-sampled: ``LISA(interval=steps)``).
+plus the embeddings and the head, never re-sampled: ``LISA(interval=steps)``); and two candidates for a
+short budget of steps, not run by default: ``lisa-k5`` (gamma = 2, K = 5) and ``lisa-cyclic-k5`` (the same
+with ``sampling="cyclic"``).
 
 Protocol: each arm's learning rate is chosen from its grid on the validation split with seed 0 (lowest
 validation loss on the answers); seeds 1 and 2 rerun that learning rate; the test split is only used for
@@ -68,7 +70,7 @@ from lightning_lisa.recipes.gguf import SMOLLM2, load_gguf_model, load_gguf_toke
 from lightning_lisa.recipes.tokenizer import default_cache_dir, default_tokenizer
 
 IGNORE = -100
-ARMS = ("full", "lora16", "lora128", "lisa", "lisa4", "eh", "fixed")
+ARMS = ("full", "lora16", "lora128", "lisa", "lisa4", "eh", "fixed", "lisa-k5", "lisa-cyclic-k5")
 ARM_NAMES = {
     "full": "full fine-tuning",
     "lora16": "LoRA r=16",
@@ -77,6 +79,8 @@ ARM_NAMES = {
     "lisa4": "LISA gamma=4 K=10",
     "eh": "embeddings+head only",
     "fixed": "fixed 2 blocks+E+H",
+    "lisa-k5": "LISA gamma=2 K=5",
+    "lisa-cyclic-k5": "LISA cyclic gamma=2 K=5",
 }
 #: Learning-rate grids (2 values each: the CPU budget). Full fine-tuning of a pretrained model takes a lower
 #: rate than the arms that train fewer parameters; LoRA's adapters start at zero and take the highest.
@@ -88,6 +92,8 @@ DEFAULT_LRS = {
     "lisa4": [2e-4, 6e-4],
     "eh": [2e-4, 6e-4],
     "fixed": [2e-4, 6e-4],
+    "lisa-k5": [2e-4, 6e-4],
+    "lisa-cyclic-k5": [2e-4, 6e-4],
 }
 TASKS = ("reverse", "code")
 
@@ -423,10 +429,11 @@ class Benchmark:
             rank = int(arm.removeprefix("lora"))
             lora = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules="all-linear")
             model = get_peft_model(model, lora)
-        elif arm in ("lisa", "lisa4", "fixed"):
+        elif arm in ("lisa", "lisa4", "fixed", "lisa-k5", "lisa-cyclic-k5"):
             gamma = 4 if arm == "lisa4" else args.n_layers
-            interval = args.steps if arm == "fixed" else args.interval
-            callbacks.append(LISA(n_layers=gamma, interval=interval, seed=seed))
+            interval = args.steps if arm == "fixed" else 5 if arm.endswith("k5") else args.interval
+            sampling = "cyclic" if "cyclic" in arm else "uniform"
+            callbacks.append(LISA(n_layers=gamma, interval=interval, sampling=sampling, seed=seed))
         elif arm == "eh":
             for name, p in model.named_parameters():
                 p.requires_grad_("embed_tokens" in name or "lm_head" in name)
@@ -572,7 +579,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, help="fine-tuning steps of every run (default 20; smoke 4)")
     parser.add_argument("--seeds", type=int, help="seeds per arm (default 3; smoke 2)")
     parser.add_argument("--lrs", nargs="+", help="learning-rate grid: '1e-4,3e-4' for every arm, 'full=1e-4' per arm")
-    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, from {','.join(ARMS)}")
+    parser.add_argument("--arms", default=",".join(ARMS[:7]), help=f"comma-separated, from {','.join(ARMS)}")
     parser.add_argument("--tasks", default="reverse", help=f"comma-separated, from {','.join(TASKS)}")
     parser.add_argument("--n-layers", type=int, default=2, help="gamma of the lisa and fixed arms (default 2)")
     parser.add_argument("--interval", type=int, help="K of the LISA arms (default 10; smoke 2)")
@@ -607,6 +614,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def combine(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """One arm's entries from several files: the union of the learning-rate grids, the best on validation.
+
+    A learning rate run in a second file (e.g. one more grid value) joins the grid; the seeds reported
+    are those of the entry that ran the chosen rate (of those, the one with the most seeds: a resumed
+    copy may hold fewer).
+    """
+    entries = [e for e in entries if e.get("seeds")]
+    grid: dict[str, float] = {}
+    for entry in entries:
+        grid.update(entry["grid"])
+    best = min(grid, key=lambda lr: grid[lr])
+    holding = [e for e in entries if float(e["best_lr"]) == float(best)]
+    chosen = max(holding, key=lambda e: len(e["seeds"]))
+    return {**chosen, "grid": dict(sorted(grid.items(), key=lambda kv: float(kv[0]))), "best_lr": float(best)}
+
+
 def merge(paths: list[str], out: str | None) -> int:
     """Merge results of the same settings (arms split over several processes) and print the tables."""
     runs = [json.loads(Path(p).read_text()) for p in paths]
@@ -625,10 +649,11 @@ def merge(paths: list[str], out: str | None) -> int:
         for regime, row in run["memory"].items():
             payload["memory"][regime] = {**payload["memory"].get(regime, {}), **row}
         for task, arms in run["results"].items():
-            merged = payload["results"].setdefault(task, {})
-            for arm, entry in arms.items():  # a resumed copy may hold fewer seeds of an arm: keep the most
-                if len(entry.get("seeds", {})) >= len(merged.get(arm, {}).get("seeds", {})):
-                    merged[arm] = entry
+            for arm, entry in arms.items():
+                payload["results"].setdefault(task, {}).setdefault(arm, []).append(entry)
+    for arms in payload["results"].values():
+        for arm, entries in list(arms.items()):
+            arms[arm] = combine(entries)
     arms = [a for a in ARMS if any(a in r for r in payload["results"].values())]
     payload["args"] = {**first["args"], "arm_list": arms}
     print(f"merged {', '.join(paths)}: model {payload['model']}; {first['args']['steps']} steps")
