@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
 from lightning_lisa.recipes import tokenizer as tokenizer_module
 from lightning_lisa.recipes.corpus import ALPACA_PROMPT_NO_INPUT, read_corpus
@@ -165,3 +167,49 @@ def test_a_tokenizer_object_is_used_as_is(tmp_path: Path):
     dm = TextDataModule(path=str(path), tokenizer=tok, max_length=16)
     dm.setup("fit")
     assert dm.tokenizer is tok
+
+
+# ------------------------------------------------------------------------------------ chat
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer with a small chat template (`U:`/`A:` headers, `;` ends a turn)."""
+    words = ["<unk>", "<pad>", "U:", "A:", ";", "hi", "hello", "how", "fine", "are", "you"]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token=";")
+    tok.chat_template = (
+        "{% for m in messages %}{{ 'U: ' if m.role == 'user' else 'A: ' }}{{ m.content }} ; {% endfor %}"
+        "{% if add_generation_prompt %}A: {% endif %}"
+    )
+    return tok
+
+
+def test_chat_records_train_on_the_assistant_turns_only(tmp_path: Path):
+    turns = [("user", "hi"), ("assistant", "hello"), ("user", "how are you"), ("assistant", "fine")]
+    conversation = {"messages": [{"role": role, "content": content} for role, content in turns]}
+    path = jsonl(tmp_path / "chat.jsonl", [conversation] * 4)
+    tok = word_tokenizer()
+    data = TextDataModule(path=str(path), tokenizer=tok, packing=False, max_length=32, batch_size=4, val_fraction=0.25)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    ids, labels = batch["input_ids"][0], batch["labels"][0]
+    assert tok.decode(ids[batch["attention_mask"][0] == 1]) == "U: hi ; A: hello ; U: how are you ; A: fine ;"
+    assert tok.decode(ids[labels != IGNORE_INDEX]) == "hello ; fine ;"
+
+    everything = TextDataModule(path=str(path), tokenizer=tok, packing=False, max_length=32, mask_prompt=False)
+    everything.setup("fit")
+    row = everything.train_set[0]  # type: ignore[index]
+    assert torch.equal(row["labels"], row["input_ids"])
+
+
+def test_bad_chat_records_are_named(tmp_path: Path):
+    no_answer = jsonl(tmp_path / "a.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
+    with pytest.raises(ValueError, match=r"a\.jsonl:1: the conversation has no 'assistant' message"):
+        read_corpus(no_answer)
+    bad = jsonl(tmp_path / "b.jsonl", [{"messages": [{"role": "user"}]}])
+    with pytest.raises(ValueError, match=r"b\.jsonl:1: messages\[0\] must be an object with 'role' and 'content'"):
+        read_corpus(bad)
+    not_a_list = jsonl(tmp_path / "c.jsonl", [{"messages": "hi"}])
+    with pytest.raises(ValueError, match=r"c\.jsonl:1: 'messages' must be a non-empty list"):
+        read_corpus(not_a_list)
