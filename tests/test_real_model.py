@@ -209,3 +209,16 @@ def test_demo_config_on_the_real_model(model_dir: Path, tmp_path: Path, monkeypa
     assert out.count("  period ") == 2
     assert "Prompts, answered greedily before and after fine-tuning:" in out
     assert "> What is the capital of France?" in out and out.count("    before: ") == 3
+
+
+def test_a_model_transformers_loaded_from_gguf_is_refused_before_training(tmp_path: Path):
+    """transformers' own GGUF-loaded model refuses save_pretrained: saving it is refused before training."""
+    from types import SimpleNamespace
+
+    from cli_args import TINY_MODEL
+
+    module = CausalLMModule(config=dict(TINY_MODEL))
+    module.model.hf_quantizer = SimpleNamespace(quantization_config=SimpleNamespace(quant_method="gguf"))
+    with pytest.raises(LISAConfigError, match=r"loaded by transformers from a GGUF file.*not serializable"):
+        module.save_hf(tmp_path / "out")
+    assert not (tmp_path / "out").exists()

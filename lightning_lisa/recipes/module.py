@@ -20,7 +20,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.aggregation import MeanMetric
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from lightning_lisa.errors import check_int
+from lightning_lisa.errors import LISAConfigError, check_int
 from lightning_lisa.recipes.data import IGNORE_INDEX, Batch
 from lightning_lisa.recipes.gguf import is_gguf, load_gguf_model
 from lightning_lisa.recipes.loss import causal_lm_loss, check_chunked_loss
@@ -128,6 +128,8 @@ class CausalLMModule(pl.LightningModule):
         else:
             assert config is not None
             self.model = AutoModelForCausalLM.from_config(build_config(config), **kwargs)  # type: ignore[no-untyped-call]
+        if save_hf_dir is not None:
+            check_serializable(self.model, "save_hf_dir", save_hf_dir)
         if gradient_checkpointing:
             enable_checkpointing(self.model)
         if loss_chunk_size is not None:
@@ -246,12 +248,32 @@ class CausalLMModule(pl.LightningModule):
 
     def save_hf(self, directory: str | Path) -> Path:
         """``save_pretrained`` the model, and the tokenizer if there is one, into ``directory``."""
+        check_serializable(self.model, "directory", str(directory))
         path = Path(directory).expanduser()
         self.model.save_pretrained(path)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(path)
         rank_zero_info(f"Saved the Hugging Face model{' and tokenizer' if self.tokenizer else ''} to {path}")
         return path
+
+
+def check_serializable(model: PreTrainedModel, name: str, value: object) -> None:
+    """Refuse, before training, to save a model that transformers loaded from a GGUF file itself.
+
+    ``from_pretrained(..., gguf_file=...)`` returns a model marked as GGUF-quantized, which
+    ``save_pretrained`` refuses. A ``.gguf`` path as ``model_name_or_path`` gives a plain model instead.
+
+    Raises:
+        LISAConfigError: For such a model, with what to do instead.
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    if quantizer is not None and str(getattr(method, "value", method)) == "gguf":
+        raise LISAConfigError(
+            f"`{name}={value!r}`: this model was loaded by transformers from a GGUF file (`model_kwargs.gguf_file`) "
+            "and is not serializable with save_pretrained. Give the .gguf file as `model_name_or_path` instead: it is "
+            "converted once into a plain model that saves."
+        )
 
 
 def load_pretrained(model_name_or_path: str, **kwargs: Any) -> PreTrainedModel:
