@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from lightning_lisa.errors import LISAConfigError
 from lightning_lisa.recipes.tokenizer import default_cache_dir
@@ -246,8 +246,3 @@ def load_gguf_tokenizer(
     directory = convert_gguf(path, cache_dir, name="tokenizer")
     tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(str(directory), **kwargs)
     return tokenizer
-
-
-def gguf_config(path: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None) -> Any:
-    """The Hugging Face config of a GGUF model (from the cache, converting first if needed)."""
-    return AutoConfig.from_pretrained(str(convert_gguf(path, cache_dir)))
