@@ -151,3 +151,30 @@ def test_gradient_checkpointing_trains_with_lisa(tmp_path: Path):
     changed = {n for n, p in module.model.named_parameters() if not torch.equal(p, before[n])}
     assert any(n.startswith(f"model.layers.{active}.") for n in changed)
     assert not any(n.startswith("model.layers.") and not n.startswith(f"model.layers.{active}.") for n in changed)
+
+
+@pytest.mark.parametrize("compact", ["8bit", "factored"])
+def test_compact_always_active_keeps_compact_moments_for_embeddings_and_head_only(tmp_path: Path, compact: str):
+    module = tiny_module(compact_always_active=compact, learning_rate=1e-2)
+    lisa = LISA(n_layers=1, interval=10)
+    trainer(tmp_path, steps=2, callbacks=[lisa]).fit(module, tiny_data(tmp_path))
+    optimizer = module.trainer.optimizers[0]
+    assert type(optimizer).__name__ == "CompactAdamW"
+    compact_params = {id(p) for g in optimizer.param_groups if g["compact"] == compact for p in g["params"]}
+    names = {n for n, p in module.model.named_parameters() if id(p) in compact_params}
+    assert names == {"model.embed_tokens.weight", "lm_head.weight"}
+    # the embeddings keep codes, the sampled block exact AdamW moments, the frozen blocks nothing
+    embed = module.model.model.embed_tokens.weight
+    assert not {"exp_avg", "exp_avg_sq"} & set(optimizer.state[embed])
+    (active,) = lisa.active_layers
+    block = module.model.model.layers[active].mlp.up_proj.weight
+    assert {"exp_avg", "exp_avg_sq"} <= set(optimizer.state[block])
+    frozen = next(i for i in range(len(module.model.model.layers)) if i != active)
+    assert not optimizer.state.get(module.model.model.layers[frozen].mlp.up_proj.weight)
+
+
+def test_compact_always_active_needs_adamw():
+    with pytest.raises(MisconfigurationException, match=r"compact_always_active='8bit'.*optimizer='adamw'"):
+        tiny_module(compact_always_active="8bit", optimizer="adamw8bit")
+    with pytest.raises(MisconfigurationException, match=r"`compact_always_active='4bit'` is not one of"):
+        tiny_module(compact_always_active="4bit")

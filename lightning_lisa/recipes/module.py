@@ -20,7 +20,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.aggregation import MeanMetric
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from lightning_lisa.errors import LISAConfigError, check_int
+from lightning_lisa.compact import COMPACT_MODES, CompactAdamW, CompactMode
+from lightning_lisa.errors import LISAConfigError, check_choice, check_int
+from lightning_lisa.layers import default_always_active, find_layers, resolve_modules, unique_parameters
 from lightning_lisa.recipes.data import IGNORE_INDEX, Batch
 from lightning_lisa.recipes.gguf import is_gguf, load_gguf_model
 from lightning_lisa.recipes.loss import causal_lm_loss, check_chunked_loss
@@ -72,6 +74,10 @@ class CausalLMModule(pl.LightningModule):
         optimizer: ``"adamw"`` (``torch.optim.AdamW``) or ``"adamw8bit"`` (bitsandbytes, 8-bit
             state). Built over all parameters.
         learning_rate: Peak learning rate.
+        compact_always_active: ``"8bit"`` or ``"factored"``: the optimizer is
+            :class:`~lightning_lisa.compact.CompactAdamW`, with compact moments for the always-active set
+            LISA detects by default (:func:`~lightning_lisa.layers.default_always_active`) and exact AdamW
+            for everything else. Lossy; ``None`` (exact AdamW everywhere) by default.
         weight_decay: Decoupled weight decay of matrices (biases and norms are not decayed).
         betas: Adam's coefficients.
         warmup_steps: Optimizer steps of linear warm-up.
@@ -108,6 +114,7 @@ class CausalLMModule(pl.LightningModule):
         gradient_checkpointing: bool = False,
         save_hf_dir: str | None = None,
         loss_chunk_size: int | None = None,
+        compact_always_active: CompactMode | None = None,
     ) -> None:
         super().__init__()
         if (model_name_or_path is None) == (config is None):
@@ -117,6 +124,12 @@ class CausalLMModule(pl.LightningModule):
             )
         if loss_chunk_size is not None:
             check_int("loss_chunk_size", loss_chunk_size, 1)
+        check_choice("compact_always_active", compact_always_active, [None, *COMPACT_MODES])
+        if compact_always_active is not None and optimizer != "adamw":
+            raise LISAConfigError(
+                f"`compact_always_active={compact_always_active!r}` needs `optimizer='adamw'` (the blocks keep exact "
+                f"AdamW), got `optimizer={optimizer!r}`."
+            )
         self.save_hyperparameters()
         # fail now, not at the first optimizer step
         lr_lambda(lr_schedule, warmup_steps, total_steps=1, min_lr_ratio=min_lr_ratio)
@@ -210,7 +223,17 @@ class CausalLMModule(pl.LightningModule):
         hp = self.hparams
         target = model if model is not None else self.model
         groups = parameter_groups(target.named_parameters(), hp["weight_decay"])
-        return build_optimizer(hp["optimizer"], groups, lr=hp["learning_rate"], betas=tuple(hp["betas"]))
+        compact = hp.get("compact_always_active")
+        if compact is None:
+            return build_optimizer(hp["optimizer"], groups, lr=hp["learning_rate"], betas=tuple(hp["betas"]))
+        # the always-active set (what LISA trains all the time by default) keeps compact moments
+        names = default_always_active(find_layers(target))
+        always = unique_parameters(resolve_modules(target, names, "compact_always_active"))
+        chosen = {id(p) for p in always}
+        exact = [{**g, "params": [p for p in g["params"] if id(p) not in chosen]} for g in groups]
+        compact_group = {"params": always, "compact": compact, "weight_decay": hp["weight_decay"]}
+        lr, betas = hp["learning_rate"], tuple(hp["betas"])
+        return CompactAdamW([*(g for g in exact if g["params"]), compact_group], lr=lr, betas=betas)
 
     def configure_optimizers(self) -> Any:
         """The optimizer over all parameters and the per-step warm-up + decay schedule."""
