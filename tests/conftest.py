@@ -1,19 +1,19 @@
 import os
-import sys
 import warnings
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
+from lightning_lisa.testing.processes import DISTRIBUTED_VARIABLES
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("NO_MKDOCS_2_WARNING", "1")
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 
 # What an in-process distributed run leaves behind: a process group holding MASTER_PORT, and the
-# variables Lightning sets. Multi-process tests started later would inherit the port and fail to bind.
-DISTRIBUTED_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK")
+# variables Lightning sets (DISTRIBUTED_VARIABLES). Multi-process tests started later would inherit the
+# port and fail to bind.
 
 
 @pytest.fixture(autouse=True)
