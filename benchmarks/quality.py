@@ -63,14 +63,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
-from lightning_lisa import LISA
+from lightning_lisa import LISA, compact_adamw
 from lightning_lisa.estimate import estimate_memory
 from lightning_lisa.recipes.corpus import embedded_corpus
 from lightning_lisa.recipes.gguf import SMOLLM2, load_gguf_model, load_gguf_tokenizer
 from lightning_lisa.recipes.tokenizer import default_cache_dir, default_tokenizer
 
 IGNORE = -100
-ARMS = ("full", "lora16", "lora128", "lisa", "lisa4", "eh", "fixed", "lisa-k5", "lisa-cyclic-k5")
+ARMS = ("full", "lora16", "lora128", "lisa", "lisa4", "eh", "fixed", "lisa-k5", "lisa-cyclic-k5", "lisa-compact")
 ARM_NAMES = {
     "full": "full fine-tuning",
     "lora16": "LoRA r=16",
@@ -81,6 +81,7 @@ ARM_NAMES = {
     "fixed": "fixed 2 blocks+E+H",
     "lisa-k5": "LISA gamma=2 K=5",
     "lisa-cyclic-k5": "LISA cyclic gamma=2 K=5",
+    "lisa-compact": "LISA gamma=2 K=10, 8-bit E+H moments",
 }
 #: Learning-rate grids (2 values each: the CPU budget). Full fine-tuning of a pretrained model takes a lower
 #: rate than the arms that train fewer parameters; LoRA's adapters start at zero and take the highest.
@@ -94,6 +95,7 @@ DEFAULT_LRS = {
     "fixed": [2e-4, 6e-4],
     "lisa-k5": [2e-4, 6e-4],
     "lisa-cyclic-k5": [2e-4, 6e-4],
+    "lisa-compact": [6e-4, 1.5e-3],  # the grid where exact LISA gamma=2 chose 1.5e-3
 }
 TASKS = ("reverse", "code")
 
@@ -260,19 +262,24 @@ def schedule(warmup: int, total: int, floor: float = 0.1) -> Any:
 class LM(pl.LightningModule):
     """Trains a causal LM with AdamW over all parameters (LoRA: its trainable parameters)."""
 
-    def __init__(self, model: torch.nn.Module, lr: float, steps: int, trainable_only: bool = False) -> None:
+    def __init__(
+        self, model: torch.nn.Module, lr: float, steps: int, trainable_only: bool = False, compact: bool = False
+    ) -> None:
         super().__init__()
         self.model = model
         self.lr = lr
         self.steps = steps
         self.trainable_only = trainable_only
+        self.compact = compact  # 8-bit moments for the embeddings and head (lightning_lisa.compact_adamw)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self.model(**batch).loss
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.parameters() if p.requires_grad or not self.trainable_only]
-        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)
+        optimizer: torch.optim.Optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)
+        if self.compact:
+            optimizer = compact_adamw(self, compact="8bit", lr=self.lr, weight_decay=0.0)
         warmup = max(1, self.steps // 10)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(warmup, self.steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -429,7 +436,7 @@ class Benchmark:
             rank = int(arm.removeprefix("lora"))
             lora = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules="all-linear")
             model = get_peft_model(model, lora)
-        elif arm in ("lisa", "lisa4", "fixed", "lisa-k5", "lisa-cyclic-k5"):
+        elif arm in ("lisa", "lisa4", "fixed", "lisa-k5", "lisa-cyclic-k5", "lisa-compact"):
             gamma = 4 if arm == "lisa4" else args.n_layers
             interval = args.steps if arm == "fixed" else 5 if arm.endswith("k5") else args.interval
             sampling = "cyclic" if "cyclic" in arm else "uniform"
@@ -437,7 +444,7 @@ class Benchmark:
         elif arm == "eh":
             for name, p in model.named_parameters():
                 p.requires_grad_("embed_tokens" in name or "lm_head" in name)
-        module = LM(model, lr, args.steps, trainable_only=arm.startswith("lora"))
+        module = LM(model, lr, args.steps, trainable_only=arm.startswith("lora"), compact=arm == "lisa-compact")
         if task == "reverse":
             data: Dataset[Any] = ProblemSet(self.problems["train"], self.tokenizer)
             batch = sizes.batch
@@ -506,7 +513,8 @@ def memory(bench: Benchmark, args: argparse.Namespace) -> dict[str, Any]:
                 continue
             else:
                 gamma = 4 if arm == "lisa4" else args.n_layers
-                est = estimate_memory(regime["model"], n_layers=gamma, **kwargs).lisa
+                compact = {"compact_always_active": True} if arm == "lisa-compact" else {}
+                est = estimate_memory(regime["model"], n_layers=gamma, **kwargs, **compact).lisa
             row[arm] = {"peak_bytes": est.total, "trainable": est.trainable_params}
         out[name] = row
     return out
