@@ -6,7 +6,7 @@ the way Lightning's automatic optimization runs them (forward pass, zero the gra
 optimizer step). The second step runs inside :class:`~lightning_lisa.estimate.measure.TensorPeak`,
 which counts every tensor storage alive at once (weights, gradients and optimizer state tracked from
 before). Its peak is set against :func:`~lightning_lisa.estimate.estimate_memory` on the same device.
-With ``--device cuda`` (a GPU session) the same runs on the GPU, with the CUDA allocator's peak
+With ``--device cuda`` the same runs on a GPU, with the CUDA allocator's peak
 (``torch.cuda.max_memory_allocated``) reported beside the tensor count.
 
 * The step in backward is modelled here by one optimizer per parameter, stepped and zeroed in a

@@ -44,20 +44,21 @@ def ranks(out: Path, name: str) -> list[dict]:
     return [json.loads((out / f"{name}-rank{r}.json").read_text()) for r in range(2)]
 
 
-@pytest.fixture(scope="module")
-def fp32(tmp_path_factory) -> list[dict]:
-    out = tmp_path_factory.mktemp("fsdp2") / "fp32"
-    result = run(out, "train", "fp32", "uniform", "lazy")
+def train(tmp_path_factory, precision: str, sampling: str) -> list[dict]:
+    out = tmp_path_factory.mktemp("fsdp2") / precision
+    result = run(out, "train", precision, sampling, "lazy")
     assert result.returncode == 0, result.stderr[-3000:]
     return ranks(out, "train")
+
+
+@pytest.fixture(scope="module")
+def fp32(tmp_path_factory) -> list[dict]:
+    return train(tmp_path_factory, "fp32", "uniform")
 
 
 @pytest.fixture(scope="module")
 def bf16(tmp_path_factory) -> list[dict]:
-    out = tmp_path_factory.mktemp("fsdp2") / "bf16"
-    result = run(out, "train", "bf16", "weight_norm", "lazy")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return ranks(out, "train")
+    return train(tmp_path_factory, "bf16", "weight_norm")
 
 
 def expected_trainable(weights: dict, active: list[int]) -> set[str]:
