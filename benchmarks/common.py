@@ -1,9 +1,20 @@
-"""What the benchmark scripts share: the package versions they print with their results."""
+"""What the benchmark scripts share: quiet logs, the header of their output, versions, and saving results."""
 
 from __future__ import annotations
 
 import importlib.metadata as md
+import json
+import logging
+import os
 import platform
+import sys
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+#: Loggers silenced by :func:`quiet_logs` (besides those named by the caller).
+LOGGERS = ("lightning.pytorch", "lightning.fabric", "lightning_lisa", "transformers", "peft")
 
 
 def versions(*packages: str) -> dict[str, str]:
@@ -21,3 +32,39 @@ def versions(*packages: str) -> dict[str, str]:
     except md.PackageNotFoundError:
         found["lightning-lisa"] = f"{lightning_lisa.__version__} (source tree)"
     return found
+
+
+def quiet_logs(*loggers: str, ignore: tuple[str, ...] = ()) -> None:
+    """Silence Lightning's data-loader hint, torch's pytree deprecation, and the libraries' info logs.
+
+    Args:
+        loggers: More loggers to set to ``ERROR``, besides :data:`LOGGERS`.
+        ignore: More warning messages (regular expressions) to ignore.
+    """
+    for message in (".*does not have many workers.*", ".*LeafSpec.*is deprecated.*", *ignore):
+        warnings.filterwarnings("ignore", message)
+    for name in (*LOGGERS, *loggers):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def print_header(machine: str, found_versions: dict[str, str]) -> datetime:
+    """Print the command line, the date, the machine and the versions; return the start time (UTC)."""
+    started = datetime.now(timezone.utc)
+    print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
+    print(f"date: {started.isoformat(timespec='seconds')}")
+    print(f"machine: {machine}")
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in found_versions.items()))
+    return started
+
+
+def save_json(path: str | Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` to ``path`` through a temporary file: a run cut short never leaves half a file."""
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    os.replace(tmp, path)

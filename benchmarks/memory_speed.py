@@ -43,7 +43,6 @@ import argparse
 import contextlib
 import gc
 import json
-import logging
 import os
 import platform
 import resource
@@ -53,10 +52,8 @@ import sys
 import tempfile
 import threading
 import time
-import warnings
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -700,20 +697,6 @@ def check_fits(args: argparse.Namespace) -> str | None:
     return None
 
 
-@contextlib.contextmanager
-def quiet() -> Iterator[None]:
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    warnings.filterwarnings("ignore", ".*LeafSpec.*is deprecated.*")
-    warnings.filterwarnings("ignore", ".*fan_in_fan_out.*")
-    warnings.filterwarnings("ignore", ".*is_gradient_checkpointing.*")
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning_lisa", "transformers", "peft", "bitsandbytes"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    yield
-
-
 def report_saved(paths: list[str], out: str | None) -> int:
     """Print the report of saved runs (same shape and settings), merging their arms in the usual order."""
     runs = [json.loads(Path(p).read_text()) for p in paths]
@@ -745,40 +728,36 @@ def main(argv: list[str] | None = None) -> int:
         return report_saved(args.report, args.json)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    with quiet():
-        if args.child_out:  # one arm, in a child process
-            result = run_arm(args.arm_keys[0], args)
-            Path(args.child_out).write_text(json.dumps(asdict(result)))
-            return 0
-        reason = check_fits(args)
-        if reason is not None:
-            print(f"refused: {reason}", file=sys.stderr)
-            return 2
-        started = datetime.now(timezone.utc)
-        print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
-        print(f"date: {started.isoformat(timespec='seconds')}")
-        print(f"machine: {machine(args.device)}; torch threads: {torch.get_num_threads()}")
-        print("versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()))
-        meta = build_meta_model(load_config(args.shape)[1])
-        print(f"model: {args.shape}, {sum(p.numel() for p in meta.parameters()):,} parameters (random weights)")
-        del meta
-        found = estimates(args, args.arm_keys)
-        results: list[ArmResult] = []
-        for key in args.arm_keys:
-            began = time.perf_counter()
-            result = run_isolated(key, args) if args.isolate else run_arm(key, args)
-            estimate = found[key]
-            if estimate is not None:
-                result.estimate = {
-                    **{k: v for k, v in asdict(estimate).items() if isinstance(v, int)},
-                    "training_state": estimate.training_state,
-                    "total": estimate.total,
-                }
-            results.append(result)
-            print(f"  {result.name}: {result.status} ({time.perf_counter() - began:.0f} s)", flush=True)
-            save(args, started, results, {})  # after every arm: a run cut short keeps what it measured
-        goals = report(results, args)
-        save(args, started, results, goals)
+    common.quiet_logs("bitsandbytes", ignore=(".*fan_in_fan_out.*", ".*is_gradient_checkpointing.*"))
+    if args.child_out:  # one arm, in a child process
+        result = run_arm(args.arm_keys[0], args)
+        Path(args.child_out).write_text(json.dumps(asdict(result)))
+        return 0
+    reason = check_fits(args)
+    if reason is not None:
+        print(f"refused: {reason}", file=sys.stderr)
+        return 2
+    started = common.print_header(f"{machine(args.device)}; torch threads: {torch.get_num_threads()}", versions())
+    meta = build_meta_model(load_config(args.shape)[1])
+    print(f"model: {args.shape}, {sum(p.numel() for p in meta.parameters()):,} parameters (random weights)")
+    del meta
+    found = estimates(args, args.arm_keys)
+    results: list[ArmResult] = []
+    for key in args.arm_keys:
+        began = time.perf_counter()
+        result = run_isolated(key, args) if args.isolate else run_arm(key, args)
+        estimate = found[key]
+        if estimate is not None:
+            result.estimate = {
+                **{k: v for k, v in asdict(estimate).items() if isinstance(v, int)},
+                "training_state": estimate.training_state,
+                "total": estimate.total,
+            }
+        results.append(result)
+        print(f"  {result.name}: {result.status} ({time.perf_counter() - began:.0f} s)", flush=True)
+        save(args, started, results, {})  # after every arm: a run cut short keeps what it measured
+    goals = report(results, args)
+    save(args, started, results, goals)
     return 0
 
 
@@ -793,10 +772,7 @@ def save(args: argparse.Namespace, started: datetime, results: list[ArmResult], 
         "arms": [asdict(r) for r in results],
         "goals": goals,
     }
-    path = Path(args.json)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    tmp.replace(path)
+    common.save_json(args.json, payload)
 
 
 if __name__ == "__main__":
