@@ -18,7 +18,9 @@ Compact moments (per parameter of a compact group):
   a row and a column average (Adafactor's estimate ``v[i, j] = r[i] * c[j] / mean(r)``); one-dimensional
   parameters keep an 8-bit second moment. About 1.02 bytes per parameter.
 
-Both are lossy: they change the training trajectory, so they are never the default. The update is
+Both are lossy: they change the training trajectory, so they are never the default. The blocks may
+keep compact moments too (``compact_adamw(..., compact_blocks="factored")``, opt-in): the state is then
+about one byte per trained parameter with ``"factored"`` in both places. The update is
 otherwise AdamW's (decoupled weight decay, bias correction, ``maximize``); ``amsgrad`` is refused in
 compact groups. Work is done in chunks of about four million elements, so the float32 copies of the
 moments that a step needs exist for one chunk at a time, not for a whole embedding matrix.
@@ -216,25 +218,32 @@ def compact_adamw(
     always_active: Sequence[str] | None = None,
     compact: CompactMode = "8bit",
     lr: float = 1e-3,
+    *,
+    compact_blocks: CompactMode | None = None,
     **kwargs: Any,
 ) -> CompactAdamW:
     """AdamW over every parameter of ``module``: compact moments for the always-active set, exact for the rest.
 
     Call it in ``configure_optimizers`` with the ``LightningModule`` (``compact_adamw(self, lr=...)``):
-    like LISA, it takes every parameter, trainable or not, so parameter ids stay stable.
+    like LISA, it takes every parameter, trainable or not, so parameter ids stay stable. With
+    ``compact_blocks``, the rest (the sampled blocks and any other parameter) keeps compact moments too:
+    with ``"factored"`` in both places the whole state is about one byte per trained parameter. Lossy
+    everywhere then: the blocks no longer follow AdamW exactly.
 
     Args:
         module: The ``LightningModule`` (or any model).
         always_active: Names of modules relative to ``module`` whose moments are compact; ``None``: the
             set LISA trains all the time by default (input embeddings, head, ...; see
             :func:`~lightning_lisa.layers.default_always_active`). Use the same names as ``LISA(always_active=...)``.
-        compact: ``"8bit"`` or ``"factored"`` (see :class:`CompactAdamW`).
+        compact: ``"8bit"`` or ``"factored"`` (see :class:`CompactAdamW`): the always-active set's moments.
         lr: Learning rate of both groups.
+        compact_blocks: The moments of every other parameter: ``None`` (exact AdamW, the default),
+            ``"8bit"`` or ``"factored"``.
         **kwargs: Other :class:`CompactAdamW` / ``torch.optim.AdamW`` arguments (``weight_decay``,
             ``betas``, ``fused``, ``block_size``, ...).
 
     Returns:
-        A :class:`CompactAdamW` with the exact group first and the compact group second.
+        A :class:`CompactAdamW` with the group of the rest first and the always-active group second.
 
     Examples:
         >>> import torch
@@ -243,15 +252,19 @@ def compact_adamw(
         >>> opt = compact_adamw(model, always_active=["embed", "head"], lr=1e-3, weight_decay=0.0)
         >>> [(g["compact"], sum(p.numel() for p in g["params"])) for g in opt.param_groups]
         [(None, 4224), ('8bit', 65000)]
+        >>> opt = compact_adamw(model, always_active=["embed", "head"], compact="factored", compact_blocks="factored")
+        >>> [g["compact"] for g in opt.param_groups]
+        ['factored', 'factored']
     """
     check_choice("compact", compact, COMPACT_MODES)
+    check_choice("compact_blocks", compact_blocks, [None, *COMPACT_MODES])
     names = always_active if always_active is not None else default_always_active(find_layers(module))
     compact_params = unique_parameters(resolve_modules(module, list(names), "always_active"))
     if not compact_params:
         raise LISAConfigError(f"`always_active={list(names)!r}` holds no parameters; nothing would be compact.")
     chosen = {id(p) for p in compact_params}
     exact = [p for p in unique_parameters([module]) if id(p) not in chosen]
-    groups: list[dict[str, Any]] = [{"params": exact}] if exact else []
+    groups: list[dict[str, Any]] = [{"params": exact, "compact": compact_blocks}] if exact else []
     groups.append({"params": compact_params, "compact": compact})
     return CompactAdamW(groups, lr=lr, **kwargs)
 

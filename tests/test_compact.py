@@ -143,6 +143,7 @@ def test_compact_adamw_puts_the_default_always_active_set_in_the_compact_group()
         (lambda m: compact_adamw(m, block_size=100), "`block_size=100` is not allowed"),
         (lambda m: compact_adamw(m, amsgrad=True), "`amsgrad=True` is not supported"),
         (lambda m: compact_adamw(m, always_active=["nope"]), "nope"),
+        (lambda m: compact_adamw(m, compact_blocks="exact"), "`compact_blocks='exact'` is not one of"),
     ],
 )
 def test_bad_arguments(call, message):
@@ -150,32 +151,53 @@ def test_bad_arguments(call, message):
         call(CausalLM(tiny_llama(2)))
 
 
+def test_compact_blocks_gives_every_parameter_compact_moments():
+    model = CausalLM(tiny_llama(2))
+    optimizer = compact_adamw(model, compact="factored", compact_blocks="factored", weight_decay=0.0)
+    assert [g["compact"] for g in optimizer.param_groups] == ["factored", "factored"]
+    exact = compact_adamw(model, compact="factored")
+    for opt in (optimizer, exact):
+        model.zero_grad()
+        model.model(input_ids=torch.arange(16)[None], labels=torch.arange(16)[None]).loss.backward()
+        opt.step()
+    assert not any("exp_avg" in s for s in optimizer.state.values())  # no float moments left
+    matrices = [p for p in model.parameters() if p.dim() == 2]
+    assert all({"exp_avg_sq_row", "exp_avg_sq_col"} <= optimizer.state[p].keys() for p in matrices)
+    # counted from the tensors: less than a third of the state with exact blocks
+    assert optimizer_state_bytes([optimizer]) < optimizer_state_bytes([exact]) / 3
+
+
 class CompactLM(CausalLM):
     def configure_optimizers(self) -> Any:
-        return compact_adamw(self, lr=1e-2, compact=self.hparams["optimizer"])
+        kwargs = self.hparams["optimizer_kwargs"] or {}
+        return compact_adamw(self, lr=1e-2, compact=self.hparams["optimizer"], **kwargs)
 
 
-@pytest.mark.parametrize("mode", ["drop", "offload"])
-def test_lisa_frees_the_blocks_state_and_keeps_the_compact_state(mode):
+@pytest.mark.parametrize(("mode", "compact_blocks"), [("drop", None), ("offload", None), ("drop", "factored")])
+def test_lisa_frees_the_blocks_state_and_keeps_the_compact_state(mode, compact_blocks):
     lisa = LISA(n_layers=1, interval=2, optimizer_state=mode)
-    module = CompactLM(tiny_llama(4), optimizer="8bit")
+    module = CompactLM(tiny_llama(4), optimizer="8bit", optimizer_kwargs={"compact_blocks": compact_blocks})
     quiet_trainer([lisa], max_steps=5).fit(module, token_loader(8))
     optimizer = module.trainer.optimizers[0]
     embed = module.model.model.embed_tokens.weight
     assert optimizer.state[embed]["exp_avg_codes"].dtype == torch.int8
     assert module.model.lm_head.weight in optimizer.state
     active = {id(p) for i in lisa.active_layers for p in module.model.model.layers[i].parameters()}
-    with_exact_state = {id(p) for p, s in optimizer.state.items() if "exp_avg" in s}
-    if mode == "drop":  # of the blocks, only the active one keeps (exact) state
-        assert with_exact_state == active
+    key = "exp_avg" if compact_blocks is None else "exp_avg_codes"
+    always = {id(embed), id(module.model.lm_head.weight)}
+    with_block_state = {id(p) for p, s in optimizer.state.items() if key in s} - always
+    if mode == "drop":  # of the blocks, only the active one keeps state
+        assert with_block_state == active
     else:  # the state of the blocks trained earlier is kept (offloaded)
-        assert active < with_exact_state
+        assert active < with_block_state
+    if compact_blocks is not None:
+        assert all(optimizer.state[p]["exp_avg_codes"].dtype == torch.int8 for p in optimizer.state)
 
 
-@pytest.mark.parametrize("mode", ["8bit", "factored"])
-def test_with_the_step_in_backward_the_weights_equal_a_normal_run(mode):
+@pytest.mark.parametrize(("mode", "compact_blocks"), [("8bit", None), ("factored", None), ("factored", "factored")])
+def test_with_the_step_in_backward_the_weights_equal_a_normal_run(mode, compact_blocks):
     def run(step_in_backward: bool) -> CompactLM:
-        module = CompactLM(tiny_llama(4), optimizer=mode)
+        module = CompactLM(tiny_llama(4), optimizer=mode, optimizer_kwargs={"compact_blocks": compact_blocks})
         quiet_trainer([LISA(n_layers=1, interval=2, step_in_backward=step_in_backward)], max_steps=6).fit(
             module, token_loader(8)
         )

@@ -173,8 +173,25 @@ def test_compact_always_active_keeps_compact_moments_for_embeddings_and_head_onl
     assert not optimizer.state.get(module.model.model.layers[frozen].mlp.up_proj.weight)
 
 
+def test_compact_blocks_gives_the_sampled_block_compact_moments_and_keeps_weight_decay_groups(tmp_path: Path):
+    module = tiny_module(compact_always_active="factored", compact_blocks="factored", weight_decay=0.1)
+    lisa = LISA(n_layers=1, interval=10)
+    trainer(tmp_path, steps=2, callbacks=[lisa]).fit(module, tiny_data(tmp_path))
+    optimizer = module.trainer.optimizers[0]
+    assert {g["compact"] for g in optimizer.param_groups} == {"factored"}
+    assert {g["weight_decay"] for g in optimizer.param_groups} == {0.0, 0.1}  # norms undecayed, as without
+    (active,) = lisa.active_layers
+    block = module.model.model.layers[active].mlp.up_proj.weight
+    assert {"exp_avg_codes", "exp_avg_sq_row", "exp_avg_sq_col"} <= set(optimizer.state[block])
+    assert not any("exp_avg" in state for state in optimizer.state.values())
+
+
 def test_compact_always_active_needs_adamw():
     with pytest.raises(MisconfigurationException, match=r"compact_always_active='8bit'.*optimizer='adamw'"):
         tiny_module(compact_always_active="8bit", optimizer="adamw8bit")
+    with pytest.raises(MisconfigurationException, match=r"compact_blocks='8bit'.*optimizer='adamw'"):
+        tiny_module(compact_blocks="8bit", optimizer="adamw8bit")
     with pytest.raises(MisconfigurationException, match=r"`compact_always_active='4bit'` is not one of"):
         tiny_module(compact_always_active="4bit")
+    with pytest.raises(MisconfigurationException, match=r"`compact_blocks='4bit'` is not one of"):
+        tiny_module(compact_blocks="4bit")

@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from lightning_lisa import LISA, StepInBackward
+from lightning_lisa import LISA, StepInBackward, compact_adamw
 from lightning_lisa.errors import LISAConfigError
 from lightning_lisa.step_in_backward import step_one, steps_per_parameter
 from lightning_lisa.testing import CausalLM, quiet_trainer, tiny_llama, token_loader
@@ -225,10 +225,17 @@ def test_step_one_equals_the_full_step_and_keeps_the_state_in_the_optimizer():
     assert not steps_per_parameter(PlainStep(b))
 
 
-@pytest.mark.parametrize("mode", ["drop", "offload"])
-def test_resume_with_the_step_in_backward_equals_an_uninterrupted_run(tmp_path, mode):
+class CompactEverywhere(CausalLM):
+    def configure_optimizers(self) -> Any:
+        return compact_adamw(self, lr=1e-2, compact="factored", compact_blocks="factored")
+
+
+@pytest.mark.parametrize(
+    ("mode", "module_class"), [("drop", CausalLM), ("offload", CausalLM), ("drop", CompactEverywhere)]
+)
+def test_resume_with_the_step_in_backward_equals_an_uninterrupted_run(tmp_path, mode, module_class):
     def run(epochs: int, ckpt: str | None = None) -> tuple[CausalLM, pl.Trainer]:
-        module = CausalLM(tiny_llama(4), lr=1e-2, scheduler=True)
+        module = module_class(tiny_llama(4), lr=1e-2, scheduler=True)
         callbacks = [LISA(n_layers=1, interval=4, optimizer_state=mode, seed=3, step_in_backward=True)]
         fitting = quiet_trainer(callbacks, max_epochs=epochs)
         fitting.fit(module, token_loader(3), ckpt_path=ckpt)

@@ -78,6 +78,11 @@ class CausalLMModule(pl.LightningModule):
             :class:`~lightning_lisa.compact.CompactAdamW`, with compact moments for the always-active set
             LISA detects by default (:func:`~lightning_lisa.layers.default_always_active`) and exact AdamW
             for everything else. Lossy; ``None`` (exact AdamW everywhere) by default.
+        compact_blocks: ``"8bit"`` or ``"factored"``: compact moments for every other parameter too (the
+            blocks LISA samples, the final normalization layer, ...), in
+            :class:`~lightning_lisa.compact.CompactAdamW`. Lossy; ``None`` (exact AdamW) by default. With
+            ``"factored"`` here and in ``compact_always_active`` the optimizer state is about one byte per
+            trained parameter.
         weight_decay: Decoupled weight decay of matrices (biases and norms are not decayed).
         betas: Adam's coefficients.
         warmup_steps: Optimizer steps of linear warm-up.
@@ -115,6 +120,7 @@ class CausalLMModule(pl.LightningModule):
         save_hf_dir: str | None = None,
         loss_chunk_size: int | None = None,
         compact_always_active: CompactMode | None = None,
+        compact_blocks: CompactMode | None = None,
     ) -> None:
         super().__init__()
         if (model_name_or_path is None) == (config is None):
@@ -124,12 +130,13 @@ class CausalLMModule(pl.LightningModule):
             )
         if loss_chunk_size is not None:
             check_int("loss_chunk_size", loss_chunk_size, 1)
-        check_choice("compact_always_active", compact_always_active, [None, *COMPACT_MODES])
-        if compact_always_active is not None and optimizer != "adamw":
-            raise LISAConfigError(
-                f"`compact_always_active={compact_always_active!r}` needs `optimizer='adamw'` (the blocks keep exact "
-                f"AdamW), got `optimizer={optimizer!r}`."
-            )
+        for name, mode in (("compact_always_active", compact_always_active), ("compact_blocks", compact_blocks)):
+            check_choice(name, mode, [None, *COMPACT_MODES])
+            if mode is not None and optimizer != "adamw":
+                raise LISAConfigError(
+                    f"`{name}={mode!r}` needs `optimizer='adamw'` (compact moments are CompactAdamW's, an AdamW), "
+                    f"got `optimizer={optimizer!r}`."
+                )
         self.save_hyperparameters()
         # fail now, not at the first optimizer step
         lr_lambda(lr_schedule, warmup_steps, total_steps=1, min_lr_ratio=min_lr_ratio)
@@ -223,17 +230,17 @@ class CausalLMModule(pl.LightningModule):
         hp = self.hparams
         target = model if model is not None else self.model
         groups = parameter_groups(target.named_parameters(), hp["weight_decay"])
-        compact = hp.get("compact_always_active")
-        if compact is None:
+        compact, blocks = hp.get("compact_always_active"), hp.get("compact_blocks")
+        if compact is None and blocks is None:
             return build_optimizer(hp["optimizer"], groups, lr=hp["learning_rate"], betas=tuple(hp["betas"]))
-        # the always-active set (what LISA trains all the time by default) keeps compact moments
+        # the always-active set (what LISA trains all the time by default) keeps its own moments
         names = default_always_active(find_layers(target))
         always = unique_parameters(resolve_modules(target, names, "compact_always_active"))
         chosen = {id(p) for p in always}
-        exact = [{**g, "params": [p for p in g["params"] if id(p) not in chosen]} for g in groups]
+        rest = [{**g, "params": [p for p in g["params"] if id(p) not in chosen], "compact": blocks} for g in groups]
         compact_group = {"params": always, "compact": compact, "weight_decay": hp["weight_decay"]}
         lr, betas = hp["learning_rate"], tuple(hp["betas"])
-        return CompactAdamW([*(g for g in exact if g["params"]), compact_group], lr=lr, betas=betas)
+        return CompactAdamW([*(g for g in rest if g["params"]), compact_group], lr=lr, betas=betas)
 
     def configure_optimizers(self) -> Any:
         """The optimizer over all parameters and the per-step warm-up + decay schedule."""
