@@ -68,13 +68,32 @@ from lightning_lisa.estimate import estimate_memory
 from lightning_lisa.recipes.corpus import embedded_corpus
 from lightning_lisa.recipes.gguf import SMOLLM2, load_gguf_model, load_gguf_tokenizer
 from lightning_lisa.recipes.tokenizer import default_cache_dir, default_tokenizer
+from lightning_lisa.sampling import norm_probabilities, uniform, weighted
 
 IGNORE = -100
-ARMS = ("full", "lora16", "lora128", "lisa", "lisa4", "eh", "fixed", "lisa-k5", "lisa-cyclic-k5", "lisa-compact")
+#: Candidates for putting LISA ahead (issue "quality at equal memory"), each against ``lisa`` (gamma=2, K=10).
+CANDIDATES = ("lisa-share20", "lisa-blocklr3", "lisa-warm6", "lisa-grad", "lisa-module")
+#: The arms run when ``--arms`` is not given.
+MAIN_ARMS = ("full", "lora16", "lora128", "lisa", "lisa4", "eh", "fixed")
+ARMS = (
+    "full",
+    "lora16",
+    "lora128",
+    "lora256",
+    "lisa",
+    "lisa4",
+    "eh",
+    "fixed",
+    "lisa-k5",
+    "lisa-cyclic-k5",
+    "lisa-compact",
+    *CANDIDATES,
+)
 ARM_NAMES = {
     "full": "full fine-tuning",
     "lora16": "LoRA r=16",
     "lora128": "LoRA r=128",
+    "lora256": "LoRA r=256",
     "lisa": "LISA gamma=2 K=10",
     "lisa4": "LISA gamma=4 K=10",
     "eh": "embeddings+head only",
@@ -82,6 +101,11 @@ ARM_NAMES = {
     "lisa-k5": "LISA gamma=2 K=5",
     "lisa-cyclic-k5": "LISA cyclic gamma=2 K=5",
     "lisa-compact": "LISA gamma=2 K=10, 8-bit E+H moments",
+    "lisa-share20": "LISA gamma=20% of depth",
+    "lisa-blocklr3": "LISA gamma=2, blocks 3x lr",
+    "lisa-warm6": "LISA gamma=6 then 2",
+    "lisa-grad": "LISA gamma=2, grad-norm draw",
+    "lisa-module": "LISA 4 modules K=10",
 }
 #: Learning-rate grids (2 values each: the CPU budget). Full fine-tuning of a pretrained model takes a lower
 #: rate than the arms that train fewer parameters; LoRA's adapters start at zero and take the highest.
@@ -89,6 +113,7 @@ DEFAULT_LRS = {
     "full": [5e-5, 2e-4],
     "lora16": [5e-4, 2e-3],
     "lora128": [5e-4, 2e-3],
+    "lora256": [2e-4, 5e-4, 2e-3],  # lora128 chose the bottom of its grid: one rate below it
     "lisa": [2e-4, 6e-4],
     "lisa4": [2e-4, 6e-4],
     "eh": [2e-4, 6e-4],
@@ -96,7 +121,20 @@ DEFAULT_LRS = {
     "lisa-k5": [2e-4, 6e-4],
     "lisa-cyclic-k5": [2e-4, 6e-4],
     "lisa-compact": [6e-4, 1.5e-3],  # the grid where exact LISA gamma=2 chose 1.5e-3
+    "lisa-share20": [6e-4, 1.5e-3],
+    "lisa-blocklr3": [2e-4, 5e-4],  # the embeddings and head's rate; the blocks train at 6e-4 and 1.5e-3
+    "lisa-warm6": [6e-4, 1.5e-3],
+    "lisa-grad": [6e-4, 1.5e-3],
+    "lisa-module": [6e-4, 1.5e-3],
 }
+#: ``lisa-share20``: gamma as a share of the depth (6 of SmolLM2's 30 blocks).
+DEPTH_SHARE = 0.2
+#: ``lisa-blocklr3``: the blocks' learning rate over the embeddings and head's.
+BLOCK_LR_SCALE = 3.0
+#: ``lisa-warm6``: blocks trained in the first period (gamma in the later ones).
+WARM_LAYERS = 6
+#: ``lisa-module``: attention/MLP modules trained at once (on average as many parameters as 2 blocks).
+MODULE_UNITS = 4
 TASKS = ("reverse", "code")
 
 WORDS = (  # noqa: SIM905 - a word list reads better as text
@@ -263,7 +301,13 @@ class LM(pl.LightningModule):
     """Trains a causal LM with AdamW over all parameters (LoRA: its trainable parameters)."""
 
     def __init__(
-        self, model: torch.nn.Module, lr: float, steps: int, trainable_only: bool = False, compact: bool = False
+        self,
+        model: torch.nn.Module,
+        lr: float,
+        steps: int,
+        trainable_only: bool = False,
+        compact: bool = False,
+        block_lr_scale: float = 1.0,
     ) -> None:
         super().__init__()
         self.model = model
@@ -271,13 +315,20 @@ class LM(pl.LightningModule):
         self.steps = steps
         self.trainable_only = trainable_only
         self.compact = compact  # 8-bit moments for the embeddings and head (lightning_lisa.compact_adamw)
+        self.block_lr_scale = block_lr_scale  # the blocks' rate over the rest's (two parameter groups)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self.model(**batch).loss
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.parameters() if p.requires_grad or not self.trainable_only]
-        optimizer: torch.optim.Optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)
+        groups: Any = params
+        if self.block_lr_scale != 1.0:
+            named = [(n, p) for n, p in self.named_parameters() if p.requires_grad or not self.trainable_only]
+            blocks = [p for n, p in named if ".layers." in n]
+            rest = [p for n, p in named if ".layers." not in n]
+            groups = [{"params": blocks, "lr": self.lr * self.block_lr_scale}, {"params": rest}]
+        optimizer: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=self.lr, weight_decay=0.0)
         if self.compact:
             optimizer = compact_adamw(self, compact="8bit", lr=self.lr, weight_decay=0.0)
         warmup = max(1, self.steps // 10)
@@ -294,6 +345,81 @@ class Recorder(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, *args: Any) -> None:
         if isinstance(outputs, dict) and "loss" in outputs:
             self.losses.append(float(outputs["loss"]))
+
+
+class WarmStartLISA(LISA):
+    """LISA that trains ``warm_layers`` blocks (uniformly drawn) in the first period and ``n_layers`` afterwards."""
+
+    def __init__(self, warm_layers: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.warm_layers = warm_layers
+
+    def _draw(self, trainer: pl.Trainer, period: int) -> list[int]:
+        if period > 0:
+            return super()._draw(trainer, period)
+        assert self._params is not None
+        candidates = self._params.candidates
+        return sorted(candidates[i] for i in uniform(len(candidates), self.warm_layers, self.seed, period))
+
+
+class GradientNormLISA(LISA):
+    """Importance from gradient statistics (MISA-like): blocks drawn with probabilities from their gradient norms.
+
+    At the first optimizer step of every period, one extra forward and backward pass on that step's batch,
+    with every block temporarily trainable, measures each block's gradient norm (each gradient is freed
+    as soon as it is accumulated, so no block's gradient outlives its own norm); the period's blocks are
+    then drawn without replacement with probabilities ``norm / sum(norms)`` from the period's generator.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.norms: list[list[float]] = []
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        period = self.schedule.period(trainer.global_step)
+        if batch_idx % trainer.accumulate_grad_batches == 0 and len(self.norms) <= period:
+            norms = self._probe(pl_module, batch, batch_idx)
+            self.norms.append(norms)
+            assert self._params is not None
+            candidates = self._params.candidates
+            picked = weighted(norm_probabilities(norms, 1.0), self.n_layers, self.seed, period)
+            if self.history and self.history[-1].period == period:  # period 0: replaces on_train_start's draw
+                self.history.pop()
+            self._switch(trainer, period, sorted(candidates[i] for i in picked))
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+    def _probe(self, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> list[float]:
+        """Every candidate block's gradient norm on ``batch``; leaves no gradient and the trainable set as it was."""
+        assert self._params is not None
+        candidates = self._params.candidates
+        trainable = {p: p.requires_grad for p in pl_module.parameters()}
+        squares = [0.0] * len(candidates)
+        handles = []
+
+        def record(slot: int) -> Any:
+            def hook(param: torch.Tensor) -> None:
+                assert param.grad is not None
+                squares[slot] += float(param.grad.float().pow(2).sum())
+                param.grad = None
+
+            return hook
+
+        for slot, unit in enumerate(candidates):
+            for p in self._params.by_unit[unit]:
+                p.requires_grad_(True)
+                handles.append(p.register_post_accumulate_grad_hook(record(slot)))
+        with torch.enable_grad():
+            loss = pl_module.training_step(batch, batch_idx)
+            assert isinstance(loss, torch.Tensor)
+            loss.backward()
+        for handle in handles:
+            handle.remove()
+        for p, flag in trainable.items():
+            p.requires_grad_(flag)
+            p.grad = None
+        return [math.sqrt(v) for v in squares]
 
 
 DEVICE = {"name": "cpu"}  # --device
@@ -436,15 +562,28 @@ class Benchmark:
             rank = int(arm.removeprefix("lora"))
             lora = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules="all-linear")
             model = get_peft_model(model, lora)
-        elif arm in ("lisa", "lisa4", "fixed", "lisa-k5", "lisa-cyclic-k5", "lisa-compact"):
-            gamma = 4 if arm == "lisa4" else args.n_layers
+        elif arm.startswith("lisa") or arm == "fixed":
+            gamma = lisa_gamma(arm, args.n_layers, self.config.num_hidden_layers)
             interval = args.steps if arm == "fixed" else 5 if arm.endswith("k5") else args.interval
             sampling = "cyclic" if "cyclic" in arm else "uniform"
-            callbacks.append(LISA(n_layers=gamma, interval=interval, sampling=sampling, seed=seed))
+            options: dict[str, Any] = {"n_layers": gamma, "interval": interval, "sampling": sampling, "seed": seed}
+            if arm == "lisa-warm6":
+                callbacks.append(WarmStartLISA(WARM_LAYERS, **options))
+            elif arm == "lisa-grad":
+                callbacks.append(GradientNormLISA(**options))
+            else:
+                callbacks.append(LISA(**options, granularity="module" if arm == "lisa-module" else "block"))
         elif arm == "eh":
             for name, p in model.named_parameters():
                 p.requires_grad_("embed_tokens" in name or "lm_head" in name)
-        module = LM(model, lr, args.steps, trainable_only=arm.startswith("lora"), compact=arm == "lisa-compact")
+        module = LM(
+            model,
+            lr,
+            args.steps,
+            trainable_only=arm.startswith("lora"),
+            compact=arm == "lisa-compact",
+            block_lr_scale=BLOCK_LR_SCALE if arm == "lisa-blocklr3" else 1.0,
+        )
         if task == "reverse":
             data: Dataset[Any] = ProblemSet(self.problems["train"], self.tokenizer)
             batch = sizes.batch
@@ -459,6 +598,9 @@ class Benchmark:
             metrics["val_loss"] = mean_loss(model, Rows(self.code["val"]), self.pad_id)
         if lisa is not None:
             metrics["blocks"] = sorted({b for period in lisa.history for b in period.active_layers})
+            metrics["periods"] = [list(period.active_layers) for period in lisa.history]
+            if isinstance(lisa, GradientNormLISA):
+                metrics["grad_norms"] = lisa.norms
         metrics["train_loss"] = recorder.losses
         metrics["seconds"] = time.perf_counter() - start
         metrics["cpu_seconds"] = time.process_time() - cpu
@@ -478,6 +620,17 @@ class Benchmark:
             metrics["test_loss"] = mean_loss(model, Rows(self.code["test"]), self.pad_id)
         metrics["seconds"] += time.perf_counter() - start
         metrics["cpu_seconds"] += time.process_time() - cpu
+
+
+def lisa_gamma(arm: str, n_layers: int, depth: int) -> int:
+    """Units trained at once by a LISA arm (``n_layers`` unless the arm says otherwise)."""
+    if arm == "lisa4":
+        return 4
+    if arm == "lisa-share20":
+        return max(1, round(DEPTH_SHARE * depth))
+    if arm == "lisa-module":
+        return n_layers * MODULE_UNITS // 2
+    return n_layers
 
 
 def memory(bench: Benchmark, args: argparse.Namespace) -> dict[str, Any]:
@@ -511,8 +664,9 @@ def memory(bench: Benchmark, args: argparse.Namespace) -> dict[str, Any]:
                 row[arm] = {"peak_bytes": 2 * one.lisa.total - two.lisa.total, "trainable": est.trainable_params}
                 row[arm]["trainable"] = 2 * one.lisa.trainable_params - two.lisa.trainable_params
                 continue
-            else:
-                gamma = 4 if arm == "lisa4" else args.n_layers
+            else:  # lisa-warm6 peaks in its first period (6 blocks); lisa-module: 2 blocks' parameters on average
+                gamma = lisa_gamma(arm, args.n_layers, bench.config.num_hidden_layers)
+                gamma = WARM_LAYERS if arm == "lisa-warm6" else args.n_layers if arm == "lisa-module" else gamma
                 compact = {"compact_always_active": True} if arm == "lisa-compact" else {}
                 est = estimate_memory(regime["model"], n_layers=gamma, **kwargs, **compact).lisa
             row[arm] = {"peak_bytes": est.total, "trainable": est.trainable_params}
@@ -558,7 +712,7 @@ def report(payload: dict[str, Any], arms: list[str], tasks: list[str]) -> None:
         else:
             print(f"\ncode: held-out code loss (base model {base['code_test_loss']:.3f}); forgetting as above")
             metric, label = "test_loss", "code loss"
-        head = f"{'arm':<22}{'best lr':>8}{label:>16}{'forgetting':>18}"
+        head = f"{'arm':<30}{'best lr':>8}{label:>16}{'forgetting':>18}"
         print(head + f"{'peak (bench)':>14}{'peak (7B)':>11}   val loss by lr (seed 0)")
         for arm in arms:
             r = results.get(task, {}).get(arm)
@@ -570,7 +724,7 @@ def report(payload: dict[str, Any], arms: list[str], tasks: list[str]) -> None:
             peaks = [mem[k][arm]["peak_bytes"] / 2**30 for k in ("benchmark", "llama-2-7b")]
             digits = 1 if metric == "accuracy" else 3
             print(
-                f"{ARM_NAMES[arm]:<22}{r['best_lr']:>8g}{value[0]:>9.{digits}f} ± {value[1]:<5.{digits}f}"
+                f"{ARM_NAMES[arm]:<30}{r['best_lr']:>8g}{value[0]:>9.{digits}f} ± {value[1]:<5.{digits}f}"
                 f"{forget[0]:>+10.3f} ± {forget[1]:.3f}{peaks[0]:>10.2f} GiB{peaks[1]:>7.1f} GiB   {grid}"
                 f"   (n={len(r['seeds'])})"
             )
@@ -587,7 +741,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, help="fine-tuning steps of every run (default 20; smoke 4)")
     parser.add_argument("--seeds", type=int, help="seeds per arm (default 3; smoke 2)")
     parser.add_argument("--lrs", nargs="+", help="learning-rate grid: '1e-4,3e-4' for every arm, 'full=1e-4' per arm")
-    parser.add_argument("--arms", default=",".join(ARMS[:7]), help=f"comma-separated, from {','.join(ARMS)}")
+    parser.add_argument("--arms", default=",".join(MAIN_ARMS), help=f"comma-separated, from {','.join(ARMS)}")
     parser.add_argument("--tasks", default="reverse", help=f"comma-separated, from {','.join(TASKS)}")
     parser.add_argument("--n-layers", type=int, default=2, help="gamma of the lisa and fixed arms (default 2)")
     parser.add_argument("--interval", type=int, help="K of the LISA arms (default 10; smoke 2)")

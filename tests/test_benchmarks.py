@@ -152,3 +152,29 @@ def test_fsdp_check_runs_its_checks_under_fsdp2_on_cpu(tmp_path: Path):
     train = report["checks"]["train_fp32"]
     assert train["steps"] == 12 and len(train["switches"]) == 4  # K=3: periods at steps 0, 3, 6, 9
     assert report["checks"]["resume_sharded"]["bit_identical"]
+
+
+def test_quality_candidates_train_what_they_claim(tmp_path: Path):
+    results = tmp_path / "quality.json"
+    arms = ["lisa-share20", "lisa-blocklr3", "lisa-warm6", "lisa-grad", "lisa-module"]
+    run(
+        str(ROOT / "benchmarks" / "quality.py"),
+        "--smoke", "--threads=1", "--seeds=1", "--lrs=1e-3", "--arms", ",".join(arms),
+        "--cache-dir", str(tmp_path / "cache"), "--json", str(results),
+        cwd=tmp_path,
+    )  # fmt: skip
+    payload = json.loads(results.read_text())
+    done = {arm: payload["results"]["reverse"][arm]["seeds"]["0"] for arm in arms}
+    for values in done.values():
+        assert math.isfinite(values["accuracy"]) and len(values["periods"]) == 2  # 4 steps, K=2
+    # the tiny model has 6 blocks: 20% of the depth is 1 block; the warm start trains 6 blocks, then 2
+    assert [len(p) for p in done["lisa-share20"]["periods"]] == [1, 1]
+    assert [len(p) for p in done["lisa-warm6"]["periods"]] == [6, 2]
+    # module granularity: 4 of the 12 attention/MLP units at once
+    assert all(len(p) == 4 and max(p) < 12 for p in done["lisa-module"]["periods"])
+    # the gradient-norm draw measured every block's gradient at each period's start
+    norms = done["lisa-grad"]["grad_norms"]
+    assert len(norms) == 2 and all(len(n) == 6 and all(v > 0 for v in n) for n in norms)
+    assert all(len(p) == 2 for p in done["lisa-grad"]["periods"])
+    memory = payload["memory"]["llama-2-7b"]
+    assert memory["lisa-warm6"]["peak_bytes"] > memory["lisa-blocklr3"]["peak_bytes"]
