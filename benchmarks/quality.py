@@ -42,18 +42,14 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import logging
 import math
 import os
 import platform
 import random
 import statistics
-import sys
 import sysconfig
 import time
-import warnings
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -834,22 +830,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     DEVICE["name"] = args.device
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    warnings.filterwarnings("ignore", ".*LeafSpec.*is deprecated.*")
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning_lisa", "transformers", "peft"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    started = datetime.now(timezone.utc)
+    common.quiet_logs()
+    machine = (
+        torch.cuda.get_device_name() if args.device == "cuda" else f"CPU only, no GPU: {os.cpu_count()} cores"
+    ) + f" ({platform.machine()}); torch threads {torch.get_num_threads()}"
+    started = common.print_header(machine, versions())
     began = time.perf_counter()
-    print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
-    print(f"date: {started.isoformat(timespec='seconds')}")
-    print(
-        f"machine: CPU only, no GPU: {os.cpu_count()} cores ({platform.machine()}); threads {torch.get_num_threads()}"
-    )
-    print("versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()))
 
     bench = Benchmark(args)
     sizes = bench.sizes
@@ -870,10 +856,7 @@ def main(argv: list[str] | None = None) -> int:
         "args": {k: v for k, v in vars(args).items() if k not in ("grids",)},
         "grids": args.grids,
         "date": started.isoformat(timespec="seconds"),
-        "machine": (
-            torch.cuda.get_device_name() if args.device == "cuda" else f"CPU only, no GPU: {os.cpu_count()} cores"
-        )
-        + f"; torch threads {torch.get_num_threads()}",
+        "machine": machine,
         "versions": versions(),
         "model": bench.model_name,
         "sizes": asdict(sizes),
@@ -887,9 +870,7 @@ def main(argv: list[str] | None = None) -> int:
     def save() -> None:
         payload["seconds"] = time.perf_counter() - began + float(previous.get("seconds", 0.0))
         if args.json:
-            tmp = Path(args.json + ".tmp")
-            tmp.write_text(json.dumps(payload, indent=1))
-            os.replace(tmp, args.json)
+            common.save_json(args.json, payload)
 
     save()
     english_before = float(base["english_loss"])
