@@ -18,7 +18,6 @@ The algorithm (Pan et al., 2024, Algorithm 1), as the hooks below run it:
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any, Literal, get_args
@@ -31,8 +30,8 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
 from lightning_lisa.compile import warn_whole_model_compile
-from lightning_lisa.errors import LISAConfigError, check_bool, check_choice, check_int, check_names, check_positive
-from lightning_lisa.layers import LayerInfo, Unit, find_layers, resolve_modules, split_units, unique_parameters
+from lightning_lisa.errors import check_bool, check_choice, check_int, check_names, check_positive
+from lightning_lisa.layers import LayerInfo, Unit, deprecated_flags, find_units, flagged_always_active, resolve_modules
 from lightning_lisa.norms import layer_norms
 from lightning_lisa.optimizer_state import OPTIMIZER_STATE_MODES, OptimizerStateHandler, OptimizerStateMode
 from lightning_lisa.optimizer_state import optimizer_state_bytes as state_bytes
@@ -54,50 +53,45 @@ __all__ = ["LISA", "Switch"]
 class LISA(Callback):
     r"""Layerwise Importance Sampled AdamW: train ``n_layers`` random blocks, re-sampled every ``interval`` steps.
 
-    Every ``interval`` optimizer steps (a *period*), all transformer blocks are frozen except ``n_layers``
+    Every ``interval`` optimizer steps (a *period*), every transformer block is frozen but ``n_layers``
     sampled ones; the always-active set (by default the input embeddings and the output head) trains
-    throughout. The optimizer is the one ``configure_optimizers`` builds over all parameters: LISA
-    never changes its parameter groups, it frees (or offloads) the state of frozen parameters.
+    throughout. The optimizer is the user's, over all parameters: LISA never changes its parameter
+    groups, it frees (or offloads) the state of frozen parameters.
 
     Args:
         n_layers: Units trained at once (the paper's :math:`\gamma`), at least 1.
-        interval: Optimizer steps per period (the paper's :math:`K`), at least 1. Counted in optimizer
-            steps, so gradient accumulation is respected.
+        interval: Optimizer steps per period (the paper's :math:`K`, so gradient accumulation is
+            respected), at least 1.
         layers: Dotted path of the block list relative to the ``LightningModule`` (e.g.
             ``"model.model.layers"``), a list of paths for several stacks, or ``None`` to detect them
             with :func:`~lightning_lisa.find_layers`.
         always_active: Names of modules (or parameters), relative to the ``LightningModule``, that
             train all the time. ``None``: the detected input embeddings and output head. ``[]``: none.
-        sampling: How units are drawn: ``"uniform"`` (the paper), ``"cyclic"`` (every unit once per
-            pass), ``"weight_norm"`` (proportional to ``norm ** (1 / temperature)``), or a list of
-            per-unit probabilities. See :mod:`lightning_lisa.sampling`.
-        optimizer_state: What happens to the optimizer state of frozen parameters: ``"drop"`` frees
-            it, ``"offload"`` moves it to CPU and back, ``"keep"`` leaves it.
-        seed: Seed of the sampling. Period ``i`` trains the units drawn from ``(seed, i)``: the same
-            on every rank, and the same after a resume.
+        sampling: ``"uniform"`` (the paper), ``"cyclic"`` (every unit once per pass), ``"weight_norm"``
+            (proportional to ``norm ** (1 / temperature)``), or per-unit probabilities
+            (:mod:`lightning_lisa.sampling`).
+        optimizer_state: For frozen parameters' optimizer state: ``"drop"`` frees it, ``"offload"``
+            moves it to CPU and back, ``"keep"`` leaves it.
+        seed: Period ``i`` trains the units drawn from ``(seed, i)``: the same on every rank and after
+            a resume.
         temperature: Temperature of ``sampling="weight_norm"``, > 0.
         granularity: ``"block"`` samples whole blocks; ``"module"`` samples their large sub-modules
             (attention, MLP) independently, and ``n_layers`` then counts those.
         train_embeddings: Deprecated: name the modules in ``always_active`` instead.
         train_head: Deprecated: name the modules in ``always_active`` instead.
         train_final_norm: Deprecated: name the modules in ``always_active`` instead.
-        ddp_comm_hook: Under DDP, install a communication hook that all-reduces only the gradients
-            of trainable parameters (see :mod:`lightning_lisa.strategies.ddp`).
-        verify_ranks: At every switch, all-gather the active units and raise if the ranks disagree
-            (a debugging aid; costs one small collective per switch).
-        step_in_backward: Update each parameter inside the backward pass as soon as its gradient is
-            final and free that gradient at once, so no two gradients need to be resident (see
-            :mod:`lightning_lisa.step_in_backward`; single device, no gradient clipping, no fp16 scaler).
+        ddp_comm_hook: Under DDP, all-reduce only the gradients of trainable parameters
+            (:mod:`lightning_lisa.strategies.ddp`).
+        verify_ranks: At every switch, all-gather the active units and raise if the ranks disagree.
+        step_in_backward: Update each parameter in the backward pass as soon as its gradient is final,
+            and free that gradient (:mod:`lightning_lisa.step_in_backward`; single device).
 
     Attributes:
         active_layers: The sorted indices of the units in :attr:`unit_names` trainable right now.
-        unit_names: The names of what is sampled, after ``setup``: block names, or sub-module names.
         history: Every :class:`~lightning_lisa.schedule.Switch` of the run, the first included.
         layer_info: What :func:`~lightning_lisa.find_layers` found, after ``setup``.
-        report: The start-up report (:class:`~lightning_lisa.report.LISAReport`), logged once after
-            ``setup``: what is sampled, always trained, and frozen for the whole run.
-        communication: Under DDP with ``ddp_comm_hook=True``, the hook's counters of all-reduced
-            gradient elements.
+        report: The start-up report (:class:`~lightning_lisa.report.LISAReport`), logged after ``setup``.
+        communication: Under DDP with ``ddp_comm_hook=True``, the hook's counters.
 
     Examples:
         >>> import lightning.pytorch as pl
@@ -123,33 +117,16 @@ class LISA(Callback):
         verify_ranks: bool = False,
         step_in_backward: bool = False,
     ) -> None:
-        check_int("n_layers", n_layers, minimum=1)
-        check_int("interval", interval, minimum=1)
-        check_int("seed", seed)
-        check_names("layers", layers, allow_str=True)
-        check_names("always_active", always_active, allow_str=False)
-        check_sampling(sampling)
-        check_choice("optimizer_state", optimizer_state, OPTIMIZER_STATE_MODES)
-        check_positive("temperature", temperature)
-        check_choice("granularity", granularity, get_args(Granularity))
-        check_bool("ddp_comm_hook", ddp_comm_hook)
-        check_bool("verify_ranks", verify_ranks)
-        check_bool("step_in_backward", step_in_backward)
-        self._flags = _deprecated_flags(always_active, train_embeddings, train_head, train_final_norm)
-        self.n_layers = n_layers
-        self.interval = interval
+        _check_arguments(locals())
+        self._flags = deprecated_flags(always_active, train_embeddings, train_head, train_final_norm)
+        self.n_layers, self.interval, self.seed, self.temperature = n_layers, interval, seed, float(temperature)
         self.layers = layers if layers is None or isinstance(layers, str) else list(layers)
         self.always_active = None if always_active is None else list(always_active)
         self.sampling: str | list[float] = sampling if isinstance(sampling, str) else [float(p) for p in sampling]
-        self.optimizer_state = optimizer_state
-        self.seed = seed
-        self.temperature = float(temperature)
-        self.granularity = granularity
-        self.ddp_comm_hook = ddp_comm_hook
-        self.verify_ranks = verify_ranks
-        self.step_in_backward = step_in_backward
-        self._in_backward = StepInBackward("step_in_backward=True") if step_in_backward else None
-        self.schedule = Schedule(n_layers, interval, _frozen(self.sampling), seed, self.temperature)
+        self.optimizer_state, self.granularity = optimizer_state, granularity
+        self.ddp_comm_hook, self.verify_ranks, self.step_in_backward = ddp_comm_hook, verify_ranks, step_in_backward
+        frozen_sampling = self.sampling if isinstance(self.sampling, str) else tuple(self.sampling)
+        self.schedule = Schedule(n_layers, interval, frozen_sampling, seed, self.temperature)
 
         self.active_layers: list[int] = []
         self.history: list[Switch] = []
@@ -157,14 +134,14 @@ class LISA(Callback):
         self.report: LISAReport | None = None
         self.units: list[Unit] = []
         self.communication: FrozenSkippingState | None = None
+        # the step in backward's hooks run inside LISA's; a plain Callback does nothing when it is off
+        self._in_backward = StepInBackward("step_in_backward=True") if step_in_backward else Callback()
         self._always_active_modules: list[nn.Module] = []
         self._params: ParameterSet | None = None
         self._adapter: StrategyAdapter | None = None
         self._state = OptimizerStateHandler(optimizer_state)
-        self._period = -1
-        self._restored: dict[str, Any] | None = None
-        self._check_gradients = False
-        self._warned_no_gradient = False
+        self._restored: dict[str, Any] | None = None  # the checkpoint's schedule, until on_train_start
+        self._period, self._check_gradients, self._warned_no_gradient = -1, False, False
 
     @property
     def state_key(self) -> str:
@@ -173,7 +150,7 @@ class LISA(Callback):
 
     @property
     def unit_names(self) -> list[str]:
-        """The names of what is sampled: block names, or sub-module names."""
+        """The names of what is sampled (after ``setup``): block names, or sub-module names."""
         return [u.name for u in self.units]
 
     # ------------------------------------------------------------------------------------ hooks
@@ -188,19 +165,17 @@ class LISA(Callback):
             self._inspect(pl_module)
         self._adapter = adapter_for(trainer.strategy)
         self._adapter.check(None if built_later else self.units, self.granularity)
-        if self._in_backward is not None:
-            self._in_backward.setup(trainer, pl_module, stage)
+        self._in_backward.setup(trainer, pl_module, stage)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Inspect models built in ``configure_model``; let the strategy adapter check the wrapped model."""
         if self.layer_info is None:
             self._inspect(pl_module)
-        if self._in_backward is not None:
-            self._in_backward.on_fit_start(trainer, pl_module)
+        self._in_backward.on_fit_start(trainer, pl_module)
         self._adapter_of(trainer).prepare(trainer, self.units)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Remember what the user left trainable and start the current period."""
+        """Remember what the user left trainable and start the current period (the restored one on resume)."""
         self.communication = self._adapter_of(trainer).start(trainer, self.ddp_comm_hook)
         assert self.layer_info is not None, "LISA.setup did not run"
         self._params = ParameterSet(pl_module, self.units, self._always_active_modules)
@@ -209,11 +184,10 @@ class LISA(Callback):
         restored, self._restored = self._restored, None
         if restored is None:  # a fresh run: forget the switches of an earlier fit
             self.history = []
-        active = restored["active_layers"] if restored is not None and restored["period"] == period else []
-        if self._params.valid(active, self.n_layers):
-            self._switch(trainer, period, list(active), first=True)
-        else:
-            self._switch(trainer, period, self._draw(trainer, period), first=True)
+        active = list(restored["active_layers"]) if restored is not None and restored["period"] == period else []
+        if not self._params.valid(active, self.n_layers):
+            active = self._draw(trainer, period)
+        self._switch(trainer, period, active, first=True)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -225,26 +199,25 @@ class LISA(Callback):
                 self._switch(trainer, period, self._draw(trainer, period))
             if self.schedule.period(trainer.global_step + 1) != period:
                 self._prefetch(trainer, period + 1)
-        if self._in_backward is not None:
-            self._in_backward.on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        self._in_backward.on_train_batch_start(trainer, pl_module, batch, batch_idx)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         """With ``step_in_backward=True``, check that Lightning stepped where the parameters were updated."""
-        if self._in_backward is not None:
-            self._in_backward.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self._in_backward.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        """At the first step of a period, warn about sampled units that received no gradient at all."""
-        if not self._check_gradients or self._params is None:
+        """At the first step of a period, warn (once) about sampled units that received no gradient at all."""
+        if not self._check_gradients or self._warned_no_gradient or self._params is None:
             return
         self._check_gradients = False
-        received = None if self._in_backward is None else self._in_backward.received_gradient  # grads gone
+        in_backward = self._in_backward  # with the step in backward, the gradients are already gone
+        received = in_backward.received_gradient if isinstance(in_backward, StepInBackward) else None
         starved = [self.unit_names[i] for i in self._params.without_gradient(self.active_layers, received)]
-        if starved and not self._warned_no_gradient:
+        if starved:
             self._warned_no_gradient = True
             rank_zero_warn(NO_GRADIENT.format(starved=starved, step=trainer.global_step))
 
@@ -252,8 +225,7 @@ class LISA(Callback):
         """Give the user back every parameter trainable, as it was before fit."""
         if self._params is not None:
             self._params.restore()
-        if self._in_backward is not None:
-            self._in_backward.detach()
+        self._in_backward.teardown(trainer, pl_module, stage)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         """Give the user back every parameter trainable after a failed or interrupted fit."""
@@ -267,28 +239,17 @@ class LISA(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         """The schedule: seed, interval, period, active units and the switch history."""
-        return {
-            "n_layers": self.n_layers,
-            "interval": self.interval,
-            "sampling": self.sampling,
-            "seed": self.seed,
-            "period": self._period,
-            "active_layers": list(self.active_layers),
-            "history": [asdict(s) for s in self.history],
-        }
+        settings = {key: getattr(self, key) for key in SCHEDULE_SETTINGS}
+        history = [asdict(s) for s in self.history]
+        return {**settings, "period": self._period, "active_layers": list(self.active_layers), "history": history}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the schedule; ``on_train_start`` re-applies it once the optimizer is restored."""
-        for key in ("n_layers", "interval", "sampling", "seed"):
+        for key in SCHEDULE_SETTINGS:
             if state_dict.get(key) != getattr(self, key):
-                rank_zero_warn(
-                    f"LISA resumes with `{key}={getattr(self, key)!r}`, but the checkpoint was written with "
-                    f"`{key}={state_dict.get(key)!r}`: the schedule from here on differs from the original run."
-                )
+                rank_zero_warn(RESUMED_OTHERWISE.format(key=key, now=getattr(self, key), then=state_dict.get(key)))
         self._restored = dict(state_dict)
-        self.history = [
-            Switch(**{**s, "active_layers": tuple(s["active_layers"])}) for s in state_dict.get("history", [])
-        ]
+        self.history = [Switch.from_dict(s) for s in state_dict.get("history", [])]
 
     # ---------------------------------------------------------------------------- the algorithm
 
@@ -301,53 +262,40 @@ class LISA(Callback):
         if self.verify_ranks:
             _verify_ranks(trainer, active)
         self._period, self.active_layers, self._check_gradients = period, list(active), True
-        switch = Switch(
-            trainer.global_step, period, tuple(active), self._params.trainable_numel(), state_bytes(trainer.optimizers)
-        )
+        state = state_bytes(trainer.optimizers)
+        switch = Switch(trainer.global_step, period, tuple(active), self._params.trainable_numel(), state)
         if not self.history or self.history[-1].period != period:
             self.history.append(switch)
         _log(trainer, switch)
 
     def _prefetch(self, trainer: pl.Trainer, period: int) -> None:
-        """During the last step of a period, start copying back the offloaded state of the next one's units.
+        """In the last step of a period, start bringing back the offloaded state of the next period's units.
 
-        The draw is a function of ``(seed, period)``, except with ``sampling="weight_norm"``, whose norms
-        change until the switch: nothing is prefetched then.
+        Not with ``sampling="weight_norm"``: its draw depends on norms that change until the switch.
         """
         if self.optimizer_state != "offload" or self.sampling == "weight_norm" or self._params is None:
             return
-        coming = [
-            p for i in self._draw(trainer, period) if i not in self.active_layers for p in self._params.by_unit[i]
-        ]
+        by_unit, now = self._params.by_unit, self.active_layers
+        coming = [p for i in self._draw(trainer, period) if i not in now for p in by_unit[i]]
         self._state.prefetch(trainer.optimizers, coming)
 
     def _draw(self, trainer: pl.Trainer, period: int) -> list[int]:
         """The units of ``period``, among those with trainable parameters."""
         assert self._params is not None
-        candidates = self._params.candidates
-        norms = None
+        candidates, norms = self._params.candidates, None
         if self.sampling == "weight_norm":  # every rank calls this at the same step: the norms are all-reduced
             named = [(self.units[i].name, nn.ModuleList(self.units[i].modules)) for i in candidates]
             norms = list(layer_norms(named, plain=self._adapter_of(trainer).plain_tensors).values())
         return self.schedule.draw(period, candidates, norms)
 
-    # ---------------------------------------------------------------------------------- helpers
-
     def _inspect(self, pl_module: pl.LightningModule) -> None:
-        """Find units and always-active modules and check the arguments against them."""
-        info = find_layers(pl_module, self.layers)
-        units = split_units(info, self.granularity)
-        what = "blocks" if self.granularity == "block" else "block modules"
-        if self.n_layers > len(units):
-            raise LISAConfigError(
-                f"`n_layers={self.n_layers}` is larger than the {len(units)} {what} of `{info.path}`; "
-                f"allowed: 1 to {len(units)}."
-            )
+        """Find the units and the always-active modules; check the arguments against them; report."""
+        info, units = find_units(pl_module, self.layers, self.granularity, self.n_layers)
         if not isinstance(self.sampling, str):
             check_probabilities(self.sampling, len(units), self.n_layers)
         names = self.always_active
         if names is None:
-            names = _default_always_active(info, self._flags, tied=_tied(pl_module, info))
+            names = flagged_always_active(pl_module, info, *self._flags)
         self._always_active_modules = resolve_modules(pl_module, names, "always_active")
         self.layer_info, self.units = info, units
         self.report = build_report(pl_module, info, units, names, self.n_layers, self.interval)
@@ -359,6 +307,29 @@ class LISA(Callback):
             self._adapter = adapter_for(trainer.strategy)
         return self._adapter
 
+
+def _check_arguments(arguments: dict[str, Any]) -> None:
+    """Raise :class:`~lightning_lisa.errors.LISAConfigError` for a constructor argument LISA cannot use."""
+    check_int("n_layers", arguments["n_layers"], minimum=1)
+    check_int("interval", arguments["interval"], minimum=1)
+    check_int("seed", arguments["seed"])
+    check_names("layers", arguments["layers"], allow_str=True)
+    check_names("always_active", arguments["always_active"], allow_str=False)
+    check_sampling(arguments["sampling"])
+    check_choice("optimizer_state", arguments["optimizer_state"], OPTIMIZER_STATE_MODES)
+    check_positive("temperature", arguments["temperature"])
+    check_choice("granularity", arguments["granularity"], get_args(Granularity))
+    for flag in ("ddp_comm_hook", "verify_ranks", "step_in_backward"):
+        check_bool(flag, arguments[flag])
+
+
+#: The constructor arguments a checkpoint records, to warn when a resumed run changes them.
+SCHEDULE_SETTINGS = ("n_layers", "interval", "sampling", "seed")
+
+RESUMED_OTHERWISE = (
+    "LISA resumes with `{key}={now!r}`, but the checkpoint was written with `{key}={then!r}`: the schedule from "
+    "here on differs from the original run."
+)
 
 NO_GRADIENT = (
     "LISA: the sampled {starved} received no gradient at step {step}, so they do not train. With gradient "
@@ -388,67 +359,3 @@ def _verify_ranks(trainer: pl.Trainer, active: list[int]) -> None:
     gathered = trainer.strategy.all_gather(mine).view(trainer.world_size, -1).tolist()
     if any(row != active for row in gathered):
         raise RuntimeError(f"LISA: ranks disagree on the active units at step {trainer.global_step}: {gathered}")
-
-
-def _frozen(sampling: str | list[float]) -> str | tuple[float, ...]:
-    return sampling if isinstance(sampling, str) else tuple(sampling)
-
-
-Flags = tuple[bool, bool, bool]
-
-
-def _deprecated_flags(
-    always_active: Sequence[str] | None, embeddings: bool | None, head: bool | None, final_norm: bool | None
-) -> Flags:
-    """The deprecated ``train_*`` flags, checked; ``(True, True, False)`` when none was given."""
-    given = {"train_embeddings": embeddings, "train_head": head, "train_final_norm": final_norm}
-    for name, value in given.items():
-        if value is not None:
-            check_bool(name, value)
-    named = [f"{k}={v}" for k, v in given.items() if v is not None]
-    if named and always_active is not None:
-        raise LISAConfigError(
-            f"`always_active={list(always_active)!r}` and `{', '.join(named)}` both choose what always trains; "
-            "give the list of names only."
-        )
-    if named:
-        warnings.warn(
-            f"LISA's `{', '.join(named)}` is deprecated and will be removed in 0.3: name what always trains in "
-            "`always_active` (`lightning_lisa.find_layers(model)` lists the detected `embedding_names`, "
-            "`head_names` and `final_norm_names`).",
-            DeprecationWarning,
-            stacklevel=3,
-        )
-    return (embeddings is not False, head is not False, final_norm is True)
-
-
-def _tied(pl_module: nn.Module, info: LayerInfo) -> bool:
-    """Whether the input embeddings and the head share a weight."""
-    embeddings = unique_parameters(resolve_modules(pl_module, info.embedding_names, "always_active"))
-    head = unique_parameters(resolve_modules(pl_module, info.head_names, "always_active"))
-    return bool({id(p) for p in embeddings} & {id(p) for p in head})
-
-
-def _default_always_active(info: LayerInfo, flags: Flags, tied: bool) -> list[str]:
-    """The detected input side, head and projectors (with the deprecated flag, the final normalization layer).
-
-    With the default flags this is :func:`~lightning_lisa.layers.default_always_active`.
-    """
-    embeddings, head, final_norm = flags
-    if tied and embeddings != head:
-        raise LISAConfigError(
-            f"`train_embeddings={embeddings}` and `train_head={head}` differ, but the input embeddings "
-            f"{list(info.embedding_names)} and the head {list(info.head_names)} share (tie) their weights in this "
-            "model; set both alike."
-        )
-    names = list(info.embedding_names) + list(info.extra_embedding_names) if embeddings else []
-    names += list(info.head_names) if head else []
-    names += list(info.projector_names)
-    if final_norm:
-        if not info.final_norm_names:
-            raise LISAConfigError(
-                f"`train_final_norm=True`, but no final normalization layer was found after `{info.path}`; name it "
-                "in `always_active` instead."
-            )
-        names += list(info.final_norm_names)
-    return names

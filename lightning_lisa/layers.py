@@ -16,13 +16,14 @@ sampled; the other towers stay frozen and their projectors train all the time.
 from __future__ import annotations
 
 import difflib
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from lightning_lisa.errors import LISAConfigError
+from lightning_lisa.errors import LISAConfigError, check_bool
 
 #: Names of the block lists of known Hugging Face architectures, by ``config.model_type``.
 #: A name matches a ``nn.ModuleList`` whose dotted path equals it or ends with ``"." + name``, so the
@@ -256,6 +257,84 @@ def default_always_active(info: LayerInfo) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def flagged_always_active(
+    module: nn.Module, info: LayerInfo, embeddings: bool = True, head: bool = True, final_norm: bool = False
+) -> list[str]:
+    """:func:`default_always_active`, with parts left out or added by LISA's deprecated ``train_*`` flags.
+
+    Args:
+        module: The module ``info`` was found in.
+        info: What :func:`find_layers` found.
+        embeddings: Keep the input side (``train_embeddings``).
+        head: Keep the head (``train_head``).
+        final_norm: Add the final normalization layers (``train_final_norm``).
+
+    Raises:
+        LISAConfigError: When ``embeddings`` and ``head`` differ but the two share (tie) their weights,
+            or when ``final_norm`` is set and the model has no final normalization layer.
+
+    Examples:
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> model = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=64, n_positions=32))
+        >>> flagged_always_active(model, find_layers(model), final_norm=True)
+        ['transformer.wte', 'transformer.wpe', 'lm_head', 'transformer.ln_f']
+    """
+    if embeddings != head and _tied(module, info):
+        raise LISAConfigError(
+            f"`train_embeddings={embeddings}` and `train_head={head}` differ, but the input embeddings "
+            f"{list(info.embedding_names)} and the head {list(info.head_names)} share (tie) their weights in this "
+            "model; set both alike."
+        )
+    if final_norm and not info.final_norm_names:
+        raise LISAConfigError(
+            f"`train_final_norm=True`, but no final normalization layer was found after `{info.path}`; name it "
+            "in `always_active` instead."
+        )
+    names = [*info.embedding_names, *info.extra_embedding_names] if embeddings else []
+    names += [*info.head_names] if head else []
+    names += [*info.projector_names, *(info.final_norm_names if final_norm else ())]
+    return list(dict.fromkeys(names))
+
+
+def deprecated_flags(
+    always_active: Sequence[str] | None, embeddings: bool | None, head: bool | None, final_norm: bool | None
+) -> tuple[bool, bool, bool]:
+    """Check LISA's deprecated ``train_*`` flags and warn when one is given.
+
+    Returns:
+        The arguments of :func:`flagged_always_active`: ``(True, True, False)`` when no flag was given.
+
+    Raises:
+        LISAConfigError: For a flag that is not a bool, or flags given together with ``always_active``.
+    """
+    given = {"train_embeddings": embeddings, "train_head": head, "train_final_norm": final_norm}
+    named = [f"{k}={v}" for k, v in given.items() if v is not None]
+    for name, value in given.items():
+        if value is not None:
+            check_bool(name, value)
+    if named and always_active is not None:
+        raise LISAConfigError(
+            f"`always_active={list(always_active)!r}` and `{', '.join(named)}` both choose what always trains; "
+            "give the list of names only."
+        )
+    if named:
+        warnings.warn(
+            f"LISA's `{', '.join(named)}` is deprecated and will be removed in 0.3: name what always trains in "
+            "`always_active` (`lightning_lisa.find_layers(model)` lists the detected `embedding_names`, "
+            "`head_names` and `final_norm_names`).",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+    return (embeddings is not False, head is not False, final_norm is True)
+
+
+def _tied(module: nn.Module, info: LayerInfo) -> bool:
+    """Whether the input embeddings and the head share a weight."""
+    embeddings = unique_parameters(resolve_modules(module, info.embedding_names, "always_active"))
+    head = unique_parameters(resolve_modules(module, info.head_names, "always_active"))
+    return bool({id(p) for p in embeddings} & {id(p) for p in head})
+
+
 @dataclass(frozen=True)
 class Unit:
     """What LISA samples: a whole block, or (``granularity="module"``) one large sub-module of a block.
@@ -304,6 +383,31 @@ def split_units(info: LayerInfo, granularity: str) -> list[Unit]:
         extra: tuple[nn.Module, ...] = (nn.ParameterList(leftovers),) if leftovers else ()
         units.extend(Unit(part_name, index, (part, *extra)) for part_name, part in parts)
     return units
+
+
+def find_units(
+    module: nn.Module, layers: str | Sequence[str] | None, granularity: str, n_layers: int
+) -> tuple[LayerInfo, list[Unit]]:
+    """Find the blocks (:func:`find_layers`) and split them into units; check that ``n_layers`` fit.
+
+    Raises:
+        LISAConfigError: When ``n_layers`` is larger than the number of units.
+
+    Examples:
+        >>> model = nn.Sequential(nn.Embedding(8, 4), nn.ModuleList([nn.Linear(4, 4) for _ in range(3)]))
+        >>> info, units = find_units(model, "1", "block", n_layers=2)
+        >>> [u.name for u in units]
+        ['1.0', '1.1', '1.2']
+    """
+    info = find_layers(module, layers)
+    units = split_units(info, granularity)
+    if n_layers > len(units):
+        what = "blocks" if granularity == "block" else "block modules"
+        raise LISAConfigError(
+            f"`n_layers={n_layers}` is larger than the {len(units)} {what} of `{info.path}`; "
+            f"allowed: 1 to {len(units)}."
+        )
+    return info, units
 
 
 def _large_children(name: str, module: nn.Module) -> list[tuple[str, nn.Module]]:

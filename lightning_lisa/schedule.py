@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from lightning_lisa.sampling import sample_layers
 
@@ -31,6 +32,17 @@ class Switch:
     active_layers: tuple[int, ...]
     trainable_params: int
     optimizer_state_bytes: int
+
+    @classmethod
+    def from_dict(cls, fields: dict[str, Any]) -> Switch:
+        """The switch that :func:`dataclasses.asdict` wrote (as checkpoints keep it, with a list of units).
+
+        Examples:
+            >>> Switch.from_dict({"step": 0, "period": 0, "active_layers": [1, 4], "trainable_params": 9,
+            ...     "optimizer_state_bytes": 0}).active_layers
+            (1, 4)
+        """
+        return cls(**{**fields, "active_layers": tuple(fields["active_layers"])})
 
 
 @dataclass(frozen=True)
