@@ -83,6 +83,8 @@ ARMS = (
     "lisa-k5",
     "lisa-cyclic-k5",
     "lisa-compact",
+    "lisa-factored",
+    "lisa-compact-all",
     *CANDIDATES,
 )
 ARM_NAMES = {
@@ -97,6 +99,8 @@ ARM_NAMES = {
     "lisa-k5": "LISA gamma=2 K=5",
     "lisa-cyclic-k5": "LISA cyclic gamma=2 K=5",
     "lisa-compact": "LISA gamma=2 K=10, 8-bit E+H moments",
+    "lisa-factored": "LISA gamma=2 K=10, factored E+H moments",
+    "lisa-compact-all": "LISA gamma=2 K=10, 8-bit moments everywhere",
     "lisa-share20": "LISA gamma=20% of depth",
     "lisa-blocklr3": "LISA gamma=2, blocks 3x lr",
     "lisa-warm6": "LISA gamma=6 then 2",
@@ -117,6 +121,8 @@ DEFAULT_LRS = {
     "lisa-k5": [2e-4, 6e-4],
     "lisa-cyclic-k5": [2e-4, 6e-4],
     "lisa-compact": [6e-4, 1.5e-3],  # the grid where exact LISA gamma=2 chose 1.5e-3
+    "lisa-factored": [6e-4, 1.5e-3],
+    "lisa-compact-all": [6e-4, 1.5e-3],
     "lisa-share20": [6e-4, 1.5e-3],
     "lisa-blocklr3": [2e-4, 5e-4],  # the embeddings and head's rate; the blocks train at 6e-4 and 1.5e-3
     "lisa-warm6": [6e-4, 1.5e-3],
@@ -302,7 +308,8 @@ class LM(pl.LightningModule):
         lr: float,
         steps: int,
         trainable_only: bool = False,
-        compact: bool = False,
+        compact: str | None = None,
+        compact_blocks: str | None = None,
         block_lr_scale: float = 1.0,
     ) -> None:
         super().__init__()
@@ -310,7 +317,8 @@ class LM(pl.LightningModule):
         self.lr = lr
         self.steps = steps
         self.trainable_only = trainable_only
-        self.compact = compact  # 8-bit moments for the embeddings and head (lightning_lisa.compact_adamw)
+        self.compact = compact  # compact moments for the embeddings and head (lightning_lisa.compact_adamw)
+        self.compact_blocks = compact_blocks  # ... and for the blocks
         self.block_lr_scale = block_lr_scale  # the blocks' rate over the rest's (two parameter groups)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -325,8 +333,10 @@ class LM(pl.LightningModule):
             rest = [p for n, p in named if ".layers." not in n]
             groups = [{"params": blocks, "lr": self.lr * self.block_lr_scale}, {"params": rest}]
         optimizer: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=self.lr, weight_decay=0.0)
-        if self.compact:
-            optimizer = compact_adamw(self, compact="8bit", lr=self.lr, weight_decay=0.0)
+        if self.compact is not None:
+            optimizer = compact_adamw(
+                self, compact=self.compact, compact_blocks=self.compact_blocks, lr=self.lr, weight_decay=0.0
+            )
         warmup = max(1, self.steps // 10)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(warmup, self.steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -577,7 +587,8 @@ class Benchmark:
             lr,
             args.steps,
             trainable_only=arm.startswith("lora"),
-            compact=arm == "lisa-compact",
+            compact={"lisa-compact": "8bit", "lisa-compact-all": "8bit", "lisa-factored": "factored"}.get(arm),
+            compact_blocks="8bit" if arm == "lisa-compact-all" else None,
             block_lr_scale=BLOCK_LR_SCALE if arm == "lisa-blocklr3" else 1.0,
         )
         if task == "reverse":
@@ -663,8 +674,13 @@ def memory(bench: Benchmark, args: argparse.Namespace) -> dict[str, Any]:
             else:  # lisa-warm6 peaks in its first period (6 blocks); lisa-module: 2 blocks' parameters on average
                 gamma = lisa_gamma(arm, args.n_layers, bench.config.num_hidden_layers)
                 gamma = WARM_LAYERS if arm == "lisa-warm6" else args.n_layers if arm == "lisa-module" else gamma
-                compact = {"compact_always_active": True} if arm == "lisa-compact" else {}
-                est = estimate_memory(regime["model"], n_layers=gamma, **kwargs, **compact).lisa
+                # the estimate models 8-bit moments for the always-active set only: an upper bound for the
+                # factored ones and for compact block moments
+                compact = arm in ("lisa-compact", "lisa-factored", "lisa-compact-all")
+                est = estimate_memory(regime["model"], n_layers=gamma, **kwargs, compact_always_active=compact).lisa
+                if arm in ("lisa-factored", "lisa-compact-all"):
+                    row[arm] = {"peak_bytes": est.total, "trainable": est.trainable_params, "upper_bound": True}
+                    continue
             row[arm] = {"peak_bytes": est.total, "trainable": est.trainable_params}
         out[name] = row
     return out
@@ -708,7 +724,7 @@ def report(payload: dict[str, Any], arms: list[str], tasks: list[str]) -> None:
         else:
             print(f"\ncode: held-out code loss (base model {base['code_test_loss']:.3f}); forgetting as above")
             metric, label = "test_loss", "code loss"
-        head = f"{'arm':<30}{'best lr':>8}{label:>16}{'forgetting':>18}"
+        head = f"{'arm':<44}{'best lr':>8}{label:>16}{'forgetting':>18}"
         print(head + f"{'peak (bench)':>14}{'peak (7B)':>11}   val loss by lr (seed 0)")
         for arm in arms:
             r = results.get(task, {}).get(arm)
@@ -719,9 +735,11 @@ def report(payload: dict[str, Any], arms: list[str], tasks: list[str]) -> None:
             grid = "  ".join(f"{lr}:{v:.3f}" for lr, v in r["grid"].items())
             peaks = [mem[k][arm]["peak_bytes"] / 2**30 for k in ("benchmark", "llama-2-7b")]
             digits = 1 if metric == "accuracy" else 3
+            bound = "<=" if mem["benchmark"][arm].get("upper_bound") else "  "  # the estimate's upper bound
             print(
-                f"{ARM_NAMES[arm]:<30}{r['best_lr']:>8g}{value[0]:>9.{digits}f} ± {value[1]:<5.{digits}f}"
-                f"{forget[0]:>+10.3f} ± {forget[1]:.3f}{peaks[0]:>10.2f} GiB{peaks[1]:>7.1f} GiB   {grid}"
+                f"{ARM_NAMES[arm]:<44}{r['best_lr']:>8g}{value[0]:>9.{digits}f} ± {value[1]:<5.{digits}f}"
+                f"{forget[0]:>+10.3f} ± {forget[1]:.3f}{bound:>4}{peaks[0]:>6.2f} GiB{bound:>4}{peaks[1]:>5.1f} GiB"
+                f"   {grid}"
                 f"   (n={len(r['seeds'])})"
             )
 

@@ -156,7 +156,7 @@ def test_fsdp_check_runs_its_checks_under_fsdp2_on_cpu(tmp_path: Path):
 
 def test_quality_candidates_train_what_they_claim(tmp_path: Path):
     results = tmp_path / "quality.json"
-    arms = ["lisa-share20", "lisa-blocklr3", "lisa-warm6", "lisa-grad", "lisa-module"]
+    arms = ["lisa-share20", "lisa-blocklr3", "lisa-warm6", "lisa-grad", "lisa-module", "lisa-compact-all"]
     run(
         str(ROOT / "benchmarks" / "quality.py"),
         "--smoke", "--threads=1", "--seeds=1", "--lrs=1e-3", "--arms", ",".join(arms),
@@ -178,3 +178,4 @@ def test_quality_candidates_train_what_they_claim(tmp_path: Path):
     assert all(len(p) == 2 for p in done["lisa-grad"]["periods"])
     memory = payload["memory"]["llama-2-7b"]
     assert memory["lisa-warm6"]["peak_bytes"] > memory["lisa-blocklr3"]["peak_bytes"]
+    assert memory["lisa-compact-all"]["upper_bound"]  # the estimate has 8-bit moments for E+H only
