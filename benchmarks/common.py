@@ -35,13 +35,14 @@ def versions(*packages: str) -> dict[str, str]:
 
 
 def quiet_logs(*loggers: str, ignore: tuple[str, ...] = ()) -> None:
-    """Silence Lightning's data-loader hint, torch's pytree deprecation, and the libraries' info logs.
+    """Silence Lightning's data-loader hints, torch's pytree deprecation, and the libraries' info logs.
 
     Args:
         loggers: More loggers to set to ``ERROR``, besides :data:`LOGGERS`.
         ignore: More warning messages (regular expressions) to ignore.
     """
-    for message in (".*does not have many workers.*", ".*LeafSpec.*is deprecated.*", *ignore):
+    hints = (".*does not have many workers.*", ".*but have no `val_dataloader`.*", ".*LeafSpec.*is deprecated.*")
+    for message in (*hints, *ignore):
         warnings.filterwarnings("ignore", message)
     for name in (*LOGGERS, *loggers):
         logging.getLogger(name).setLevel(logging.ERROR)

@@ -1,16 +1,18 @@
 """Peak memory, step time and throughput of full fine-tuning, LoRA and LISA at real model shapes.
 
 Every arm trains the same model (a shape with the published dimensions of a real model, random
-weights, random tokens) through a Lightning Trainer for ``--warmup`` + ``--steps`` optimizer steps:
+weights, random tokens) as a :class:`~lightning_lisa.recipes.module.CausalLMModule` (AdamW over all
+parameters, constant learning rate) through a Lightning Trainer for ``--warmup`` + ``--steps``
+optimizer steps:
 
 * full fine-tuning (AdamW over all parameters);
 * LoRA r=16 and r=128 on every linear layer but the head (PEFT, ``target_modules="all-linear"``);
 * LISA (gamma = ``--n-layers``, K = ``--interval``) with ``optimizer_state`` drop, offload and keep;
 * LISA with bitsandbytes ``AdamW8bit``;
-* LISA with the embeddings and the head frozen (``train_embeddings=False, train_head=False``);
+* LISA with the embeddings and the head frozen (``always_active=[]``);
 * LISA with the optimizer step in the backward pass (``step_in_backward=True``), with the compact
-  always-active state (:func:`lightning_lisa.compact_adamw`, 8-bit or factored moments for the embeddings
-  and the head, exact AdamW for the blocks), and with both.
+  always-active state (``CausalLMModule(compact_always_active=...)``, 8-bit or factored moments for
+  the embeddings and the head, exact AdamW for the blocks), and with both.
 
 Reported per arm, each also as a ratio to full fine-tuning: trainable parameters; optimizer-state and
 training-state bytes (parameters + gradients + optimizer state, counted from tensors, peak over the
@@ -60,11 +62,12 @@ from typing import Any
 import common
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader
 
-from lightning_lisa import LISA, compact_adamw, optimizer_state_bytes
+from lightning_lisa import LISA, optimizer_state_bytes
 from lightning_lisa.estimate import SHAPES, ArmEstimate, build_meta_model, estimate_memory, load_config
 from lightning_lisa.estimate import saved_activation_bytes as count_saved_bytes
+from lightning_lisa.recipes.module import CausalLMModule
+from lightning_lisa.testing import quiet_trainer, token_loader
 
 GIB = 2**30
 MIB = 2**20
@@ -81,8 +84,7 @@ class ArmSpec:
     lora_rank: int = 0
     optimizer_state: str = "drop"
     optimizer: str = "adamw"
-    train_embeddings: bool = True
-    train_head: bool = True
+    frozen_eh: bool = False  # ``always_active=[]``: the embeddings and the head frozen too
     step_in_backward: bool = False
     compact: str | None = None  # "8bit" or "factored": compact_adamw's moments for the always-active set
 
@@ -95,7 +97,7 @@ ARMS: dict[str, ArmSpec] = {
     "lisa-offload": ArmSpec("LISA offload", "lisa", optimizer_state="offload"),
     "lisa-keep": ArmSpec("LISA keep", "lisa", optimizer_state="keep"),
     "lisa-8bit": ArmSpec("LISA AdamW8bit", "lisa", optimizer="adamw8bit"),
-    "lisa-frozen-eh": ArmSpec("LISA frozen E+H", "lisa", train_embeddings=False, train_head=False),
+    "lisa-frozen-eh": ArmSpec("LISA frozen E+H", "lisa", frozen_eh=True),
     "lisa-sib": ArmSpec("LISA step in bw", "lisa", step_in_backward=True),
     "lisa-compact": ArmSpec("LISA compact 8bit", "lisa", compact="8bit"),
     "lisa-factored": ArmSpec("LISA compact fact.", "lisa", compact="factored"),
@@ -132,41 +134,20 @@ class ArmResult:
     estimate: dict[str, int] | None = None
 
 
-class Model(pl.LightningModule):
-    """A causal LM trained on ``input_ids`` batches; the optimizer covers all (or only trainable) parameters."""
+class MeasuredLM(CausalLMModule):
+    """:class:`CausalLMModule` that counts the activation bytes saved for backward in its first training step."""
 
-    def __init__(
-        self, model: torch.nn.Module, optimizer: str, lr: float, trainable_only: bool, compact: str | None = None
-    ) -> None:
-        super().__init__()
-        self.model = model
-        self.optimizer_name = optimizer
-        self.compact = compact
-        self.lr = lr
-        self.trainable_only = trainable_only
-        self.count_activations = True
-        self.activation_bytes = 0
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.activation_bytes: int | None = None
 
-    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        if not self.count_activations:
-            return self.model(input_ids=batch, labels=batch).loss
-        self.count_activations = False
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if self.activation_bytes is not None:
+            return super().training_step(batch, batch_idx)
         losses: list[torch.Tensor] = []
-        self.activation_bytes = count_saved_bytes(
-            self.model, lambda: losses.append(self.model(input_ids=batch, labels=batch).loss)
-        )
+        step = CausalLMModule.training_step
+        self.activation_bytes = count_saved_bytes(self.model, lambda: losses.append(step(self, batch, batch_idx)))
         return losses[0]
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        params = [p for p in self.parameters() if p.requires_grad or not self.trainable_only]
-        if self.compact is not None:
-            return compact_adamw(self, compact=self.compact, lr=self.lr)  # type: ignore[arg-type]
-        if self.optimizer_name == "adamw8bit":
-            import bitsandbytes as bnb
-
-            optimizer: torch.optim.Optimizer = bnb.optim.AdamW8bit(params, lr=self.lr)
-            return optimizer
-        return torch.optim.AdamW(params, lr=self.lr)
 
 
 def synchronize(device: str) -> None:
@@ -316,25 +297,28 @@ def available_memory() -> int:
     return 0
 
 
-def build_model(
-    shape: str, device: str, dtype: torch.dtype, spec: ArmSpec, gradient_checkpointing: bool = False
-) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
+def build_module(args: argparse.Namespace, spec: ArmSpec) -> MeasuredLM:
+    """The arm's :class:`CausalLMModule`: random weights of ``--shape``, AdamW over all parameters, constant LR."""
     torch.manual_seed(0)
-    config = load_config(shape)[1]
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    if gradient_checkpointing:  # non-reentrant: blocks whose inputs need no grad still get gradients
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    with torch.device(args.device):
+        module = MeasuredLM(
+            config=dict(SHAPES[args.shape]),
+            model_kwargs={"dtype": DTYPES[args.dtype]},
+            optimizer=spec.optimizer,
+            learning_rate=args.lr,
+            weight_decay=0.01,  # torch's AdamW default, as before
+            lr_schedule="constant",
+            gradient_checkpointing=args.gradient_checkpointing,  # non-reentrant: frozen blocks still get gradients
+            compact_always_active=spec.compact,
+        )
     if spec.kind == "lora":
         from peft import LoraConfig, get_peft_model
 
         lora = LoraConfig(
             r=spec.lora_rank, lora_alpha=2 * spec.lora_rank, lora_dropout=0.0, target_modules="all-linear"
         )
-        model = get_peft_model(model, lora, autocast_adapter_dtype=False)
-    return model
+        module.model = get_peft_model(module.model, lora, autocast_adapter_dtype=False)
+    return module
 
 
 def run_arm(key: str, args: argparse.Namespace) -> ArmResult:
@@ -358,8 +342,7 @@ def run_arm(key: str, args: argparse.Namespace) -> ArmResult:
             n_layers=args.n_layers,
             interval=args.interval,
             optimizer_state=spec.optimizer_state,
-            train_embeddings=spec.train_embeddings,
-            train_head=spec.train_head,
+            always_active=[] if spec.frozen_eh else None,
             seed=args.seed,
             step_in_backward=spec.step_in_backward,
         )
@@ -367,25 +350,16 @@ def run_arm(key: str, args: argparse.Namespace) -> ArmResult:
     sampler = RssSampler() if device == "cpu" else contextlib.nullcontext()
     try:
         with sampler:
-            model = build_model(args.shape, device, DTYPES[args.dtype], spec, args.gradient_checkpointing)
-            module = Model(model, spec.optimizer, args.lr, trainable_only=spec.kind == "lora", compact=spec.compact)
-            vocab = model.get_output_embeddings().weight.shape[0]
-            total = args.warmup + args.steps
-            g = torch.Generator().manual_seed(args.seed)
-            data = torch.randint(0, vocab, (total * args.batch_size, args.seq_len), generator=g)
-            trainer = pl.Trainer(
+            module = build_module(args, spec)
+            trainer = quiet_trainer(
+                callbacks,
                 accelerator="gpu" if device == "cuda" else "cpu",
-                devices=1,
-                precision=PRECISION[args.dtype],  # type: ignore[arg-type]
-                max_steps=total,
-                callbacks=callbacks,
-                logger=False,
-                enable_checkpointing=False,
-                enable_progress_bar=False,
-                enable_model_summary=False,
-                num_sanity_val_steps=0,
+                precision=PRECISION[args.dtype],
+                max_steps=args.warmup + args.steps,
             )
-            trainer.fit(module, DataLoader(list(data), batch_size=args.batch_size))
+            vocab = int(SHAPES[args.shape]["vocab_size"])
+            data = token_loader(args.warmup + args.steps, args.batch_size, args.seed, vocab, args.seq_len, labels=True)
+            trainer.fit(module, data)
             synchronize(device)
     except torch.cuda.OutOfMemoryError as err:
         result.status = f"out of memory: {str(err).splitlines()[0][:200]}"
@@ -406,7 +380,7 @@ def run_arm(key: str, args: argparse.Namespace) -> ArmResult:
     result.optimizer_state_bytes = meter.optimizer_state
     result.optimizer_state_on_device_bytes = meter.optimizer_state_on_device
     result.training_state_bytes = meter.training_state
-    result.activation_bytes = module.activation_bytes
+    result.activation_bytes = module.activation_bytes or 0
     result.timing = "wall time" if device == "cuda" else "process CPU time"
     result.step_seconds = meter.step_seconds
     result.median_step_seconds = statistics.median(meter.step_seconds[args.warmup :])
@@ -420,7 +394,7 @@ def run_arm(key: str, args: argparse.Namespace) -> ArmResult:
             mean_switch = statistics.mean(lisa.switch_seconds)
             result.switch_overhead_pct = 100 * mean_switch / (args.interval * result.median_step_seconds)
             result.switch_overhead_pct_k20 = 100 * mean_switch / (20 * result.median_step_seconds)
-    del trainer, module, model, callbacks, lisa
+    del trainer, module, callbacks, lisa
     return result
 
 
@@ -483,7 +457,7 @@ def estimates(args: argparse.Namespace, keys: list[str]) -> dict[str, ArmEstimat
                 compact_always_active=spec.compact is not None,
                 **common,
             ).lisa  # type: ignore[arg-type]
-        elif not spec.train_embeddings:
+        elif spec.frozen_eh:
             found[key] = estimate_memory(args.shape, train_embeddings=False, train_head=False, **common).lisa  # type: ignore[arg-type]
         elif spec.optimizer_state == "drop" or (spec.optimizer_state == "offload" and args.device == "cuda"):
             found[key] = base.lisa

@@ -1,7 +1,8 @@
 """Optimizer-state and training-state bytes of LISA (drop, keep, offload, compact) against full fine-tuning.
 
-Every arm trains the same GPT-2-shaped model (random weights, random tokens) with AdamW through a
-Lightning Trainer, in this process, and the bytes are counted from tensors after every optimizer step:
+Every arm trains the same GPT-2-shaped model (random weights, random tokens) with AdamW as a
+:class:`~lightning_lisa.recipes.module.CausalLMModule` (constant learning rate) in this process, and
+the bytes are counted from tensors after every optimizer step:
 
 * optimizer state: every tensor in ``optimizer.state``;
 * training state: parameters + gradients + optimizer state;
@@ -9,8 +10,8 @@ Lightning Trainer, in this process, and the bytes are counted from tensors after
 
 Besides ``drop`` and ``keep``: ``offload`` (with the prefetch of the next period's state: how many
 state tensors came back from a prefetched copy, how many were copied at the switch), and the compact
-always-active state (:func:`lightning_lisa.compact_adamw`, ``"8bit"`` and ``"factored"``: the blocks keep
-exact AdamW, the embeddings and head compact moments).
+always-active state (``CausalLMModule(compact_always_active=...)``, ``"8bit"`` and ``"factored"``: the
+blocks keep exact AdamW, the embeddings and head compact moments).
 
 Run ``python benchmarks/optimizer_state.py`` (GPT-2 small, 200 steps, K=5; about 10 minutes on 2
 CPU cores) or ``--shape tiny --steps 20`` for a smoke run.
@@ -19,40 +20,21 @@ CPU cores) or ``--shape tiny --steps 20`` for a smoke run.
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import common
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader
-from transformers import GPT2LMHeadModel
 
-from lightning_lisa import LISA, compact_adamw, optimizer_state_bytes
-from lightning_lisa.estimate import SHAPES, load_config
+from lightning_lisa import LISA, optimizer_state_bytes
+from lightning_lisa.estimate import SHAPES
+from lightning_lisa.recipes.module import CausalLMModule
+from lightning_lisa.testing import quiet_trainer, token_loader
 
 #: ``--shape`` choices: GPT-2 shapes of :data:`lightning_lisa.estimate.SHAPES`.
 SHAPE_NAMES = {"tiny": "gpt2-tiny", "gpt2-small": "gpt2-small"}
-
-
-class LM(pl.LightningModule):
-    """A causal LM trained with AdamW over all its parameters."""
-
-    def __init__(self, model: GPT2LMHeadModel, compact: str | None = None) -> None:
-        super().__init__()
-        self.model = model
-        self.compact = compact
-
-    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        return self.model(input_ids=batch, labels=batch).loss
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        if self.compact is not None:
-            return compact_adamw(self, compact=self.compact, lr=1e-4)  # type: ignore[arg-type]
-        return torch.optim.AdamW(self.parameters(), lr=1e-4)
 
 
 @dataclass
@@ -85,22 +67,16 @@ class Arm:
 
 def run_arm(name: str, shape: str, steps: int, lisa: LISA | None, seq_len: int, compact: str | None = None) -> Arm:
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(load_config(SHAPE_NAMES[shape])[1])
-    vocab = SHAPES[SHAPE_NAMES[shape]]["vocab_size"]
-    data = DataLoader(list(torch.randint(0, vocab, (steps, seq_len))), batch_size=1)
+    config = dict(SHAPES[SHAPE_NAMES[shape]])
+    module = CausalLMModule(
+        config=config, learning_rate=1e-4, weight_decay=0.01, lr_schedule="constant", compact_always_active=compact
+    )
+    data = token_loader(steps, batch_size=1, vocab=config["vocab_size"], seq_len=seq_len, labels=True)
     counter = Bytes()
     callbacks: list[pl.Callback] = [counter] if lisa is None else [lisa, counter]
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=steps,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=True,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(callbacks, max_steps=steps, enable_progress_bar=True)
     start = time.perf_counter()
-    trainer.fit(LM(model, compact), data)
+    trainer.fit(module, data)
     seconds = time.perf_counter() - start
     return Arm(name, counter.optimizer_state, counter.training_state, counter.analytic_minimum, seconds)
 
@@ -114,9 +90,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=32)
     parser.add_argument("--json", help="also write the per-step figures to this file")
     args = parser.parse_args()
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    warnings.filterwarnings("ignore", ".*LeafSpec.*is deprecated.*")
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    common.quiet_logs()
 
     def lisa(mode: str) -> LISA:
         return LISA(n_layers=args.n_layers, interval=args.interval, optimizer_state=mode)  # type: ignore[arg-type]
@@ -155,8 +129,7 @@ def main() -> None:
     hits, misses = offload._state.prefetch_hits, offload._state.prefetch_misses
     print(f"LISA offload: {hits} state tensors came back from prefetched copies, {misses} were copied at the switch")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "arms": [asdict(a) for a in arms]}, f)
+        common.save_json(args.json, {"args": vars(args), "arms": [asdict(a) for a in arms]})
 
 
 if __name__ == "__main__":

@@ -99,9 +99,33 @@ class CausalLM(pl.LightningModule):
         return opt
 
 
-def token_loader(n_batches: int = 8, batch_size: int = 2, seed: int = 0) -> DataLoader[torch.Tensor]:
-    """``n_batches`` batches of random token ids of length :data:`SEQ`, the same for the same ``seed``."""
+def token_loader(
+    n_batches: int = 8,
+    batch_size: int = 2,
+    seed: int = 0,
+    vocab: int = VOCAB,
+    seq_len: int = SEQ,
+    labels: bool = False,
+) -> DataLoader[Any]:
+    """``n_batches`` batches of random token ids, the same for the same ``seed``.
+
+    Args:
+        n_batches: Batches in one epoch.
+        batch_size: Sequences per batch.
+        seed: Seed of the tokens.
+        vocab: Token ids are drawn from ``range(vocab)``.
+        seq_len: Tokens per sequence.
+        labels: Batches are ``{"input_ids": ids, "labels": ids}`` dicts (what
+            :class:`~lightning_lisa.recipes.module.CausalLMModule` trains on) instead of ``ids``.
+
+    Examples:
+        >>> next(iter(token_loader(batch_size=3))).shape
+        torch.Size([3, 8])
+        >>> sorted(next(iter(token_loader(vocab=100, seq_len=4, labels=True))).items())[0][1].shape
+        torch.Size([2, 4])
+    """
     g = torch.Generator().manual_seed(seed)
-    data = torch.randint(0, VOCAB, (n_batches * batch_size, SEQ), generator=g)
-    rows = cast("Dataset[torch.Tensor]", list(data))  # a list of rows serves as a map-style dataset
-    return DataLoader(rows, batch_size=batch_size, shuffle=False)
+    data = torch.randint(0, vocab, (n_batches * batch_size, seq_len), generator=g)
+    rows: list[Any] = [{"input_ids": row, "labels": row} for row in data] if labels else list(data)
+    # a list of rows serves as a map-style dataset
+    return DataLoader(cast("Dataset[Any]", rows), batch_size=batch_size, shuffle=False)
