@@ -10,9 +10,10 @@ With ``--device cuda`` the same runs on a GPU, with the CUDA allocator's peak
 (``torch.cuda.max_memory_allocated``) reported beside the tensor count.
 
 * The step in backward is modelled here by one optimizer per parameter, stepped and zeroed in a
-  post-accumulate-grad hook (what ``LISA(step_in_backward=True)`` does); the compact always-active
-  state by bitsandbytes ``AdamW8bit`` for the embeddings and the head.
-* ``torch.optim.AdamW(foreach=True)``, as it runs on CUDA by default.
+  post-accumulate-grad hook (what ``LISA(step_in_backward=True)`` does); the compact state by
+  :class:`~lightning_lisa.compact.CompactAdamW` groups with ``compact="8bit"`` or ``"factored"`` for
+  the embeddings and the head (``compact_always_active``) and for the blocks (``compact_blocks``).
+* ``torch.optim.AdamW(foreach=True)``, as it runs on CUDA by default, or ``fused=True``.
 * LISA trains its first ``n_layers`` blocks (the estimate's worst case).
 
 Examples::
@@ -38,7 +39,7 @@ import common
 import torch
 from transformers import AutoModelForCausalLM
 
-from lightning_lisa import find_layers
+from lightning_lisa import CompactAdamW, find_layers
 from lightning_lisa.estimate import SHAPES, estimate_memory, load_config
 from lightning_lisa.estimate.measure import TensorPeak
 from lightning_lisa.layers import unique_parameters
@@ -59,7 +60,9 @@ class Case:
     gradient_checkpointing: bool = False
     loss_chunk_size: int | None = None
     step_in_backward: bool = False
-    compact_always_active: bool = False
+    compact_always_active: str | None = None
+    compact_blocks: str | None = None
+    fused: bool = False
     batch_size: int = 2
     seq_len: int = 256
 
@@ -75,7 +78,9 @@ class Case:
                 ("checkpointing", self.gradient_checkpointing),
                 (f"loss chunks of {self.loss_chunk_size}", self.loss_chunk_size is not None),
                 ("step in backward", self.step_in_backward),
-                ("compact", self.compact_always_active),
+                (f"{self.compact_always_active} E+H", self.compact_always_active),
+                (f"{self.compact_blocks} blocks", self.compact_blocks),
+                ("fused AdamW", self.fused),
             )
             if on
         ]
@@ -89,13 +94,25 @@ CASES: list[Case] = [
     Case(gradient_checkpointing=True),
     Case(loss_chunk_size=128),
     Case(step_in_backward=True),
-    Case(compact_always_active=True),
-    Case(step_in_backward=True, compact_always_active=True),
-    Case(gradient_checkpointing=True, loss_chunk_size=128, step_in_backward=True, compact_always_active=True),
+    Case(compact_always_active="8bit"),
+    Case(step_in_backward=True, compact_always_active="8bit"),
+    Case(gradient_checkpointing=True, loss_chunk_size=128, step_in_backward=True, compact_always_active="8bit"),
+    Case(compact_always_active="factored", compact_blocks="factored"),
+    Case(step_in_backward=True, compact_always_active="factored", compact_blocks="factored"),
+    Case(step_in_backward=True, compact_always_active="8bit", compact_blocks="8bit", loss_chunk_size=128),
+    Case(step_in_backward=True, fused=True),
+    Case(fused=True),
     Case(batch_size=4, seq_len=512, gradient_checkpointing=True),
     Case(batch_size=4, seq_len=512, gradient_checkpointing=True, loss_chunk_size=256, step_in_backward=True),
     Case(shape="gemma2-small"),
-    Case(shape="gemma2-small", step_in_backward=True, compact_always_active=True, loss_chunk_size=128),
+    Case(shape="gemma2-small", step_in_backward=True, compact_always_active="8bit", loss_chunk_size=128),
+    Case(
+        shape="gemma2-small",
+        step_in_backward=True,
+        compact_always_active="factored",
+        compact_blocks="factored",
+        loss_chunk_size=128,
+    ),
 ]
 QUICK = [CASES[0], CASES[3], CASES[7]]
 #: ``--tiny``: the same proportions, a few seconds per case (the test-suite runs these).
@@ -161,28 +178,22 @@ def build(case: Case, arm: str) -> tuple[torch.nn.Module, list[torch.nn.Paramete
 def measure(case: Case, arm: str) -> tuple[int, int | None]:
     """Peak tensor bytes of the second of two training steps (and the CUDA allocator's peak on a GPU)."""
     model, always, others = build(case, arm)
-    compact = arm == "lisa" and case.compact_always_active
-    in_backward = arm == "lisa" and case.step_in_backward
+    lisa = arm == "lisa"
+    in_backward = lisa and case.step_in_backward
+    modes = (case.compact_always_active, case.compact_blocks) if lisa else (None, None)
 
-    def adamw(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(params, lr=1e-4, foreach=True)
-
-    def eight_bit(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-        import bitsandbytes as bnb
-
-        optimizer: torch.optim.Optimizer = bnb.optim.AdamW8bit(params, lr=1e-4)
-        return optimizer
+    def adamw(groups: list[tuple[list[torch.nn.Parameter], str | None]]) -> torch.optim.Optimizer:
+        speed = {"fused": True} if case.fused else {"foreach": True}
+        return CompactAdamW([{"params": ps, "compact": mode} for ps, mode in groups if ps], lr=1e-4, **speed)
 
     optimizers: list[torch.optim.Optimizer] = []
     if in_backward:
         for p in [*always, *others]:
-            opt = eight_bit([p]) if compact and any(p is q for q in always) else adamw([p])
+            opt = adamw([([p], modes[0] if any(p is q for q in always) else modes[1])])
             optimizers.append(opt)
             p.register_post_accumulate_grad_hook(_step_now(opt))
-    elif compact:
-        optimizers = [eight_bit(always), adamw(others)]
     else:
-        optimizers = [adamw([*always, *others])]
+        optimizers = [adamw([(others, modes[1]), (always, modes[0])])]
     g = torch.Generator().manual_seed(0)
     vocab = SHAPES[case.shape]["vocab_size"]
     ids = torch.randint(0, vocab, (case.batch_size, case.seq_len), generator=g).to(case.device)
@@ -240,7 +251,9 @@ def estimated(case: Case) -> dict[str, int]:
         gradient_checkpointing=case.gradient_checkpointing,
         loss_chunk_size=case.loss_chunk_size,
         step_in_backward=case.step_in_backward,
-        compact_always_active=case.compact_always_active,
+        compact_always_active=case.compact_always_active,  # type: ignore[arg-type]
+        compact_blocks=case.compact_blocks,  # type: ignore[arg-type]
+        fused=case.fused,
     )
     return {"full": est.full.total, "lora": est.lora.total, "lisa": est.lisa.total}
 
@@ -250,7 +263,8 @@ def run(cases: list[Case], arms: list[str]) -> list[Row]:
     for case in cases:
         est = estimated(case)
         for arm in arms:
-            if arm != "lisa" and (case.step_in_backward or case.compact_always_active) and case != cases[0]:
+            lisa_only = case.step_in_backward or case.compact_always_active or case.compact_blocks
+            if arm != "lisa" and lisa_only and case != cases[0]:
                 continue  # LISA-only options: the other arms are those of the case without them
             row = Row(case.label, arm, est[arm], *measure(case, arm))
             rows.append(row)

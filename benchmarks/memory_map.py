@@ -3,10 +3,13 @@
 For each shape (Llama-2-7B, Llama-3-8B, Qwen2.5-7B, Gemma-2-9B), batch (1 x 1024 and 8 x 2048
 tokens), gradient checkpointing (off, on) and loss (the model's own, or chunked by 1024 tokens in
 both arms), :func:`lightning_lisa.estimate.estimate_memory` gives the peak of LoRA r=16 and of LISA
-(gamma=2, AdamW, bf16-true) in four variants: the default, with the step in backward
-(``step_in_backward``), with the compact always-active state (``compact_always_active``), and with
-both. Every cell is an estimate (see ``benchmarks/estimate_check.py`` for how close the estimate comes
-to measured peaks); cells of a setting that was measured on a GPU are listed beside it.
+(gamma=2, AdamW, bf16-true) in seven variants: the default; with the step in backward
+(``step_in_backward``); with it and ``torch.optim.AdamW(fused=True)`` (``fused``, both arms); with the
+8-bit always-active state (``compact_always_active``); with the step in backward and that state; with
+factored moments everywhere (``compact_always_active="factored"``, ``compact_blocks="factored"``); and
+with those and the step in backward. Every cell is an estimate (see ``benchmarks/estimate_check.py``
+for how close the estimate comes to measured peaks); cells of a setting that was measured on a GPU are
+listed beside it.
 
 Examples::
 
@@ -29,12 +32,18 @@ from lightning_lisa.estimate import estimate_memory
 
 MAP_SHAPES = ["llama-2-7b", "llama-3-8b", "qwen2.5-7b", "gemma-2-9b"]
 BATCHES = [(1, 1024), (8, 2048)]
-VARIANTS: dict[str, dict[str, bool]] = {
+FACTORED: dict[str, Any] = {"compact_always_active": "factored", "compact_blocks": "factored"}
+VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
     "step in backward": {"step_in_backward": True},
-    "compact": {"compact_always_active": True},
-    "both": {"step_in_backward": True, "compact_always_active": True},
+    "+ fused AdamW": {"step_in_backward": True, "fused": True},
+    "compact": {"compact_always_active": "8bit"},
+    "both": {"step_in_backward": True, "compact_always_active": "8bit"},
+    "factored everywhere": FACTORED,
+    "+ step in backward": {"step_in_backward": True, **FACTORED},
 }
+#: Columns whose options are exact (the same update as AdamW's); the others are lossy.
+EXACT = ("default", "step in backward", "+ fused AdamW")
 LOSS_CHUNK = 1024
 GIB = 2**30
 
@@ -72,7 +81,8 @@ def cells(shapes: list[str]) -> list[dict[str, Any]]:
                 loss_chunk_size=LOSS_CHUNK if chunked else None,
                 **options,
             )
-            row["lora_gib"] = est.lora.total / GIB
+            if name == "default":
+                row["lora_gib"] = est.lora.total / GIB
             row["lisa_gib"][name] = est.lisa.total / GIB
             row["ratio"][name] = est.lisa.total / est.lora.total
             measured = MEASURED.get((shape, batch, seq, checkpointing, chunked, name))
@@ -110,8 +120,10 @@ def markdown_row(row: dict[str, Any]) -> str:
 def tables(rows: list[dict[str, Any]]) -> str:
     """Two markdown tables: the model's own loss, and the loss chunked in both arms."""
     header = (
-        "| shape | batch x seq | checkpointing | LoRA r=16 peak GiB | LISA default | step in backward | compact "
-        "| both |\n|---|---|---|---|---|---|---|---|"
+        "| shape | batch x seq | checkpointing | LoRA r=16 peak GiB | LISA default | step in backward "
+        "| + fused AdamW | 8-bit E+H | 8-bit E+H, step in backward | factored everywhere | + step in backward |\n"
+        + "|---" * 11
+        + "|"
     )
     parts = []
     for chunked, title in ((False, "the model's own loss"), (True, f"loss chunked by {LOSS_CHUNK} tokens, both arms")):

@@ -269,6 +269,59 @@ def compact_adamw(
     return CompactAdamW(groups, lr=lr, **kwargs)
 
 
+def compact_state_nbytes(shape: Sequence[int], compact: CompactMode, block_size: int = 256) -> int:
+    """Bytes of :class:`CompactAdamW`'s state for one parameter of ``shape`` in a group with ``compact`` set.
+
+    The first moment's int8 codes (padded to whole blocks) and a float32 scale per block; the second
+    moment's uint8 codes and scales, or, ``"factored"`` for two or more dimensions, a float32 row and
+    column average; and the 4-byte ``step`` tensor.
+
+    Examples:
+        >>> compact_state_nbytes((1000, 64), "8bit")  # about 2.03 bytes per element
+        130004
+        >>> compact_state_nbytes((1000, 64), "factored")  # about 1.02
+        69260
+    """
+    check_choice("compact", compact, COMPACT_MODES)
+    numel = math.prod(shape)
+    blocks = math.ceil(numel / block_size)
+    codes = blocks * block_size + 4 * blocks
+    if compact == "factored" and len(shape) >= 2:
+        return 4 + codes + 4 * shape[0] + 4 * (numel // shape[0])
+    return 4 + 2 * codes
+
+
+def compact_step_nbytes(shape: Sequence[int], compact: CompactMode, grad_nbytes: int, block_size: int = 256) -> int:
+    """The transient bytes of :class:`CompactAdamW`'s update of one parameter (float32 copies of a chunk).
+
+    Counted with :class:`~lightning_lisa.estimate.measure.TensorPeak` on CPU: per element of the chunk, 17
+    bytes (8-bit) or 13 (factored) with float32 gradients, and the gradient's float32 copy more with
+    bf16/fp16 ones (4 bytes; 5 factored); one byte more when there are several chunks (the previous
+    chunk's codes).
+
+    Args:
+        shape: The parameter's shape.
+        compact: ``"8bit"`` or ``"factored"``.
+        grad_nbytes: Bytes per element of the gradient (2 for bf16, 4 for float32).
+        block_size: The group's ``block_size``.
+
+    Examples:
+        >>> compact_step_nbytes((128256, 4096), "factored", 2) / 2**20  # Llama-3-8B's head: 76 MiB, not 2 GiB
+        76.0
+    """
+    check_choice("compact", compact, COMPACT_MODES)
+    numel = math.prod(shape)
+    factored = compact == "factored" and len(shape) >= 2
+    if factored:
+        cols = numel // shape[0]
+        chunk = min(numel, _rows_per_chunk(cols, block_size) * cols)
+    else:
+        chunk = min(numel, CHUNK)
+    chunk = math.ceil(chunk / block_size) * block_size
+    per_element = (13 if factored else 17) + (0 if grad_nbytes == 4 else 5 if factored else 4)
+    return per_element * chunk + (chunk if numel > chunk else 0)
+
+
 # ------------------------------------------------------------------------------------ internals
 
 

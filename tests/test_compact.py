@@ -14,6 +14,8 @@ from lightning_lisa.compact import (
     _dequantize_signed,
     _quantize_root,
     _quantize_signed,
+    compact_state_nbytes,
+    compact_step_nbytes,
 )
 from lightning_lisa.errors import LISAConfigError
 from lightning_lisa.testing import CausalLM, quiet_trainer, tiny_llama, token_loader
@@ -206,3 +208,27 @@ def test_with_the_step_in_backward_the_weights_equal_a_normal_run(mode, compact_
     normal, in_backward = run(False), run(True)
     for (name, a), b in zip(normal.named_parameters(), in_backward.parameters(), strict=True):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("mode", ["8bit", "factored"])
+@pytest.mark.parametrize(
+    ("shape", "dtype"), [((2000, 2048), torch.bfloat16), ((4096, 1024), torch.float32), ((512,), torch.bfloat16)]
+)
+def test_state_and_step_bytes_equal_the_counted_tensors(mode, shape, dtype):
+    from lightning_lisa.estimate.measure import TensorPeak
+
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(shape, dtype=dtype))
+    p.grad = torch.randn(shape, dtype=dtype)
+    optimizer = CompactAdamW([p], compact=mode)
+    optimizer.step()
+    state = list(optimizer.state[p].values())
+    assert sum(t.untyped_storage().nbytes() for t in state) == compact_state_nbytes(shape, mode)
+    existing = [p, p.grad, *state]
+    with TensorPeak() as peak:
+        peak.track(existing)
+        before = peak.current
+        del existing, state
+        optimizer.step()
+    # the 3000-row matrix is stepped in two chunks
+    assert peak.peak - before == pytest.approx(compact_step_nbytes(shape, mode, p.element_size()), rel=0.01)

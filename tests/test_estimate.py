@@ -286,7 +286,11 @@ def test_configs_and_paths_are_accepted(tmp_path):
         ({"loss_chunk_size": 0}, ["loss_chunk_size=0", ">= 1"]),
         ({"gradient_checkpointing": 1}, ["gradient_checkpointing=1", "True or False"]),
         ({"step_in_backward": None}, ["step_in_backward=None", "True or False"]),
-        ({"compact_always_active": "no"}, ["compact_always_active='no'", "True or False"]),
+        ({"compact_always_active": "no"}, ["compact_always_active='no'", "'factored'"]),
+        ({"compact_blocks": True}, ["compact_blocks=True", "'8bit'"]),
+        ({"fused": "yes"}, ["fused='yes'", "True or False"]),
+        ({"compact_blocks": "8bit", "optimizer": "adamw8bit"}, ["compact_blocks='8bit'", "optimizer='adamw'"]),
+        ({"fused": True, "optimizer": "adamw8bit"}, ["fused=True", "optimizer='adamw'"]),
         ({"mixed_precision": True, "dtype": "fp32"}, ["mixed_precision=True", "dtype='fp32'", "bf16-mixed"]),
     ],
 )
@@ -370,21 +374,37 @@ def test_step_in_backward_keeps_one_gradient():
     assert fused.lisa.training_state == base.lisa.training_state - base.lisa.grads + head
 
 
-def test_compact_always_active_state_is_bitsandbytes_8bit_for_embeddings_and_head():
+def test_compact_state_is_compact_adamws_for_embeddings_and_head_and_optionally_the_blocks():
+    from lightning_lisa.compact import compact_state_nbytes
     from lightning_lisa.estimate import optimizer_state_nbytes
 
     base = estimate_memory("tiny", seq_len=64, dtype="fp32")
     compact = estimate_memory("tiny", seq_len=64, dtype="fp32", compact_always_active=True)
+    assert compact.compact_always_active == "8bit" and compact.compact_blocks is None
     vocab, hidden = 512, 64
-    always = [vocab * hidden, vocab * hidden]  # embeddings and head (untied)
-    blocks = base.lisa.trainable_params - sum(always)
-    saved = optimizer_state_nbytes([(n, 4) for n in always]) - optimizer_state_nbytes(
-        [(n, 4) for n in always], "adamw8bit"
-    )
+    always = [(vocab, hidden), (vocab, hidden)]  # embeddings and head (untied)
+    blocks = base.lisa.trainable_params - vocab * hidden * 2
+    saved = optimizer_state_nbytes([(vocab * hidden, 4)] * 2) - 2 * compact_state_nbytes(always[0], "8bit")
     assert blocks > 0 and base.lisa.optimizer_state - compact.lisa.optimizer_state == saved
-    assert compact.lisa.step_workspace < base.lisa.step_workspace  # 8-bit steps need no multi-tensor copy
-    eight_bit = estimate_memory("tiny", seq_len=64, optimizer="adamw8bit")
-    assert estimate_memory("tiny", seq_len=64, optimizer="adamw8bit", compact_always_active=True).lisa == eight_bit.lisa
+    # the blocks' exact state is kept; with compact_blocks it is CompactAdamW's too
+    everywhere = estimate_memory(
+        "tiny", seq_len=64, dtype="fp32", compact_always_active="factored", compact_blocks="factored"
+    )
+    # about one byte per parameter (small norms are padded to a 256-element block)
+    assert everywhere.lisa.optimizer_state < 1.2 * everywhere.lisa.trainable_params < compact.lisa.optimizer_state
+    assert (everywhere.full, everywhere.lora) == (base.full, base.lora)  # LISA options only
+    with pytest.raises(LISAConfigError, match=r"compact_always_active='8bit'.*optimizer='adamw'"):
+        estimate_memory("tiny", seq_len=64, optimizer="adamw8bit", compact_always_active=True)
+
+
+def test_fused_adamw_makes_no_step_copy_and_lowers_the_step_in_backward_peak():
+    base = estimate_memory("llama-3-8b", seq_len=1024, step_in_backward=True)
+    fused = estimate_memory("llama-3-8b", seq_len=1024, step_in_backward=True, fused=True)
+    assert base.full.step_workspace == base.full.grads and fused.full.step_workspace == 0
+    assert fused.lisa.training_state == base.lisa.training_state
+    head = 128256 * 4096 * 2  # the head's gradient and, without fused, AdamW's copy of it
+    assert base.lisa.backward_step_peak - fused.lisa.backward_step_peak == head
+    assert fused.lisa.total < base.lisa.total
 
 
 def test_checkpointing_and_chunked_loss_shrink_activations_of_every_arm():
@@ -427,7 +447,12 @@ def test_new_flags_on_the_command_line(capsys):
     assert payload["loss_chunk_size"] == 16
     assert main([*args, "--step-in-backward", "--compact-always-active"]) == 0
     payload = json.loads(capsys.readouterr().out)
-    assert payload["step_in_backward"] and payload["compact_always_active"]
+    assert payload["step_in_backward"] and payload["compact_always_active"] == "8bit"
+    assert main([*args, "--compact-always-active", "factored", "--compact-blocks", "factored", "--fused"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert (payload["compact_always_active"], payload["compact_blocks"], payload["fused"]) == ("factored",) * 2 + (
+        True,
+    )
     assert payload["lisa"]["total"] < estimate_memory("tiny", seq_len=64).lisa.total
     assert main(["tiny", "--mixed", "--dtype", "fp32"]) == 2
     assert "mixed_precision=True" in capsys.readouterr().err
@@ -458,7 +483,15 @@ def test_memory_map_script_writes_its_tables(tmp_path):
     rows = json.loads((tmp_path / "map.json").read_text())["rows"]
     assert len(rows) == 2 * 2 * 2  # batches x checkpointing x loss
     for row in rows:
-        assert set(row["ratio"]) == {"default", "step in backward", "compact", "both"}
-        assert row["lisa_gib"]["both"] <= row["lisa_gib"]["default"]
+        assert set(row["ratio"]) == {
+            "default",
+            "step in backward",
+            "+ fused AdamW",
+            "compact",
+            "both",
+            "factored everywhere",
+            "+ step in backward",
+        }
+        assert row["lisa_gib"]["+ step in backward"] <= row["lisa_gib"]["both"] <= row["lisa_gib"]["default"]
     text = (tmp_path / "map.md").read_text()
     assert text.count("| tiny |") == 8 and "(estimated)" in text

@@ -6,9 +6,27 @@ import argparse
 import json
 import sys
 
+from lightning_lisa.compact import COMPACT_MODES
 from lightning_lisa.errors import LISAConfigError
 from lightning_lisa.estimate.api import DTYPES, OPTIMIZERS, estimate_memory, format_estimate
 from lightning_lisa.estimate.shapes import SHAPES
+
+#: Options given to :func:`estimate_memory` under their own names.
+PASSED_ON = [
+    "n_layers",
+    "batch_size",
+    "seq_len",
+    "dtype",
+    "optimizer",
+    "lora_rank",
+    "device",
+    "gradient_checkpointing",
+    "loss_chunk_size",
+    "step_in_backward",
+    "compact_always_active",
+    "compact_blocks",
+    "fused",
+]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,7 +40,13 @@ def main(argv: list[str] | None = None) -> int:
         0
         >>> main(["tiny", "--seq-len", "64", "--step-in-backward", "--compact-always-active"])  # doctest: +ELLIPSIS
         tiny: ...
-        LISA with step in backward and compact always-active state
+        LISA with step in backward and 8bit always-active state
+        ...
+        0
+        >>> main(["tiny", "--seq-len", "64", "--compact-always-active", "factored", "--compact-blocks", "factored",
+        ...       "--fused"])  # doctest: +ELLIPSIS
+        tiny: ..., adamw (fused); ...
+        LISA with factored always-active state and factored blocks' state
         ...
         0
     """
@@ -64,30 +88,34 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--compact-always-active",
-        action="store_true",
-        help="LISA keeps 8-bit moments for the embeddings and the head",
+        nargs="?",
+        const="8bit",
+        default=None,
+        choices=list(COMPACT_MODES),
+        help="LISA keeps CompactAdamW's compact moments for the embeddings and the head: 8bit (without a value) "
+        "or factored",
+    )
+    parser.add_argument(
+        "--compact-blocks",
+        choices=list(COMPACT_MODES),
+        default=None,
+        help="LISA keeps compact moments for its blocks too (compact_adamw(..., compact_blocks=...))",
+    )
+    parser.add_argument(
+        "--fused", action="store_true", help="torch.optim.AdamW(fused=True): no temporary copy in the step (every arm)"
     )
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="where training runs")
     parser.add_argument("--unit", choices=["GiB", "MiB", "auto"], default="auto")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     args = parser.parse_args(argv)
     try:
+        options = {name: getattr(args, name) for name in PASSED_ON}
         estimate = estimate_memory(
             args.model,
-            n_layers=args.n_layers,
-            batch_size=args.batch_size,
-            seq_len=args.seq_len,
-            dtype=args.dtype,
-            optimizer=args.optimizer,
-            lora_rank=args.lora_rank,
             train_embeddings=not args.freeze_embeddings,
             train_head=not args.freeze_head,
-            device=args.device,
             mixed_precision=args.mixed,
-            gradient_checkpointing=args.gradient_checkpointing,
-            loss_chunk_size=args.loss_chunk_size,
-            step_in_backward=args.step_in_backward,
-            compact_always_active=args.compact_always_active,
+            **options,
         )
     except LISAConfigError as err:
         print(f"error: {err}", file=sys.stderr)

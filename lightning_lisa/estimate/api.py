@@ -68,6 +68,7 @@ from typing import Any, Literal, get_args
 import torch
 from torch import nn
 
+from lightning_lisa.compact import COMPACT_MODES, CompactMode, compact_state_nbytes, compact_step_nbytes
 from lightning_lisa.errors import LISAConfigError, check_bool, check_choice, check_int
 from lightning_lisa.estimate.activations import ActivationProfile, formula_activations, trace_activations
 from lightning_lisa.estimate.shapes import build_meta_model, load_config, lora_targets, quiet
@@ -169,7 +170,10 @@ class MemoryEstimate:
         gradient_checkpointing: Hugging Face gradient checkpointing of every block.
         loss_chunk_size: Tokens per chunk of the loss (``None``: the whole batch at once).
         step_in_backward: LISA steps each parameter in the backward pass.
-        compact_always_active: LISA keeps 8-bit moments for its always-active parameters.
+        compact_always_active: LISA's compact moments for its always-active parameters: ``"8bit"``,
+            ``"factored"`` or ``None`` (exact).
+        compact_blocks: LISA's compact moments for its blocks: ``"8bit"``, ``"factored"`` or ``None`` (exact).
+        fused: ``torch.optim.AdamW(fused=True)``, whose step makes no temporary copy.
     """
 
     model: str
@@ -189,7 +193,9 @@ class MemoryEstimate:
     gradient_checkpointing: bool = False
     loss_chunk_size: int | None = None
     step_in_backward: bool = False
-    compact_always_active: bool = False
+    compact_always_active: str | None = None
+    compact_blocks: str | None = None
+    fused: bool = False
 
     @property
     def arms(self) -> tuple[ArmEstimate, ArmEstimate, ArmEstimate]:
@@ -263,7 +269,9 @@ def estimate_memory(
     gradient_checkpointing: bool = False,
     loss_chunk_size: int | None = None,
     step_in_backward: bool = False,
-    compact_always_active: bool = False,
+    compact_always_active: bool | CompactMode = False,
+    compact_blocks: CompactMode | None = None,
+    fused: bool = False,
 ) -> MemoryEstimate:
     """Estimate the memory of full fine-tuning, LoRA and LISA, building the model on the meta device.
 
@@ -300,8 +308,14 @@ def estimate_memory(
         step_in_backward: LISA updates each parameter in a post-accumulate-grad hook and frees its
             gradient at once (``LISA(step_in_backward=True)``): only the largest single gradient is
             resident.
-        compact_always_active: LISA keeps AdamW8bit's 8-bit blockwise moments for its always-active
-            parameters (the embeddings and the head), the blocks keeping ``optimizer``'s exact state.
+        compact_always_active: LISA keeps the compact moments of
+            :class:`~lightning_lisa.compact.CompactAdamW` for its always-active parameters (the embeddings
+            and the head): ``"8bit"`` (``True`` means it), ``"factored"``, or ``False`` / ``None`` (exact).
+            Needs ``optimizer="adamw"``.
+        compact_blocks: The same for LISA's blocks (``compact_adamw(..., compact_blocks=...)``): ``"8bit"``,
+            ``"factored"`` or ``None`` (``optimizer``'s exact state).
+        fused: ``torch.optim.AdamW(fused=True)`` in every arm: its step updates in place, with no
+            temporary copy of the parameters it steps. Needs ``optimizer="adamw"``.
 
     Returns:
         The per-arm breakdown.
@@ -316,7 +330,9 @@ def estimate_memory(
         (287552, 6, 139520)
         >>> est.full.weights == 4 * est.num_params and est.lisa.optimizer_state < est.full.optimizer_state
         True
-        >>> lean = estimate_memory("tiny", seq_len=64, step_in_backward=True, compact_always_active=True)
+        >>> lean = estimate_memory(
+        ...     "tiny", seq_len=64, step_in_backward=True, compact_always_active="factored", compact_blocks="factored"
+        ... )
         >>> lean.lisa.total < estimate_memory("tiny", seq_len=64).lisa.total
         True
     """
@@ -337,9 +353,26 @@ def estimate_memory(
         ("mixed_precision", mixed_precision),
         ("gradient_checkpointing", gradient_checkpointing),
         ("step_in_backward", step_in_backward),
-        ("compact_always_active", compact_always_active),
+        ("fused", fused),
     ):
         check_bool(flag, value)
+    if not isinstance(compact_always_active, bool) and compact_always_active not in [None, *COMPACT_MODES]:
+        raise LISAConfigError(
+            f"`compact_always_active={compact_always_active!r}` is not one of {[True, False, None, *COMPACT_MODES]}."
+        )
+    always_mode: CompactMode | None = "8bit" if compact_always_active is True else compact_always_active or None
+    check_choice("compact_blocks", compact_blocks, [None, *COMPACT_MODES])
+    options: tuple[tuple[str, object], ...] = (
+        ("compact_always_active", always_mode),
+        ("compact_blocks", compact_blocks),
+        ("fused", fused),
+    )
+    for name, option in options:
+        if option and optimizer != "adamw":
+            raise LISAConfigError(
+                f"`{name}={option!r}` needs `optimizer='adamw'` (it models torch's AdamW or CompactAdamW), "
+                f"got `optimizer={optimizer!r}`."
+            )
     if mixed_precision and dtype == "fp32":
         raise LISAConfigError(
             "`mixed_precision=True` with `dtype='fp32'` is not allowed; mixed precision computes in a lower "
@@ -395,24 +428,26 @@ def estimate_memory(
         logits_workspace = int(min(loss_chunk_size, tokens) * per_token)
         forward_workspace = (compute_nbytes + upcast + 4) * min(loss_chunk_size, tokens) * vocab
 
-    adamw = optimizer == "adamw"
+    multi_tensor = optimizer == "adamw" and not fused  # torch's foreach step: a temporary copy of what it steps
     embedding_ids = {id(p) for p in unique_parameters(meta.get_submodule(n) for n in info.embedding_names)}
     head_ids = {id(p) for p in unique_parameters(meta.get_submodule(n) for n in info.head_names)}
 
     def backward_step_peak(after_loss: int, recompute: int) -> int:
         """LISA's worst update in the backward pass (see :attr:`ArmEstimate.backward_step_peak`)."""
 
-        def update(numel: int, always_active: bool) -> int:  # the gradient, and AdamW's temporary (not 8-bit's)
-            exact = adamw and not (always_active and compact_always_active)
-            return numel * nbytes * (2 if exact else 1)
+        def update(p: nn.Parameter, always_active: bool) -> int:  # the gradient, and the step's temporaries
+            mode = always_mode if always_active else compact_blocks
+            if mode is not None:
+                return p.numel() * nbytes + compact_step_nbytes(tuple(p.shape), mode, nbytes)
+            return p.numel() * nbytes * (2 if multi_tensor else 1)
 
         held = sum(p.numel() for p in always if id(p) in head_ids and id(p) in embedding_ids) * nbytes  # tied
-        peaks = [after_loss + update(p.numel(), True) for p in always if id(p) in head_ids - embedding_ids]
-        inner = [update(p.numel(), False) for p in block_params]
-        inner += [update(p.numel(), True) for p in always if id(p) not in head_ids | embedding_ids]
+        peaks = [after_loss + update(p, True) for p in always if id(p) in head_ids - embedding_ids]
+        inner = [update(p, False) for p in block_params]
+        inner += [update(p, True) for p in always if id(p) not in head_ids | embedding_ids]
         if inner:
             peaks.append(after_loss + recompute + held + max(inner))
-        peaks += [update(p.numel(), True) for p in always if id(p) in embedding_ids]  # last: activations freed
+        peaks += [update(p, True) for p in always if id(p) in embedding_ids]  # last: activations freed
         return max(peaks, default=after_loss)
 
     def arm(
@@ -424,6 +459,7 @@ def estimate_memory(
         stepped_by_adamw: list[int],
         in_backward: bool = False,
         trains_head: bool = False,
+        compact_workspace: int = 0,
     ) -> ArmEstimate:
         profile = profiles[key]
         # a chunked loss sums the head's gradient over the chunks while the next chunk's workspace exists
@@ -436,6 +472,7 @@ def estimate_memory(
         if in_backward:  # one parameter at a time: its gradient, and its step's temporary
             grads, step_workspace = max(trainable, default=0) * nbytes, max(stepped_by_adamw, default=0) * nbytes
             peak = backward_step_peak(saved - (0 if chunked else profile.head), recompute)
+        step_workspace = max(step_workspace, compact_workspace)  # compact parameters are updated one at a time
         return ArmEstimate(
             name=name,
             trainable_params=sum(trainable),
@@ -457,12 +494,12 @@ def estimate_memory(
     full = [p.numel() for p in all_params]
     always_numels = [p.numel() for p in always]
     block_numels = [p.numel() for p in block_params]
-    if compact_always_active and adamw:
-        lisa_state = state(always_numels, "adamw8bit") + state(block_numels, optimizer)
-        lisa_stepped = block_numels
-    else:
-        lisa_state = state(always_numels + block_numels, optimizer)
-        lisa_stepped = always_numels + block_numels if adamw else []
+    modes = [(p, always_mode) for p in always] + [(p, compact_blocks) for p in block_params]
+    lisa_exact = [p.numel() for p, mode in modes if mode is None]
+    compact_shapes = [(tuple(p.shape), mode) for p, mode in modes if mode is not None]
+    lisa_state = state(lisa_exact, optimizer) + sum(compact_state_nbytes(sh, m) for sh, m in compact_shapes)
+    lisa_stepped = lisa_exact if multi_tensor else []
+    lisa_compact_workspace = max((compact_step_nbytes(sh, m, nbytes) for sh, m in compact_shapes), default=0)
     return MemoryEstimate(
         model=label,
         num_params=sum(full),
@@ -474,14 +511,16 @@ def estimate_memory(
         optimizer=optimizer,
         lora_rank=lora_rank,
         activation_method=method,
-        full=arm("full fine-tuning", "full", full, 0, state(full, optimizer), full if adamw else [], trains_head=True),
+        full=arm(
+            "full fine-tuning", "full", full, 0, state(full, optimizer), full if multi_tensor else [], trains_head=True
+        ),
         lora=arm(
             f"LoRA r={lora_rank}",
             "lora",
             lora_tensors,
             sum(lora_tensors) * nbytes,
             state(lora_tensors, optimizer),
-            lora_tensors if adamw else [],
+            lora_tensors if multi_tensor else [],
         ),
         lisa=arm(
             "LISA",
@@ -492,12 +531,15 @@ def estimate_memory(
             lisa_stepped,
             step_in_backward,
             trains_head=bool({id(p) for p in always} & head_ids),
+            compact_workspace=lisa_compact_workspace,
         ),
         mixed_precision=mixed_precision,
         gradient_checkpointing=gradient_checkpointing,
         loss_chunk_size=loss_chunk_size,
         step_in_backward=step_in_backward,
-        compact_always_active=compact_always_active,
+        compact_always_active=always_mode,
+        compact_blocks=compact_blocks,
+        fused=fused,
     )
 
 
@@ -583,7 +625,8 @@ def format_estimate(estimate: MemoryEstimate, unit: Literal["GiB", "MiB", "auto"
     scale = float(2**30 if unit == "GiB" else 2**20)
     header = (
         f"{estimate.model}: {estimate.num_params:,} parameters, {estimate.num_blocks} blocks; batch "
-        f"{estimate.batch_size} x {estimate.seq_len} tokens, {estimate.precision}, {estimate.optimizer}; LISA trains "
+        f"{estimate.batch_size} x {estimate.seq_len} tokens, {estimate.precision}, {estimate.optimizer}"
+        f"{' (fused)' if estimate.fused else ''}; LISA trains "
         f"{estimate.n_layers} blocks, LoRA rank {estimate.lora_rank}"
     )
     columns = ["trainable", "weights", "grads", "opt. state", "activations", "total", "x full"]
@@ -602,7 +645,8 @@ def format_estimate(estimate: MemoryEstimate, unit: Literal["GiB", "MiB", "auto"
         name
         for name, on in (
             ("step in backward", estimate.step_in_backward),
-            ("compact always-active state", estimate.compact_always_active),
+            (f"{estimate.compact_always_active} always-active state", estimate.compact_always_active),
+            (f"{estimate.compact_blocks} blocks' state", estimate.compact_blocks),
         )
         if on
     ]
