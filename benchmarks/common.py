@@ -54,6 +54,21 @@ def quiet_logs(*loggers: str, ignore: tuple[str, ...] = ()) -> None:
     hf_logging.disable_progress_bar()
 
 
+def prepare(threads: int, *loggers: str, ignore: tuple[str, ...] = ()) -> None:
+    """What a script does before it measures: set torch's CPU threads (``0`` keeps torch's default), quiet the logs.
+
+    Args:
+        threads: ``torch.set_num_threads`` when above 0.
+        loggers: More loggers to quiet (see :func:`quiet_logs`).
+        ignore: More warning messages to ignore.
+    """
+    import torch
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    quiet_logs(*loggers, ignore=ignore)
+
+
 def print_header(machine: str, found_versions: dict[str, str]) -> datetime:
     """Print the command line, the date, the machine and the versions; return the start time (UTC)."""
     started = datetime.now(timezone.utc)
@@ -69,3 +84,19 @@ def save_json(path: str | Path, payload: dict[str, Any]) -> None:
     tmp = Path(f"{path}.tmp")
     tmp.write_text(json.dumps(payload, indent=1))
     os.replace(tmp, path)
+
+
+def load_runs(paths: list[str], settings: tuple[str, ...], option: str) -> list[dict[str, Any]]:
+    """The saved results of ``paths``, to merge; exit with a message if they differ in one of ``settings``.
+
+    Args:
+        paths: JSON files written by the same script.
+        settings: Keys of their ``"args"`` that must agree.
+        option: The command-line option that merges them, for the message.
+    """
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    for path, run in zip(paths[1:], runs[1:], strict=True):
+        differ = [k for k in settings if run["args"].get(k) != runs[0]["args"].get(k)]
+        if differ:
+            raise SystemExit(f"{option}: {path} differs from {paths[0]} in {differ}; only runs alike can be merged")
+    return runs

@@ -673,26 +673,19 @@ def check_fits(args: argparse.Namespace) -> str | None:
 
 def report_saved(paths: list[str], out: str | None) -> int:
     """Print the report of saved runs (same shape and settings), merging their arms in the usual order."""
-    runs = [json.loads(Path(p).read_text()) for p in paths]
     settings = ("shape", "device", "dtype", "steps", "warmup", "interval", "n_layers", "seq_len", "batch_size")
-    settings += ("gradient_checkpointing",)
-    first = runs[0]["args"]
-    for path, run in zip(paths[1:], runs[1:], strict=True):
-        differ = [k for k in settings if run["args"].get(k) != first.get(k)]
-        if differ:
-            raise SystemExit(f"--report: {path} differs from {paths[0]} in {differ}; only runs alike can be merged")
+    runs = common.load_runs(paths, (*settings, "gradient_checkpointing"), "--report")
     arms: dict[str, ArmResult] = {}
     for run in runs:
         for arm in run["arms"]:
             arms[arm["key"]] = ArmResult(**arm)
     results = [arms[k] for k in ARMS if k in arms]
-    args = argparse.Namespace(**first)
+    args = argparse.Namespace(**runs[0]["args"])
     print(f"runs: {', '.join(paths)} ({', '.join(run['date'] for run in runs)}); machine: {runs[0]['machine']}")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in runs[0]["versions"].items()))
     goals = report(results, args)
     if out:
-        payload = {**runs[0], "arms": [asdict(r) for r in results], "goals": goals, "merged_from": paths}
-        Path(out).write_text(json.dumps(payload, indent=1))
+        common.save_json(out, {**runs[0], "arms": [asdict(r) for r in results], "goals": goals, "merged_from": paths})
     return 0
 
 
@@ -700,9 +693,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.report:
         return report_saved(args.report, args.json)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    common.quiet_logs("bitsandbytes", ignore=(".*fan_in_fan_out.*", ".*is_gradient_checkpointing.*"))
+    common.prepare(args.threads, "bitsandbytes", ignore=(".*fan_in_fan_out.*", ".*is_gradient_checkpointing.*"))
     if args.child_out:  # one arm, in a child process
         result = run_arm(args.arm_keys[0], args)
         Path(args.child_out).write_text(json.dumps(asdict(result)))
