@@ -26,23 +26,7 @@ from torch import nn
 from lightning_lisa import BLOCK_LISTS, LISA, find_layers
 from lightning_lisa.layers import default_always_active, split_units
 from lightning_lisa.report import build_report
-from lightning_lisa.testing import CausalLM, quiet_trainer, tiny_llama, token_loader
-
-SEQ2SEQ = dict(
-    d_model=16,
-    encoder_ffn_dim=32,
-    decoder_ffn_dim=32,
-    encoder_layers=2,
-    decoder_layers=2,
-    encoder_attention_heads=2,
-    decoder_attention_heads=2,
-    vocab_size=64,
-    max_position_embeddings=32,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-    decoder_start_token_id=1,
-)
+from lightning_lisa.testing import SEQ2SEQ, CausalLM, quiet_trainer, tiny_llama, token_loader
 
 
 def optional(name: str) -> ModuleType:
@@ -388,6 +372,9 @@ def test_bart_learned_positions_and_embedding_norm_train():
         assert f"model.model.{stack}.layernorm_embedding.weight" in changed
 
 
+#: A tiny encoder (BERT, ViT): 2 blocks of width 16.
+ENCODER = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2)
+
 # name -> (model, extra input-side names)
 INPUT_SIDE = {
     "gpt2": (
@@ -395,30 +382,11 @@ INPUT_SIDE = {
         ("transformer.wpe",),
     ),
     "bert": (
-        lambda: tf.BertForMaskedLM(
-            tf.BertConfig(
-                hidden_size=16,
-                intermediate_size=32,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                vocab_size=64,
-                max_position_embeddings=32,
-            )
-        ),
+        lambda: tf.BertForMaskedLM(tf.BertConfig(**ENCODER, vocab_size=64, max_position_embeddings=32)),
         ("bert.embeddings.position_embeddings", "bert.embeddings.token_type_embeddings", "bert.embeddings.LayerNorm"),
     ),
     "hf-vit": (
-        lambda: tf.ViTForImageClassification(
-            tf.ViTConfig(
-                hidden_size=16,
-                intermediate_size=32,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                image_size=16,
-                patch_size=4,
-                num_labels=3,
-            )
-        ),
+        lambda: tf.ViTForImageClassification(tf.ViTConfig(**ENCODER, image_size=16, patch_size=4, num_labels=3)),
         ("vit.embeddings.cls_token", "vit.embeddings.position_embeddings"),
     ),
     "llama": (lambda: tiny_llama(2), ()),

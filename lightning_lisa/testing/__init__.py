@@ -15,13 +15,14 @@ Examples:
     [1, 1]
 """
 
-from lightning_lisa.testing.models import SEQ, VOCAB, CausalLM, tiny_llama, token_loader
+from lightning_lisa.testing.models import SEQ, SEQ2SEQ, VOCAB, CausalLM, tiny_llama, token_loader
 from lightning_lisa.testing.processes import free_port, run_script, subprocess_env
 from lightning_lisa.testing.recorder import Recorder, StepRecord, block_of
 from lightning_lisa.testing.trainer import quiet_trainer
 
 __all__ = [
     "SEQ",
+    "SEQ2SEQ",
     "VOCAB",
     "CausalLM",
     "Recorder",

@@ -15,6 +15,23 @@ if TYPE_CHECKING:
 VOCAB = 64
 SEQ = 8
 
+#: Settings of a tiny encoder-decoder (BART and its kin: mBART, Marian, Pegasus): 2 + 2 blocks of width 16.
+SEQ2SEQ: dict[str, Any] = {
+    "d_model": 16,
+    "encoder_ffn_dim": 32,
+    "decoder_ffn_dim": 32,
+    "encoder_layers": 2,
+    "decoder_layers": 2,
+    "encoder_attention_heads": 2,
+    "decoder_attention_heads": 2,
+    "vocab_size": VOCAB,
+    "max_position_embeddings": 32,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "decoder_start_token_id": 1,
+}
+
 
 def tiny_llama(num_layers: int = 6, seed: int = 0, tie: bool = False, **config: Any) -> LlamaForCausalLM:
     """A Llama of hidden size 16 with ``num_layers`` blocks and random weights seeded by ``seed``.
