@@ -407,6 +407,23 @@ def test_fused_adamw_makes_no_step_copy_and_lowers_the_step_in_backward_peak():
     assert fused.lisa.total < base.lisa.total
 
 
+@pytest.mark.parametrize(("kwargs", "copies"), [({"foreach": True}, 1), ({"fused": True}, 0)])
+def test_the_modelled_step_copies_are_those_counted_in_a_real_step(kwargs, copies):
+    from lightning_lisa.estimate.measure import TensorPeak
+
+    p = torch.nn.Parameter(torch.randn(512, 256, dtype=torch.bfloat16))
+    p.grad = torch.randn_like(p)
+    optimizer = torch.optim.AdamW([p], **kwargs)
+    optimizer.step()
+    existing = [p, p.grad, *optimizer.state[p].values()]
+    with TensorPeak() as peak:
+        peak.track(existing)
+        before = peak.current
+        del existing
+        optimizer.step()
+    assert peak.peak - before == copies * p.numel() * p.element_size()
+
+
 def test_checkpointing_and_chunked_loss_shrink_activations_of_every_arm():
     base = estimate_memory("llama-3-8b", batch_size=8, seq_len=2048)
     checkpointed = estimate_memory("llama-3-8b", batch_size=8, seq_len=2048, gradient_checkpointing=True)
