@@ -1,4 +1,4 @@
-"""Command-line overrides that shrink any lightning-lisa config to a few seconds on CPU."""
+"""Command-line overrides that shrink any lightning-lisa config to a few seconds on CPU, and a runner."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 import torch
+
+from lightning_lisa.recipes.cli import cli_main
 
 VOCAB = 300
 
@@ -58,3 +61,14 @@ def torch_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture[str], periods: int, threads: int = 1) -> str:
+    """Run ``lightning-lisa`` with ``args``; check that it printed the validation loss before and after fit
+    and ``periods`` LISA periods; return what it printed."""
+    with torch_threads(threads):
+        cli_main(args)
+    out: str = capsys.readouterr().out
+    assert "validation loss:" in out and " before -> " in out
+    assert out.count("  period ") == periods
+    return out

@@ -15,7 +15,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from cli_args import torch_threads
+from cli_args import run_cli, torch_threads
 
 from lightning_lisa import LISA
 from lightning_lisa.errors import LISAConfigError
@@ -189,7 +189,6 @@ def test_lisa_trains_only_the_sampled_blocks_of_the_real_model(model_dir: Path, 
 @needs_model
 def test_demo_config_on_the_real_model(model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys):
     """`make demo` shortened to 2 steps: GGUF model, its tokenizer, chat data, prompts answered before and after."""
-    from lightning_lisa.recipes.cli import cli_main
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", sys.argv[:1])
@@ -202,11 +201,7 @@ def test_demo_config_on_the_real_model(model_dir: Path, tmp_path: Path, monkeypa
     args = ["fit", "--config", str(ROOT / "examples" / "configs" / "demo.yaml"), "--trainer.max_steps=2",
             "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false", "--lisa.interval=1",
             "--max_new_tokens=4", "--data.batch_size=2"]  # fmt: skip
-    with torch_threads(2):
-        cli_main(args)
-    out = capsys.readouterr().out
-    assert "validation loss:" in out and " before -> " in out
-    assert out.count("  period ") == 2
+    out = run_cli(args, capsys, periods=2, threads=2)
     assert "Prompts, answered greedily before and after fine-tuning:" in out
     assert "> What is the capital of France?" in out and out.count("    before: ") == 3
 

@@ -6,11 +6,11 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
-from cli_args import tiny, torch_threads
+from cli_args import run_cli, tiny
 
-from lightning_lisa.recipes.cli import cli_main
 from lightning_lisa.testing import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,6 +23,14 @@ def run(*args: str, cwd: Path, env: dict[str, str] | None = None) -> str:
     return result.stdout
 
 
+def run_benchmark(script: str, tmp_path: Path, *args: str) -> dict[str, Any]:
+    """Run ``benchmarks/<script>`` with ``args`` and ``--json``; return the figures it wrote."""
+    results = tmp_path / "results.json"
+    run(str(ROOT / "benchmarks" / script), *args, "--json", str(results), cwd=tmp_path)
+    figures: dict[str, Any] = json.loads(results.read_text())
+    return figures
+
+
 def test_demo_config_prints_what_lisa_did(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys):
     """The random-weight demo config (tiny_random.yaml) at tiny scale: a tiny model and 12 steps."""
     monkeypatch.chdir(tmp_path)  # the demo writes to ./demo_output
@@ -30,11 +38,7 @@ def test_demo_config_prints_what_lisa_did(tmp_path: Path, monkeypatch: pytest.Mo
     config = ROOT / "examples" / "configs" / "tiny_random.yaml"
     args = ["fit", "--config", str(config), *tiny(tmp_path, tmp_path, steps=12)]
     args.append("--lisa.interval=4")
-    with torch_threads(1):
-        cli_main(args)
-    out = capsys.readouterr().out
-    assert "validation loss:" in out and " before -> " in out
-    assert out.count("  period ") == 3
+    out = run_cli(args, capsys, periods=3)
     assert "optimizer state, full fine-tuning (measured)" in out
     ratio = float(out.split("ratio: ")[1].split("x")[0])
     assert 0 < ratio < 1
@@ -54,13 +58,8 @@ def test_add_to_existing_module_example(tmp_path: Path):
 
 
 def test_optimizer_state_benchmark_smoke(tmp_path: Path):
-    results = tmp_path / "bytes.json"
-    run(
-        str(ROOT / "benchmarks" / "optimizer_state.py"),
-        "--shape=tiny", "--steps=15", "--interval=3", "--json", str(results),
-        cwd=tmp_path,
-    )  # fmt: skip
-    arms = {a["name"]: a for a in json.loads(results.read_text())["arms"]}
+    figures = run_benchmark("optimizer_state.py", tmp_path, "--shape=tiny", "--steps=15", "--interval=3")
+    arms = {a["name"]: a for a in figures["arms"]}
     full, drop, keep = arms["full fine-tuning"], arms["LISA drop"], arms["LISA keep"]
     for state, minimum in zip(drop["optimizer_state"], drop["analytic_minimum"], strict=True):
         assert abs(state / minimum - 1) < 0.01
@@ -70,13 +69,7 @@ def test_optimizer_state_benchmark_smoke(tmp_path: Path):
 
 
 def test_ddp_communication_benchmark_smoke(tmp_path: Path):
-    results = tmp_path / "ddp.json"
-    run(
-        str(ROOT / "benchmarks" / "ddp_communication.py"),
-        "--shape=tiny", "--steps=4", "--interval=2", "--json", str(results),
-        cwd=tmp_path,
-    )  # fmt: skip
-    figures = json.loads(results.read_text())
+    figures = run_benchmark("ddp_communication.py", tmp_path, "--shape=tiny", "--steps=4", "--interval=2")
     total = figures["total"]
     assert all(sent == total for sent in figures["default"]["sent"])
     for sent, active in zip(figures["hook"]["sent"], figures["hook"]["trainable"], strict=True):
