@@ -105,10 +105,10 @@ def plot_layer_means(
         title: The figure title; by default one naming ``kind`` and the number of steps.
 
     Returns:
-        The path of the written file.
+        The path of the PNG.
 
     Raises:
-        ModuleNotFoundError: If matplotlib is not installed.
+        ModuleNotFoundError: Without matplotlib (the ``plot`` extra: ``pip install "lightning-lisa[plot]"``).
 
     Examples:
         >>> import tempfile
