@@ -57,12 +57,12 @@ class Case:
     device: str = "cpu"
     dtype: str = "bf16"
     mixed_precision: bool = False
+    fused: bool = False  # torch.optim.AdamW(fused=True) in every arm
     gradient_checkpointing: bool = False
     loss_chunk_size: int | None = None
-    step_in_backward: bool = False
+    step_in_backward: bool = False  # this and the compact options: LISA only
     compact_always_active: str | None = None
     compact_blocks: str | None = None
-    fused: bool = False
     batch_size: int = 2
     seq_len: int = 256
 

@@ -62,7 +62,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal, get_args
 
 import torch
@@ -336,6 +336,7 @@ def estimate_memory(
         >>> lean.lisa.total < estimate_memory("tiny", seq_len=64).lisa.total
         True
     """
+    arguments = dict(locals())  # exactly the arguments, echoed into the result
     check_int("n_layers", n_layers, 1)
     check_int("batch_size", batch_size, 1)
     check_int("seq_len", seq_len, 1)
@@ -500,16 +501,11 @@ def estimate_memory(
     lisa_state = state(lisa_exact, optimizer) + sum(compact_state_nbytes(sh, m) for sh, m in compact_shapes)
     lisa_stepped = lisa_exact if multi_tensor else []
     lisa_compact_workspace = max((compact_step_nbytes(sh, m, nbytes) for sh, m in compact_shapes), default=0)
+    echoed = {f.name: arguments[f.name] for f in fields(MemoryEstimate) if f.name in arguments}
     return MemoryEstimate(
-        model=label,
+        **{**echoed, "model": label, "compact_always_active": always_mode},
         num_params=sum(full),
         num_blocks=info.num_blocks,
-        n_layers=n_layers,
-        batch_size=batch_size,
-        seq_len=seq_len,
-        dtype=dtype,
-        optimizer=optimizer,
-        lora_rank=lora_rank,
         activation_method=method,
         full=arm(
             "full fine-tuning", "full", full, 0, state(full, optimizer), full if multi_tensor else [], trains_head=True
@@ -533,13 +529,6 @@ def estimate_memory(
             trains_head=bool({id(p) for p in always} & head_ids),
             compact_workspace=lisa_compact_workspace,
         ),
-        mixed_precision=mixed_precision,
-        gradient_checkpointing=gradient_checkpointing,
-        loss_chunk_size=loss_chunk_size,
-        step_in_backward=step_in_backward,
-        compact_always_active=always_mode,
-        compact_blocks=compact_blocks,
-        fused=fused,
     )
 
 
