@@ -146,6 +146,14 @@ def test_lisa_as_a_trainer_callback_or_not_at_all(tmp_path: Path, cache: Path, c
     assert "no LISA: full fine-tuning" in out and "ratio: 1.00x" in out
 
 
+def test_compact_moments_everywhere_from_the_command_line(tmp_path: Path, cache: Path):
+    args = ["--model.compact_always_active=factored", "--model.compact_blocks=factored"]
+    cli = LisaCLI(args=["fit", *tiny(tmp_path, cache, steps=1), *args])
+    optimizer = cli.trainer.optimizers[0]
+    assert type(optimizer).__name__ == "CompactAdamW"
+    assert {group["compact"] for group in optimizer.param_groups} == {"factored"}
+
+
 def test_seven_b_example_at_tiny_scale(tmp_path: Path, cache: Path):
     records = [{"instruction": f"Repeat {i}.", "input": "", "output": f"{i} " * (i % 5 + 1)} for i in range(40)]
     data = tmp_path / "alpaca.jsonl"
