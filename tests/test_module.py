@@ -186,6 +186,19 @@ def test_compact_blocks_gives_the_sampled_block_compact_moments_and_keeps_weight
     assert not any("exp_avg" in state for state in optimizer.state.values())
 
 
+@pytest.mark.parametrize("compact", [None, "8bit"])
+def test_fused_adamw_with_the_step_in_backward(tmp_path: Path, compact: str | None):
+    module = tiny_module(fused_adamw=True, compact_always_active=compact, learning_rate=1e-2)
+    trainer(tmp_path, steps=2, callbacks=[LISA(n_layers=1, interval=10, step_in_backward=True)]).fit(
+        module, tiny_data(tmp_path)
+    )
+    optimizer = module.trainer.optimizers[0]
+    assert type(optimizer).__name__ == ("AdamW" if compact is None else "CompactAdamW")
+    assert optimizer.defaults["fused"] is True
+    with pytest.raises(MisconfigurationException, match=r"`fused_adamw=True` needs `optimizer='adamw'`"):
+        tiny_module(fused_adamw=True, optimizer="adamw8bit")
+
+
 def test_compact_always_active_needs_adamw():
     with pytest.raises(MisconfigurationException, match=r"compact_always_active='8bit'.*optimizer='adamw'"):
         tiny_module(compact_always_active="8bit", optimizer="adamw8bit")

@@ -21,7 +21,7 @@ from torchmetrics.aggregation import MeanMetric
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from lightning_lisa.compact import COMPACT_MODES, CompactAdamW, CompactMode
-from lightning_lisa.errors import LISAConfigError, check_choice, check_int
+from lightning_lisa.errors import LISAConfigError, check_bool, check_choice, check_int
 from lightning_lisa.layers import default_always_active, find_layers, resolve_modules, unique_parameters
 from lightning_lisa.recipes.data import IGNORE_INDEX, Batch
 from lightning_lisa.recipes.gguf import is_gguf, load_gguf_model
@@ -83,6 +83,10 @@ class CausalLMModule(pl.LightningModule):
             :class:`~lightning_lisa.compact.CompactAdamW`. Lossy; ``None`` (exact AdamW) by default. With
             ``"factored"`` here and in ``compact_always_active`` the optimizer state is about one byte per
             trained parameter.
+        fused_adamw: ``torch.optim.AdamW(fused=True)`` (also for ``CompactAdamW``'s exact groups): the step
+            updates in place, with no temporary copy of the parameters it steps (with
+            ``LISA(step_in_backward=True)``, no copy of the head during its update). Exact; needs
+            ``optimizer='adamw'``.
         weight_decay: Decoupled weight decay of matrices (biases and norms are not decayed).
         betas: Adam's coefficients.
         warmup_steps: Optimizer steps of linear warm-up.
@@ -121,6 +125,7 @@ class CausalLMModule(pl.LightningModule):
         loss_chunk_size: int | None = None,
         compact_always_active: CompactMode | None = None,
         compact_blocks: CompactMode | None = None,
+        fused_adamw: bool = False,
     ) -> None:
         super().__init__()
         if (model_name_or_path is None) == (config is None):
@@ -130,12 +135,19 @@ class CausalLMModule(pl.LightningModule):
             )
         if loss_chunk_size is not None:
             check_int("loss_chunk_size", loss_chunk_size, 1)
-        for name, mode in (("compact_always_active", compact_always_active), ("compact_blocks", compact_blocks)):
-            check_choice(name, mode, [None, *COMPACT_MODES])
-            if mode is not None and optimizer != "adamw":
+        check_bool("fused_adamw", fused_adamw)
+        check_choice("compact_always_active", compact_always_active, [None, *COMPACT_MODES])
+        check_choice("compact_blocks", compact_blocks, [None, *COMPACT_MODES])
+        adamw_only = {
+            "compact_always_active": compact_always_active,
+            "compact_blocks": compact_blocks,
+            "fused_adamw": fused_adamw,
+        }
+        for name, value in adamw_only.items():
+            if value and optimizer != "adamw":
                 raise LISAConfigError(
-                    f"`{name}={mode!r}` needs `optimizer='adamw'` (compact moments are CompactAdamW's, an AdamW), "
-                    f"got `optimizer={optimizer!r}`."
+                    f"`{name}={value!r}` needs `optimizer='adamw'` (torch's AdamW, or CompactAdamW for compact "
+                    f"moments), got `optimizer={optimizer!r}`."
                 )
         self.save_hyperparameters()
         # fail now, not at the first optimizer step
@@ -232,7 +244,8 @@ class CausalLMModule(pl.LightningModule):
         groups = parameter_groups(target.named_parameters(), hp["weight_decay"])
         compact, blocks = hp.get("compact_always_active"), hp.get("compact_blocks")
         if compact is None and blocks is None:
-            return build_optimizer(hp["optimizer"], groups, lr=hp["learning_rate"], betas=tuple(hp["betas"]))
+            lr, betas = hp["learning_rate"], tuple(hp["betas"])
+            return build_optimizer(hp["optimizer"], groups, lr=lr, betas=betas, fused=hp.get("fused_adamw", False))
         # the always-active set (what LISA trains all the time by default) keeps its own moments
         names = default_always_active(find_layers(target))
         always = unique_parameters(resolve_modules(target, names, "compact_always_active"))
@@ -240,7 +253,8 @@ class CausalLMModule(pl.LightningModule):
         rest = [{**g, "params": [p for p in g["params"] if id(p) not in chosen], "compact": blocks} for g in groups]
         compact_group = {"params": always, "compact": compact, "weight_decay": hp["weight_decay"]}
         lr, betas = hp["learning_rate"], tuple(hp["betas"])
-        return CompactAdamW([*(g for g in rest if g["params"]), compact_group], lr=lr, betas=betas)
+        fused = True if hp.get("fused_adamw", False) else None  # torch's default otherwise
+        return CompactAdamW([*(g for g in rest if g["params"]), compact_group], lr=lr, betas=betas, fused=fused)
 
     def configure_optimizers(self) -> Any:
         """The optimizer over all parameters and the per-step warm-up + decay schedule."""

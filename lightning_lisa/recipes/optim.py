@@ -54,6 +54,7 @@ def build_optimizer(
     lr: float,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
+    fused: bool = False,
 ) -> torch.optim.Optimizer:
     """Create ``torch.optim.AdamW`` (``"adamw"``) or bitsandbytes ``AdamW8bit`` (``"adamw8bit"``).
 
@@ -63,9 +64,12 @@ def build_optimizer(
         lr: Peak learning rate.
         betas: Adam's coefficients of the running averages.
         eps: Adam's denominator term.
+        fused: ``torch.optim.AdamW(fused=True)``: one kernel that updates in place, with no temporary copy
+            of the parameters (``"adamw"`` only).
 
     Raises:
-        MisconfigurationException: For an unknown ``name``, or ``"adamw8bit"`` without bitsandbytes.
+        MisconfigurationException: For an unknown ``name``, ``"adamw8bit"`` without bitsandbytes, or
+            ``fused`` with ``"adamw8bit"``.
 
     Examples:
         >>> layer = torch.nn.Linear(3, 2)
@@ -74,7 +78,9 @@ def build_optimizer(
         ('AdamW', 0.001)
     """
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
+    if fused:
+        raise MisconfigurationException(f"`fused=True` needs the optimizer 'adamw' (torch's AdamW), got {name!r}.")
     if name == "adamw8bit":
         try:
             import bitsandbytes as bnb
