@@ -214,8 +214,7 @@ class LISA(Callback):
         if not self._check_gradients or self._warned_no_gradient or self._params is None:
             return
         self._check_gradients = False
-        in_backward = self._in_backward  # with the step in backward, the gradients are already gone
-        received = in_backward.received_gradient if isinstance(in_backward, StepInBackward) else None
+        received = getattr(self._in_backward, "received_gradient", None)  # the step in backward frees gradients
         starved = [self.unit_names[i] for i in self._params.without_gradient(self.active_layers, received)]
         if starved:
             self._warned_no_gradient = True
@@ -269,10 +268,8 @@ class LISA(Callback):
         _log(trainer, switch)
 
     def _prefetch(self, trainer: pl.Trainer, period: int) -> None:
-        """In the last step of a period, start bringing back the offloaded state of the next period's units.
-
-        Not with ``sampling="weight_norm"``: its draw depends on norms that change until the switch.
-        """
+        """In the last step of a period, start bringing back the offloaded state of the next period's units."""
+        # not with weight_norm sampling: its draw depends on norms that change until the switch
         if self.optimizer_state != "offload" or self.sampling == "weight_norm" or self._params is None:
             return
         by_unit, now = self._params.by_unit, self.active_layers
@@ -293,9 +290,9 @@ class LISA(Callback):
         info, units = find_units(pl_module, self.layers, self.granularity, self.n_layers)
         if not isinstance(self.sampling, str):
             check_probabilities(self.sampling, len(units), self.n_layers)
-        names = self.always_active
-        if names is None:
-            names = flagged_always_active(pl_module, info, *self._flags)
+        names = (
+            flagged_always_active(pl_module, info, *self._flags) if self.always_active is None else self.always_active
+        )
         self._always_active_modules = resolve_modules(pl_module, names, "always_active")
         self.layer_info, self.units = info, units
         self.report = build_report(pl_module, info, units, names, self.n_layers, self.interval)
