@@ -20,6 +20,7 @@ Examples::
 
     python benchmarks/estimate_check.py                 # every case, a few minutes on 2 cores
     python benchmarks/estimate_check.py --quick         # a few cases
+    python benchmarks/estimate_check.py --targets --device cuda --shape llama-3-8b --batch-size 1 --seq-len 1024
     python benchmarks/estimate_check.py --tiny          # every case at tiny shapes, seconds
 """
 
@@ -115,6 +116,13 @@ CASES: list[Case] = [
     ),
 ]
 QUICK = [CASES[0], CASES[3], CASES[7]]
+#: ``--targets``: the settings the memory targets are held against (default LISA; the exact options, the
+#: step in backward with fused AdamW; factored moments everywhere with the step in backward).
+TARGETS = [
+    Case(),
+    Case(step_in_backward=True, fused=True),
+    Case(step_in_backward=True, compact_always_active="factored", compact_blocks="factored"),
+]
 #: ``--tiny``: the same proportions, a few seconds per case (the test-suite runs these).
 TINY: dict[str, Any] = {"hidden_size": 64, "intermediate_size": 224, "num_hidden_layers": 4, "vocab_size": 4000}
 for _name in list(CHECK_SHAPES):
@@ -290,6 +298,7 @@ def quiet() -> Iterator[None]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="three cases only")
+    parser.add_argument("--targets", action="store_true", help="the three settings of the memory targets only")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (hidden size 64, vocabulary 4000)")
     parser.add_argument("--arms", nargs="+", default=["full", "lora", "lisa"], choices=["full", "lora", "lisa"])
     parser.add_argument("--threads", type=int, default=1)
@@ -301,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     with quiet():
-        cases = [tiny(c) for c in (QUICK if args.quick else CASES)] if args.tiny else QUICK if args.quick else CASES
+        chosen = TARGETS if args.targets else QUICK if args.quick else CASES
+        cases = [tiny(c) for c in chosen] if args.tiny else chosen
         overrides = {"shape": args.shape, "batch_size": args.batch_size, "seq_len": args.seq_len}
         cases = [replace(c, device=args.device, **{k: v for k, v in overrides.items() if v is not None}) for c in cases]
         rows = run(list(dict.fromkeys(cases)), args.arms)

@@ -10,6 +10,12 @@
 #       the memory options (step in backward, compact always-active state, both) against LoRA r=16 at
 #       batch 4 x 1024 and, with gradient checkpointing, 8 x 2048, at both shapes (no FSDP1 check)
 #   bash benchmarks/gpu/run_all.sh --memory-map --check    # that run's commands on CPU at the tiny shape
+#   OUT=/some/dir bash benchmarks/gpu/run_all.sh --estimate-check    # a third run of under 10 minutes:
+#       benchmarks/estimate_check.py --targets on the GPU at the Llama-2-7B and Llama-3-8B shapes, batch
+#       1 x 1024: LoRA r=16 and LISA (default; step in backward with fused AdamW; factored moments
+#       everywhere with the step in backward), the tensors counted and the CUDA allocator's peak beside
+#       the estimate: the cells of the memory targets
+#   bash benchmarks/gpu/run_all.sh --estimate-check --check  # the same on CPU at the tiny shapes
 #
 # The memory options' arms (memory_speed.py): lisa-sib (LISA(step_in_backward=True)), lisa-compact and
 # lisa-factored (compact_adamw: 8-bit or factored moments for the embeddings and head), lisa-sib-compact.
@@ -27,12 +33,14 @@ mkdir -p "$OUT"
 
 CHECK=0
 MEMORY_MAP=0
+ESTIMATE_CHECK=0
 for argument in "$@"; do
     case "$argument" in
         --check) CHECK=1 ;;
         --memory-map) MEMORY_MAP=1 ;;
+        --estimate-check) ESTIMATE_CHECK=1 ;;
         *)
-            echo "usage: OUT=/dir $0 [--memory-map] [--check]   (unknown argument: $argument)" >&2
+            echo "usage: OUT=/dir $0 [--memory-map | --estimate-check] [--check]   (unknown argument: $argument)" >&2
             exit 2
             ;;
     esac
@@ -122,6 +130,32 @@ for arm in lora16 lisa-drop lisa-sib lisa-compact lisa-sib-compact; do
 done
 
 status=0
+if [[ $ESTIMATE_CHECK == 1 ]]; then
+    if [[ $CHECK == 1 ]]; then
+        CHECKS=("check_tiny:120:--tiny")
+    else
+        CHECKS=(
+            "llama-2-7b:270:--device cuda --shape llama-2-7b --batch-size 1 --seq-len 1024 --arms lora lisa"
+            "llama-3-8b:270:--device cuda --shape llama-3-8b --batch-size 1 --seq-len 1024 --arms lora lisa"
+        )
+    fi
+    for entry in "${CHECKS[@]}"; do
+        IFS=: read -r name limit flags <<<"$entry"
+        log "estimate_check --targets $flags (limit ${limit}s)"
+        # shellcheck disable=SC2086  # the flags are words
+        (cd benchmarks && timeout --kill-after=20 "$limit" "$PY" estimate_check.py --targets $flags \
+            --out "$OUT/estimate_check_$name.json") >"$OUT/estimate_check_$name.txt" 2>"$OUT/estimate_check_$name.err"
+        rc=$?
+        if [[ $rc != 0 ]]; then
+            status=1
+            log "estimate_check $name exited with $rc (124: time limit); last lines of its .err:"
+            tail -n 5 "$OUT/estimate_check_$name.err" | tee -a "$OUT/run_all.log"
+        fi
+        tee -a "$OUT/run_all.log" <"$OUT/estimate_check_$name.txt"
+    done
+    log "finished with status $status; results in $OUT"
+    exit $status
+fi
 if [[ $MEMORY_MAP == 1 ]]; then
     for entry in "${ROWS[@]}"; do
         IFS=: read -r shape mode limit batch seq checkpointing <<<"$entry"
