@@ -11,7 +11,9 @@ its blocks, embeddings and head with :func:`~lightning_lisa.find_layers`, and ad
   tensor per parameter tensor; or bitsandbytes ``AdamW8bit``: one byte per moment and element, plus a
   float32 absolute maximum per 256-element block, for tensors of at least 4096 elements, and 32-bit
   moments for smaller tensors. With ``compact_always_active`` (LISA), the always-active parameters
-  keep AdamW8bit's state and the blocks keep ``optimizer``'s;
+  keep :class:`~lightning_lisa.compact.CompactAdamW`'s 8-bit or factored state
+  (:func:`~lightning_lisa.compact.compact_state_nbytes`), and with ``compact_blocks`` the blocks too;
+  otherwise they keep ``optimizer``'s;
 * **activations**: the tensors autograd saves for the backward pass, counted by running the forward
   pass on the meta device (:mod:`lightning_lisa.estimate.activations`); with
   ``gradient_checkpointing``, each block keeps only its input and the largest block is rebuilt in the
@@ -19,14 +21,15 @@ its blocks, embeddings and head with :func:`~lightning_lisa.find_layers`, and ad
 * **workspace**: the largest transient buffers: the gradient of the float32 logits during the loss's
   backward pass (only a chunk of it with ``loss_chunk_size``), and the temporary that
   ``torch.optim.AdamW``'s multi-tensor step allocates (one copy of the parameters it steps at once;
-  none for ``AdamW8bit``).
+  none for ``AdamW8bit`` and with ``fused``), or a compact step's float32 temporaries of one chunk
+  (:func:`~lightning_lisa.compact.compact_step_nbytes`).
 
 The arms are full fine-tuning (everything trains), LoRA (rank ``lora_rank`` adapters on every
 linear layer but the output head, as PEFT's ``target_modules="all-linear"``; base weights frozen;
 adapters in the weights' dtype) and LISA with ``optimizer_state="drop"`` (the input embeddings, the
 head and ``n_layers`` blocks train; the state of frozen blocks is freed; ``"offload"`` holds the same on
 the device). Gradient checkpointing, the chunked loss and the precision apply to every arm; the step
-in backward and the compact always-active state to LISA only.
+in backward and the compact state to LISA only, fused AdamW to every arm.
 
 **The peak.** Lightning's automatic optimization runs the forward pass while the previous step's
 gradients still exist, zeroes them, runs the backward pass, then the optimizer step. So the peak is
