@@ -33,6 +33,12 @@ TASK_TITLES = {
     "arithmetic": "arithmetic word problems",
     "reverse": "reversing 3 words (SmolLM2-135M)",
 }
+#: Arms joined by a line in the quality-against-memory panel (LoRA's ranks are joined too).
+FAMILIES = {"lisa": "lisa-gamma", "lisa4": "lisa-gamma", "lisa-share20": "lisa-gamma"}
+FAMILY_NAMES = {"lora": "LoRA, rank by rank", "lisa-gamma": "LISA, gamma by gamma"}
+#: Arms named in a corner of the quality-against-memory panel instead of drawn (full fine-tuning's memory
+#: and the embeddings and head's quality would squeeze the other arms into a corner).
+ASIDE = ("full", "eh")
 METRICS = {"reverse": ("accuracy", "exact match, %"), "code": ("test_loss", "held-out code loss")}
 
 
@@ -88,6 +94,8 @@ def plot_quality(path: Path, out: Path, window: int = 5) -> None:
     memory = run.get("memory", {}).get("llama-2-7b")
     rows = 2 if memory else 1
     fig, axes = plt.subplots(rows, len(tasks), figsize=(6.2 * len(tasks), 3.8 * rows), squeeze=False)
+    arms = list(dict.fromkeys(arm for task in tasks for arm in run["results"][task]))
+    colors = {arm: plt.get_cmap("tab20" if len(arms) > 10 else "tab10")(i) for i, arm in enumerate(arms)}
     for ax, task in zip(axes[0], tasks, strict=True):
         for arm, result in run["results"][task].items():
             if not result.get("seeds"):
@@ -101,15 +109,17 @@ def plot_quality(path: Path, out: Path, window: int = 5) -> None:
             low = [min(c[i] for c in curves) for i in range(steps)]
             high = [max(c[i] for c in curves) for i in range(steps)]
             x = list(range(1, steps + 1))
-            line = ax.plot(x, mean, label=f"{names.get(arm, arm)} (lr {result['best_lr']:g})", lw=1.4)
-            ax.fill_between(x, low, high, color=line[0].get_color(), alpha=0.15, lw=0)
+            ax.plot(x, mean, label=f"{names.get(arm, arm)} (lr {result['best_lr']:g})", lw=1.4, color=colors[arm])
+            ax.fill_between(x, low, high, color=colors[arm], alpha=0.15, lw=0)
         ax.set_title(f"{TASK_TITLES.get(task, task)}: training loss", fontsize=10)
         ax.set_xlabel(f"optimizer step (moving average over {window})")
         ax.set_ylabel("loss")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6.5)
     if memory:
         for ax, task in zip(axes[1], tasks, strict=True):
             metric, label = METRICS.get(task, ("test_loss", "test loss"))
+            families: dict[str, list[tuple[float, float]]] = {}
+            aside: list[str] = []
             for arm, result in run["results"][task].items():
                 values = [s[metric] for s in result.get("seeds", {}).values() if metric in s]
                 if not values or arm not in memory:
@@ -117,11 +127,25 @@ def plot_quality(path: Path, out: Path, window: int = 5) -> None:
                 x = memory[arm]["peak_bytes"] / GIB
                 y = statistics.mean(values)
                 err = statistics.stdev(values) if len(values) > 1 else 0.0
-                ax.errorbar([x], [y], yerr=[err], fmt="o", capsize=3, label=names.get(arm, arm))
+                if arm in ASIDE:  # far from the others in memory or quality: named, not drawn, so the rest can be read
+                    aside.append(f"{names.get(arm, arm)}: {y:.3g} ± {err:.2g} at {x:.1f} GiB")
+                    continue
+                ax.errorbar([x], [y], yerr=[err], fmt="o", capsize=3, label=names.get(arm, arm), color=colors[arm])
+                family = FAMILIES.get(arm, "lora" if arm.startswith("lora") else None)
+                if family:
+                    families.setdefault(family, []).append((x, y))
+            for family, points in families.items():  # each method's frontier: its settings in order of memory
+                if len(points) > 1:
+                    xs, ys = zip(*sorted(points), strict=True)
+                    style = "--" if family == "lora" else ":"
+                    ax.plot(xs, ys, color="0.5", lw=1, ls=style, zorder=0, label=FAMILY_NAMES.get(family, family))
+            xlabel = f"estimated peak memory at the 7B shape, GiB ({memory.get('regime', '')})"
+            if aside:
+                xlabel += "\nnot drawn: " + "; ".join(aside)
             ax.set_title(f"{TASK_TITLES.get(task, task)}: quality against memory", fontsize=10)
-            ax.set_xlabel(f"estimated peak memory at the 7B shape, GiB ({memory.get('regime', '')})", fontsize=8)
+            ax.set_xlabel(xlabel, fontsize=7.5)
             ax.set_ylabel(label)
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=6.5)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)

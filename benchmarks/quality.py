@@ -831,6 +831,7 @@ def merge(paths: list[str], out: str | None) -> int:
     payload = dict(first)
     payload["results"] = {}
     payload["merged_from"] = paths
+    payload["arm_names"] = {**first.get("arm_names", {}), **ARM_NAMES}
     payload["seconds"] = max(float(r.get("seconds", 0.0)) for r in runs)
     for run in runs:
         payload["grids"] = {**payload["grids"], **run["grids"]}
