@@ -130,11 +130,17 @@ class CompactAdamW(torch.optim.AdamW):
                 _adam_step()(self)
             finally:
                 self.param_groups = groups
+        # With fused=True, torch.amp.GradScaler leaves the unscaling to the optimizer (as for torch's fused
+        # AdamW): it sets ``grad_scale`` (None if already unscaled) and ``found_inf`` for this call.
+        found_inf: Tensor | None = getattr(self, "found_inf", None)
+        if found_inf is not None and bool(found_inf.item()):
+            return loss  # an overflow: the whole step is skipped, as the fused exact groups skip theirs
+        grad_scale: Tensor | None = getattr(self, "grad_scale", None)
         for group in groups:
             if group["compact"] is not None:
                 for p in group["params"]:
                     if p.grad is not None:
-                        self._compact_update(p, group)
+                        self._compact_update(p, group, grad_scale)
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -155,7 +161,7 @@ class CompactAdamW(torch.optim.AdamW):
 
     # ------------------------------------------------------------------------------ compact step
 
-    def _compact_update(self, p: Tensor, group: dict[str, Any]) -> None:
+    def _compact_update(self, p: Tensor, group: dict[str, Any], grad_scale: Tensor | None = None) -> None:
         if p.grad is None or p.grad.is_sparse:
             raise RuntimeError("CompactAdamW does not support sparse gradients.")
         block: int = group["block_size"]
@@ -174,14 +180,18 @@ class CompactAdamW(torch.optim.AdamW):
         flat_g = p.grad.reshape(-1)
         if group["maximize"]:
             flat_g = -flat_g
+        inv_scale = None if grad_scale is None else grad_scale.to(device=p.device, dtype=torch.float32).reciprocal()
         if factored:
             cols = p[0].numel()
             rows_per_chunk = _rows_per_chunk(cols, block)
             row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
             col_sum = torch.zeros_like(col)
             for start in range(0, p.shape[0], rows_per_chunk):
-                g2 = flat_g[start * cols : (start + rows_per_chunk) * cols].view(-1, cols).float().square()
-                g2.add_(FACTORED_EPS)  # a new tensor: the gradient itself is never written
+                # a copy: the gradient itself is never written
+                g2 = flat_g[start * cols : (start + rows_per_chunk) * cols].view(-1, cols).to(torch.float32, copy=True)
+                if inv_scale is not None:
+                    g2.mul_(inv_scale)
+                g2.square_().add_(FACTORED_EPS)
                 row[start : start + rows_per_chunk].mul_(beta2).add_(g2.mean(1), alpha=1 - beta2)
                 col_sum.add_(g2.sum(0))
             col.mul_(beta2).add_(col_sum / p.shape[0], alpha=1 - beta2)
@@ -192,7 +202,9 @@ class CompactAdamW(torch.optim.AdamW):
         m_codes, m_absmax = state["exp_avg_codes"], state["exp_avg_absmax"]
         for start in range(0, flat_p.numel(), chunk):
             stop = min(start + chunk, flat_p.numel())
-            g = flat_g[start:stop].float()
+            g = flat_g[start:stop].to(torch.float32, copy=inv_scale is not None)
+            if inv_scale is not None:
+                g.mul_(inv_scale)
             b0, b1 = start // block, math.ceil(stop / block)
             m = _dequantize_signed(m_codes[b0 * block : b1 * block], m_absmax[b0:b1], block)[: stop - start]
             m.mul_(beta1).add_(g, alpha=1 - beta1)

@@ -232,3 +232,38 @@ def test_state_and_step_bytes_equal_the_counted_tensors(mode, shape, dtype):
         optimizer.step()
     # the 3000-row matrix is stepped in two chunks
     assert peak.peak - before == pytest.approx(compact_step_nbytes(shape, mode, p.element_size()), rel=0.01)
+
+
+def _scaled_run(fused: bool, scaler: torch.amp.GradScaler | None, grads: list[float]) -> tuple[Any, ...]:
+    """Two parameters (an exact and a compact group) stepped once per gradient factor, under ``scaler``."""
+    torch.manual_seed(0)
+    exact, compact = torch.nn.Parameter(torch.randn(8, 16)), torch.nn.Parameter(torch.randn(64, 32))
+    groups = [{"params": [exact]}, {"params": [compact], "compact": "factored", "block_size": 16}]
+    optimizer = CompactAdamW(groups, lr=1e-2, eps=0.1, fused=fused)  # a large eps: the update depends on the scale
+    for factor in grads:
+        loss = (exact**2).sum() + factor * (compact**3).sum()
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad()
+    return exact.detach().clone(), compact.detach().clone(), optimizer
+
+
+def test_fused_compact_groups_honour_the_grad_scaler():
+    # the fused exact groups leave the unscaling to the optimizer: the compact groups must unscale too
+    plain_exact, plain_compact, _ = _scaled_run(True, None, [1.0, 0.5])
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    exact, compact, optimizer = _scaled_run(True, scaler, [1.0, 0.5])
+    assert optimizer._step_supports_amp_scaling  # the GradScaler passed the scale to the optimizer
+    torch.testing.assert_close(exact, plain_exact)
+    torch.testing.assert_close(compact, plain_compact)
+    # an overflowing step (inf in the compact parameter's gradient) is skipped in every group
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    exact_inf, compact_inf, optimizer = _scaled_run(True, scaler, [1.0, 0.5, float("inf")])
+    assert scaler.get_scale() == 2.0**9  # the scaler saw the overflow
+    torch.testing.assert_close(exact_inf, exact, rtol=0, atol=0)
+    torch.testing.assert_close(compact_inf, compact, rtol=0, atol=0)
+    assert all(float(s["step"]) == 2 for s in optimizer.state.values())
