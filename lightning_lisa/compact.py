@@ -228,26 +228,30 @@ class CompactAdamW(torch.optim.AdamW):
 def compact_adamw(
     module: nn.Module,
     always_active: Sequence[str] | None = None,
-    compact: CompactMode = "8bit",
+    compact: CompactMode | None = "8bit",
     lr: float = 1e-3,
     *,
     compact_blocks: CompactMode | None = None,
     **kwargs: Any,
 ) -> CompactAdamW:
-    """AdamW over every parameter of ``module``: compact moments for the always-active set, exact for the rest.
+    """AdamW over every parameter of ``module``: compact moments for the always-active set (and optionally the rest).
 
     Call it in ``configure_optimizers`` with the ``LightningModule`` (``compact_adamw(self, lr=...)``):
-    like LISA, it takes every parameter, trainable or not, so parameter ids stay stable. With
-    ``compact_blocks``, the rest (the sampled blocks and any other parameter) keeps compact moments too:
-    with ``"factored"`` in both places the whole state is about one byte per trained parameter. Lossy
-    everywhere then: the blocks no longer follow AdamW exactly.
+    like LISA, it takes every parameter, trainable or not, so parameter ids stay stable. By default
+    the rest (the sampled blocks and any other parameter) keeps exact AdamW moments. With
+    ``compact_blocks``, the rest keeps compact moments too: with ``"factored"`` in both places the whole
+    state is about one byte per trained parameter. Lossy everywhere then: the blocks no longer follow
+    AdamW exactly. ``compact=None`` with ``compact_blocks`` set keeps exact moments for the always-active
+    set and compact ones for the rest; ``always_active=[]`` (as for ``LISA(always_active=[])``) is
+    allowed when ``compact_blocks`` is set. At least one of the two groups must be compact.
 
     Args:
         module: The ``LightningModule`` (or any model).
-        always_active: Names of modules relative to ``module`` whose moments are compact; ``None``: the
+        always_active: Names of modules relative to ``module`` whose moments are ``compact``; ``None``: the
             set LISA trains all the time by default (input embeddings, head, ...; see
             :func:`~lightning_lisa.layers.default_always_active`). Use the same names as ``LISA(always_active=...)``.
-        compact: ``"8bit"`` or ``"factored"`` (see :class:`CompactAdamW`): the always-active set's moments.
+        compact: ``"8bit"`` or ``"factored"`` (see :class:`CompactAdamW`): the always-active set's moments;
+            ``None``: exact AdamW moments for it (then ``compact_blocks`` must be set).
         lr: Learning rate of both groups.
         compact_blocks: The moments of every other parameter: ``None`` (exact AdamW, the default),
             ``"8bit"`` or ``"factored"``.
@@ -255,7 +259,12 @@ def compact_adamw(
             ``betas``, ``fused``, ``block_size``, ...).
 
     Returns:
-        A :class:`CompactAdamW` with the group of the rest first and the always-active group second.
+        A :class:`CompactAdamW` with the group of the rest first and the always-active group second
+        (each only if it holds parameters).
+
+    Raises:
+        LISAConfigError: If ``compact`` or ``compact_blocks`` is not a mode, if neither is set, or if
+            ``always_active`` holds no parameters while only ``compact`` is set.
 
     Examples:
         >>> import torch
@@ -267,17 +276,28 @@ def compact_adamw(
         >>> opt = compact_adamw(model, always_active=["embed", "head"], compact="factored", compact_blocks="factored")
         >>> [g["compact"] for g in opt.param_groups]
         ['factored', 'factored']
+        >>> opt = compact_adamw(model, always_active=[], compact_blocks="factored")  # every parameter compact
+        >>> [g["compact"] for g in opt.param_groups]
+        ['factored']
     """
-    check_choice("compact", compact, COMPACT_MODES)
+    check_choice("compact", compact, [None, *COMPACT_MODES])
     check_choice("compact_blocks", compact_blocks, [None, *COMPACT_MODES])
+    if compact is None and compact_blocks is None:
+        raise LISAConfigError(
+            "`compact=None` and `compact_blocks=None`: nothing would be compact; set one of them to "
+            f"{' or '.join(map(repr, COMPACT_MODES))}, or use torch.optim.AdamW."
+        )
     names = always_active if always_active is not None else default_always_active(find_layers(module))
-    compact_params = unique_parameters(resolve_modules(module, list(names), "always_active"))
-    if not compact_params:
-        raise LISAConfigError(f"`always_active={list(names)!r}` holds no parameters; nothing would be compact.")
-    chosen = {id(p) for p in compact_params}
-    exact = [p for p in unique_parameters([module]) if id(p) not in chosen]
-    groups: list[dict[str, Any]] = [{"params": exact, "compact": compact_blocks}] if exact else []
-    groups.append({"params": compact_params, "compact": compact})
+    always = unique_parameters(resolve_modules(module, list(names), "always_active"))
+    if not always and compact_blocks is None:
+        raise LISAConfigError(
+            f"`always_active={list(names)!r}` holds no parameters and `compact_blocks=None`; nothing would be "
+            "compact. Name modules that hold parameters, or set `compact_blocks`."
+        )
+    chosen = {id(p) for p in always}
+    rest = [p for p in unique_parameters([module]) if id(p) not in chosen]
+    pairs = ((rest, compact_blocks), (always, compact))
+    groups = [{"params": params, "compact": mode} for params, mode in pairs if params]
     return CompactAdamW(groups, lr=lr, **kwargs)
 
 

@@ -146,6 +146,8 @@ def test_compact_adamw_puts_the_default_always_active_set_in_the_compact_group()
         (lambda m: compact_adamw(m, amsgrad=True), "`amsgrad=True` is not supported"),
         (lambda m: compact_adamw(m, always_active=["nope"]), "nope"),
         (lambda m: compact_adamw(m, compact_blocks="exact"), "`compact_blocks='exact'` is not one of"),
+        (lambda m: compact_adamw(m, compact=None), "nothing would be compact"),
+        (lambda m: compact_adamw(m, always_active=[]), "holds no parameters and `compact_blocks=None`"),
     ],
 )
 def test_bad_arguments(call, message):
@@ -167,6 +169,21 @@ def test_compact_blocks_gives_every_parameter_compact_moments():
     assert all({"exp_avg_sq_row", "exp_avg_sq_col"} <= optimizer.state[p].keys() for p in matrices)
     # counted from the tensors: less than a third of the state with exact blocks
     assert optimizer_state_bytes([optimizer]) < optimizer_state_bytes([exact]) / 3
+
+
+def test_an_empty_always_active_set_or_exact_always_active_moments_with_compact_blocks():
+    model = CausalLM(tiny_llama(2))
+    everything = compact_adamw(model, always_active=[], compact_blocks="8bit")
+    assert [g["compact"] for g in everything.param_groups] == ["8bit"]
+    assert len(everything.param_groups[0]["params"]) == len(list(model.parameters()))
+    exact_always = compact_adamw(model, compact=None, compact_blocks="factored")
+    assert [g["compact"] for g in exact_always.param_groups] == ["factored", None]
+    model.model(input_ids=torch.arange(16)[None], labels=torch.arange(16)[None]).loss.backward()
+    exact_always.step()
+    head = model.model.lm_head.weight
+    assert sorted(exact_always.state[head]) == ["exp_avg", "exp_avg_sq", "step"]  # exact moments
+    block = model.model.model.layers[0].mlp.up_proj.weight
+    assert "exp_avg_sq_row" in exact_always.state[block]
 
 
 class CompactLM(CausalLM):

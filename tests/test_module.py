@@ -186,15 +186,40 @@ def test_compact_blocks_gives_the_sampled_block_compact_moments_and_keeps_weight
     assert not any("exp_avg" in state for state in optimizer.state.values())
 
 
-@pytest.mark.parametrize("compact", [None, "8bit"])
-def test_fused_adamw_with_the_step_in_backward(tmp_path: Path, compact: str | None):
-    module = tiny_module(fused_adamw=True, compact_always_active=compact, learning_rate=1e-2)
-    trainer(tmp_path, steps=2, callbacks=[LISA(n_layers=1, interval=10, step_in_backward=True)]).fit(
-        module, tiny_data(tmp_path)
-    )
+def test_compact_blocks_with_exact_always_active_moments(tmp_path: Path):
+    # compact_always_active=None with compact_blocks: the embeddings and head keep exact AdamW moments
+    module = tiny_module(compact_blocks="8bit", learning_rate=1e-2)
+    trainer(tmp_path, steps=2, callbacks=[LISA(n_layers=1, interval=10)]).fit(module, tiny_data(tmp_path))
     optimizer = module.trainer.optimizers[0]
-    assert type(optimizer).__name__ == ("AdamW" if compact is None else "CompactAdamW")
-    assert optimizer.defaults["fused"] is True
+    exact = {id(p) for g in optimizer.param_groups if g["compact"] is None for p in g["params"]}
+    assert {n for n, p in module.model.named_parameters() if id(p) in exact} == {
+        "model.embed_tokens.weight",
+        "lm_head.weight",
+    }
+    assert {g["compact"] for g in optimizer.param_groups} == {None, "8bit"}
+    assert sorted(optimizer.state[module.model.lm_head.weight]) == ["exp_avg", "exp_avg_sq", "step"]
+    (active,) = module.trainer.callbacks[0].active_layers  # type: ignore[index]
+    block = module.model.model.layers[active].mlp.up_proj.weight
+    assert "exp_avg_sq_codes" in optimizer.state[block]
+
+
+@pytest.mark.parametrize("compact", [None, "8bit"])
+def test_fused_adamw_with_the_step_in_backward_equals_a_normal_fused_run(tmp_path: Path, compact: str | None):
+    weights = []
+    for step_in_backward in (True, False):
+        module = tiny_module(fused_adamw=True, compact_always_active=compact, learning_rate=1e-2)
+        lisa = LISA(n_layers=1, interval=2, step_in_backward=step_in_backward)
+        trainer(tmp_path, steps=4, callbacks=[lisa]).fit(module, tiny_data(tmp_path))
+        optimizer = module.trainer.optimizers[0]
+        assert type(optimizer).__name__ == ("AdamW" if compact is None else "CompactAdamW")
+        assert optimizer.defaults["fused"] is True
+        weights.append({n: p.detach().clone() for n, p in module.model.named_parameters()})
+    in_backward, normal = weights
+    initial = tiny_module().model.state_dict()
+    changed = [n for n in normal if not torch.equal(normal[n], initial[n])]
+    assert "lm_head.weight" in changed and any(n.startswith("model.layers.") for n in changed)
+    for name, value in normal.items():
+        torch.testing.assert_close(in_backward[name], value, msg=name)
     with pytest.raises(MisconfigurationException, match=r"`fused_adamw=True` needs `optimizer='adamw'`"):
         tiny_module(fused_adamw=True, optimizer="adamw8bit")
 

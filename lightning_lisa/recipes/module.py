@@ -77,12 +77,13 @@ class CausalLMModule(pl.LightningModule):
         compact_always_active: ``"8bit"`` or ``"factored"``: the optimizer is
             :class:`~lightning_lisa.compact.CompactAdamW`, with compact moments for the always-active set
             LISA detects by default (:func:`~lightning_lisa.layers.default_always_active`) and exact AdamW
-            for everything else. Lossy; ``None`` (exact AdamW everywhere) by default.
-        compact_blocks: ``"8bit"`` or ``"factored"``: compact moments for every other parameter too (the
+            for everything else. Lossy; ``None`` (exact AdamW moments for that set) by default.
+        compact_blocks: ``"8bit"`` or ``"factored"``: compact moments for every other parameter (the
             blocks LISA samples, the final normalization layer, ...), in
             :class:`~lightning_lisa.compact.CompactAdamW`. Lossy; ``None`` (exact AdamW) by default. With
             ``"factored"`` here and in ``compact_always_active`` the optimizer state is about one byte per
-            trained parameter.
+            trained parameter. With ``compact_always_active=None``, the always-active set keeps exact AdamW
+            moments (an exact group of ``CompactAdamW``) while the rest is compact.
         fused_adamw: ``torch.optim.AdamW(fused=True)`` (also for ``CompactAdamW``'s exact groups): the step
             updates in place, with no temporary copy of the parameters it steps (with
             ``LISA(step_in_backward=True)``, no copy of the head during its update). Exact; needs
