@@ -194,6 +194,7 @@ class CompactAdamW(torch.optim.AdamW):
                 g2.square_().add_(FACTORED_EPS)
                 row[start : start + rows_per_chunk].mul_(beta2).add_(g2.mean(1), alpha=1 - beta2)
                 col_sum.add_(g2.sum(0))
+                del g2  # before the next chunk's copy, and not into the update below
             col.mul_(beta2).add_(col_sum / p.shape[0], alpha=1 - beta2)
             row_mean = row.mean()
             chunk = rows_per_chunk * cols
@@ -206,23 +207,27 @@ class CompactAdamW(torch.optim.AdamW):
             if inv_scale is not None:
                 g.mul_(inv_scale)
             b0, b1 = start // block, math.ceil(stop / block)
-            m = _dequantize_signed(m_codes[b0 * block : b1 * block], m_absmax[b0:b1], block)[: stop - start]
-            m.mul_(beta1).add_(g, alpha=1 - beta1)
+            n = stop - start
+            # m and v (8-bit) keep the padding of their last block (zeros), so requantizing them copies nothing
+            m = _dequantize_signed(m_codes[b0 * block : b1 * block], m_absmax[b0:b1], block)
+            m[:n].mul_(beta1).add_(g, alpha=1 - beta1)
             if factored:
                 v = torch.outer(row[start // cols : stop // cols], col).div_(row_mean).view(-1)
             else:
                 s_codes, s_absmax = state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"]
-                v = _dequantize_root(s_codes[b0 * block : b1 * block], s_absmax[b0:b1], block)[: stop - start]
-                v.square_().mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                v = _dequantize_root(s_codes[b0 * block : b1 * block], s_absmax[b0:b1], block)
+                v[:n].square_().mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                v[n:].zero_()
                 codes, absmax = _quantize_root(v.sqrt(), block)
                 s_codes[b0 * block : b1 * block], s_absmax[b0:b1] = codes, absmax
             # in place from here: few float32 copies of the chunk exist at once
-            update = v.div_(bias2).sqrt_().add_(eps)
-            torch.div(m, update, out=update).mul_(-lr / bias1)
+            update = v[:n].div_(bias2).sqrt_().add_(eps)
+            torch.div(m[:n], update, out=update).mul_(-lr / bias1)
             flat_p[start:stop].add_(update.to(p.dtype))
             del update, v
             codes, absmax = _quantize_signed(m, block)
             m_codes[b0 * block : b1 * block], m_absmax[b0:b1] = codes, absmax
+            del g, m, codes, absmax  # nothing of this chunk lives into the next one
 
 
 def compact_adamw(
@@ -326,32 +331,42 @@ def compact_state_nbytes(shape: Sequence[int], compact: CompactMode, block_size:
 def compact_step_nbytes(shape: Sequence[int], compact: CompactMode, grad_nbytes: int, block_size: int = 256) -> int:
     """The transient bytes of :class:`CompactAdamW`'s update of one parameter (float32 copies of a chunk).
 
-    Counted with :class:`~lightning_lisa.estimate.measure.TensorPeak` on CPU: per element of the chunk, 17
-    bytes (8-bit) or 13 (factored) with float32 gradients, and the gradient's float32 copy more with
-    bf16/fp16 ones (4 bytes; 5 factored); one byte more when there are several chunks (the previous
-    chunk's codes).
+    The update works on one chunk at a time (about :data:`CHUNK` elements; for a factored matrix, whole
+    rows) and frees everything of a chunk before the next one, so the peak is set by the first, largest
+    chunk. Counted with :class:`~lightning_lisa.estimate.measure.TensorPeak` on CPU, per element of that
+    chunk (padded to whole blocks): 17 bytes (8-bit) or 9 (factored) with float32 gradients, 21 or 14
+    with bf16/fp16 ones (the gradient's float32 copy and what it adds to the peak); plus two float32
+    block scales per block (8 bytes per ``block_size`` elements; not at the peak of a factored update with
+    bf16/fp16 gradients) and, factored, the float32 column sums of the second moment (4 bytes a column).
 
     Args:
         shape: The parameter's shape.
         compact: ``"8bit"`` or ``"factored"``.
-        grad_nbytes: Bytes per element of the gradient (2 for bf16, 4 for float32).
+        grad_nbytes: Bytes per element of the gradient (2 for bf16/fp16, 4 for float32).
         block_size: The group's ``block_size``.
 
+    Returns:
+        The bytes allocated during the update above what exists before it (parameter, gradient, state).
+
     Examples:
-        >>> compact_step_nbytes((128256, 4096), "factored", 2) / 2**20  # Llama-3-8B's head: 76 MiB, not 2 GiB
-        76.0
+        >>> round(compact_step_nbytes((128256, 4096), "factored", 2) / 2**20, 1)  # Llama-3-8B's head: not 2 GiB
+        56.0
+        >>> round(compact_step_nbytes((128256, 4096), "8bit", 2) / 2**20, 1)
+        84.1
     """
     check_choice("compact", compact, COMPACT_MODES)
+    check_int("grad_nbytes", grad_nbytes, minimum=1)
     numel = math.prod(shape)
     factored = compact == "factored" and len(shape) >= 2
-    if factored:
-        cols = numel // shape[0]
-        chunk = min(numel, _rows_per_chunk(cols, block_size) * cols)
-    else:
-        chunk = min(numel, CHUNK)
+    cols = numel // shape[0] if factored else 0
+    chunk = min(numel, _rows_per_chunk(cols, block_size) * cols if factored else CHUNK)
     chunk = math.ceil(chunk / block_size) * block_size
-    per_element = (13 if factored else 17) + (0 if grad_nbytes == 4 else 5 if factored else 4)
-    return per_element * chunk + (chunk if numel > chunk else 0)
+    scales = 8 * chunk // block_size
+    if factored:
+        if grad_nbytes == 4:
+            return 9 * chunk + scales + 4 * cols + 4
+        return 14 * chunk + 4 * cols + 4
+    return (17 if grad_nbytes == 4 else 21) * chunk + scales
 
 
 # ------------------------------------------------------------------------------------ internals
