@@ -1,11 +1,12 @@
-"""A compact optimizer state for the always-active set: 8-bit or factored AdamW moments.
+"""A compact AdamW optimizer state: 8-bit or factored moments for the always-active set, optionally the blocks.
 
 LISA trains the input embeddings and the head all the time. At vocabularies of 128k-256k they are
 most of what LISA trains, and their two float32 AdamW moments (8 bytes per parameter) are a large
 share of its peak memory. :class:`CompactAdamW` is ``torch.optim.AdamW`` with one addition: a
 parameter group with ``compact="8bit"`` or ``compact="factored"`` keeps compact moments, while every
-other group is updated by torch's own AdamW code, unchanged (plain, ``foreach`` or ``fused``). So the
-sampled blocks keep the exact optimizer and only the always-active set is approximated.
+other group is updated by torch's own AdamW code, unchanged (plain, ``foreach`` or ``fused``). By
+default (:func:`compact_adamw`) the sampled blocks keep the exact optimizer and only the always-active
+set is approximated; ``compact_blocks`` makes the blocks' moments compact too (see below).
 
 Compact moments (per parameter of a compact group):
 
@@ -312,6 +313,14 @@ def compact_state_nbytes(shape: Sequence[int], compact: CompactMode, block_size:
     The first moment's int8 codes (padded to whole blocks) and a float32 scale per block; the second
     moment's uint8 codes and scales, or, ``"factored"`` for two or more dimensions, a float32 row and
     column average; and the 4-byte ``step`` tensor.
+
+    Args:
+        shape: The parameter's shape.
+        compact: ``"8bit"`` or ``"factored"``.
+        block_size: The group's ``block_size`` (elements per quantization block).
+
+    Returns:
+        The bytes of the parameter's state tensors, as allocated after its first step.
 
     Examples:
         >>> compact_state_nbytes((1000, 64), "8bit")  # about 2.03 bytes per element

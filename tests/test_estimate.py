@@ -475,6 +475,23 @@ def test_new_flags_on_the_command_line(capsys):
     assert "mixed_precision=True" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("flags", "mode"),
+    [
+        (["--compact-always-active", "tiny"], "8bit"),  # the old form: the flag, then the model
+        (["--compact-always", "tiny"], "8bit"),  # an abbreviation
+        (["tiny", "--compact-always-active", "--json"], "8bit"),
+        (["--compact-always-active", "factored", "tiny"], "factored"),
+        (["tiny", "--compact-always-active=factored"], "factored"),
+        (["tiny"], None),
+    ],
+)
+def test_compact_always_active_takes_a_mode_only_when_one_follows(capsys, flags, mode):
+    assert main([*flags, "--seq-len", "64", "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["model"] == "tiny" and payload["compact_always_active"] == mode
+
+
 def test_memory_map_script_writes_its_tables(tmp_path):
     """benchmarks/memory_map.py at the tiny shape: two tables (own and chunked loss), one ratio per variant."""
     import subprocess

@@ -49,6 +49,11 @@ def main(argv: list[str] | None = None) -> int:
         LISA with factored always-active state and factored blocks' state
         ...
         0
+        >>> main(["--compact-always-active", "tiny", "--seq-len", "64"])  # doctest: +ELLIPSIS
+        tiny: ...
+        LISA with 8bit always-active state
+        ...
+        0
     """
     parser = argparse.ArgumentParser(
         prog="lightning-lisa estimate",
@@ -92,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         const="8bit",
         default=None,
         choices=list(COMPACT_MODES),
-        help="LISA keeps CompactAdamW's compact moments for the embeddings and the head: 8bit (without a value) "
-        "or factored",
+        help="LISA keeps CompactAdamW's compact moments for the embeddings and the head: 8bit (without a value, "
+        "or followed by anything but a mode) or factored",
     )
     parser.add_argument(
         "--compact-blocks",
@@ -107,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="where training runs")
     parser.add_argument("--unit", choices=["GiB", "MiB", "auto"], default="auto")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_compact_flag_takes_modes_only(sys.argv[1:] if argv is None else argv))
     try:
         options = {name: getattr(args, name) for name in PASSED_ON}
         estimate = estimate_memory(
@@ -122,6 +127,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(json.dumps(estimate.to_dict(), indent=2) if args.json else format_estimate(estimate, unit=args.unit))
     return 0
+
+
+def _compact_flag_takes_modes_only(argv: list[str]) -> list[str]:
+    """``--compact-always-active`` followed by anything but a mode means 8-bit, as before it took a value.
+
+    So ``--compact-always-active tiny`` (the flag, then the model) keeps working: the next token is
+    taken as the flag's value only when it is one of the modes.
+    """
+    flag = "--compact-always-active"
+    out = list(argv)
+    for i, token in enumerate(out):
+        if token == "--":
+            break
+        abbreviation = token.startswith("--compact-a") and flag.startswith(token)
+        if abbreviation and (i + 1 == len(out) or out[i + 1] not in COMPACT_MODES):
+            out[i] = f"{flag}=8bit"
+    return out
 
 
 if __name__ == "__main__":

@@ -196,8 +196,8 @@ class MemoryEstimate:
     gradient_checkpointing: bool = False
     loss_chunk_size: int | None = None
     step_in_backward: bool = False
-    compact_always_active: str | None = None
-    compact_blocks: str | None = None
+    compact_always_active: CompactMode | None = None
+    compact_blocks: CompactMode | None = None
     fused: bool = False
 
     @property
@@ -272,7 +272,7 @@ def estimate_memory(
     gradient_checkpointing: bool = False,
     loss_chunk_size: int | None = None,
     step_in_backward: bool = False,
-    compact_always_active: bool | CompactMode = False,
+    compact_always_active: bool | CompactMode | None = False,
     compact_blocks: CompactMode | None = None,
     fused: bool = False,
 ) -> MemoryEstimate:
