@@ -101,7 +101,10 @@ class ArmEstimate:
         activations: Tensors saved for the backward pass and kept through the forward pass.
         logits_workspace: Transient float32 gradients of the logits (or of one chunk of them, and the
             chunk's rebuilt tensors) in the loss's backward pass.
-        step_workspace: Transient buffers of the optimizer step.
+        step_workspace: Transient buffers of the optimizer step: with torch's default (``foreach``) AdamW,
+            a copy of what it steps, counted as one parameter group (torch steps each group on its
+            own, so with several groups the copy is the largest group's and this is an upper bound);
+            with ``fused`` none; for compact groups, one parameter's chunk temporaries.
         recompute_workspace: With gradient checkpointing, the saved tensors of the largest block, rebuilt
             during the backward pass.
         step_in_backward: Each gradient is used by the optimizer and freed as soon as it is final.
