@@ -184,6 +184,11 @@ class Sizes:
     code_eval_rows: int = 16
 
 
+#: The sizes each task depends on (besides the English rows, which every task uses).
+TASK_SIZES = {
+    "reverse": ("words", "batch", "train", "val", "test"),
+    "code": ("code_len", "code_batch", "code_chars", "code_eval_rows"),
+}
 SMOKE = Sizes(batch=4, train=64, val=8, test=8, english_rows=2, english_len=16, code_len=16, code_batch=2)
 
 
@@ -823,18 +828,25 @@ def merge(paths: list[str], out: str | None) -> int:
     """Merge results of the same settings (arms split over several processes) and print the tables."""
     runs = [json.loads(Path(p).read_text()) for p in paths]
     first = runs[0]
-    keys = ("steps", "seeds", "n_layers", "interval", "smoke", "model")
+    keys = ("steps", "n_layers", "interval", "smoke", "model")  # seeds may differ: each arm reports its own (n=)
     for path, run in zip(paths[1:], runs[1:], strict=True):
         differ = [k for k in keys if run["args"].get(k) != first["args"].get(k)]
-        if differ or run["sizes"] != first["sizes"]:
-            raise SystemExit(f"--merge: {path} was run with other settings ({differ or 'sizes'}) than {paths[0]}")
+        shared = set(run["results"]) & set(first["results"])  # the sizes of the tasks both files ran must agree
+        sizes = ["english_rows", "english_len", *(k for task in sorted(shared) for k in TASK_SIZES[task])]
+        differ += [k for k in sizes if run["sizes"].get(k) != first["sizes"].get(k)]
+        if differ:
+            raise SystemExit(f"--merge: {path} was run with other settings ({differ}) than {paths[0]}")
     payload = dict(first)
     payload["results"] = {}
     payload["merged_from"] = paths
     payload["arm_names"] = {**first.get("arm_names", {}), **ARM_NAMES}
     payload["seconds"] = max(float(r.get("seconds", 0.0)) for r in runs)
+    payload["base"], payload["sizes"] = dict(first["base"]), dict(first["sizes"])
     for run in runs:
         payload["grids"] = {**payload["grids"], **run["grids"]}
+        payload["base"] = {**run["base"], **payload["base"]}  # the base model's metrics of every task
+        for task in run["results"]:  # each task's sizes from a file that ran it
+            payload["sizes"].update({k: run["sizes"][k] for k in TASK_SIZES[task]})
         for regime, row in run["memory"].items():
             payload["memory"][regime] = {**payload["memory"].get(regime, {}), **row}
         for task, arms in run["results"].items():
