@@ -750,9 +750,10 @@ def report(payload: dict[str, Any], arms: list[str], tasks: list[str]) -> None:
             value = spread([s[metric] for s in r["seeds"].values()])
             forget = spread([s["forgetting"] for s in r["seeds"].values()])
             grid = "  ".join(f"{lr}:{v:.3f}" for lr, v in r["grid"].items())
-            peaks = [mem[k][arm]["peak_bytes"] / 2**30 for k in ("benchmark", "llama-2-7b")]
+            # nan: a file made before the arm's memory was estimated
+            peaks = [mem[k].get(arm, {}).get("peak_bytes", math.nan) / 2**30 for k in ("benchmark", "llama-2-7b")]
             digits = 1 if metric == "accuracy" else 3
-            bound = "<=" if mem["benchmark"][arm].get("upper_bound") else "  "  # the estimate's upper bound
+            bound = "<=" if mem["benchmark"].get(arm, {}).get("upper_bound") else "  "  # the estimate's upper bound
             print(
                 f"{ARM_NAMES[arm]:<44}{r['best_lr']:>8g}{value[0]:>9.{digits}f} ± {value[1]:<5.{digits}f}"
                 f"{forget[0]:>+10.3f} ± {forget[1]:.3f}{bound:>4}{peaks[0]:>6.2f} GiB{bound:>4}{peaks[1]:>5.1f} GiB"

@@ -179,3 +179,18 @@ def test_quality_candidates_train_what_they_claim(tmp_path: Path):
     memory = payload["memory"]["llama-2-7b"]
     assert memory["lisa-warm6"]["peak_bytes"] > memory["lisa-blocklr3"]["peak_bytes"]
     assert memory["lisa-compact-all"]["upper_bound"]  # the estimate has 8-bit moments for E+H only
+
+
+def test_quality_merge_takes_the_union_of_the_grids(tmp_path: Path):
+    results = ROOT / "benchmarks" / "results"
+    merged = tmp_path / "merged.json"
+    out = run(
+        str(ROOT / "benchmarks" / "quality.py"), "--merge", str(results / "quality_smollm2_a.json"),
+        str(results / "quality_smollm2_lisa_lr15e-4.json"), "--json", str(merged),
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert "LISA gamma=2 K=10" in out
+    lisa = json.loads(merged.read_text())["results"]["reverse"]["lisa"]
+    # the second file's rate joins the grid, and its seeds are reported when it is the best on validation
+    assert [float(lr) for lr in lisa["grid"]] == [2e-4, 6e-4, 1.5e-3]
+    assert lisa["best_lr"] == 1.5e-3 and len(lisa["seeds"]) == 3
