@@ -906,7 +906,9 @@ def main(argv: list[str] | None = None) -> int:
         "sizes": asdict(sizes),
         "test_problems": [asdict(p) for p in bench.problems["test"]],
         "base": base,
-        "memory": memory(bench, args),
+        "memory": {  # a resumed file keeps the estimates of the arms it ran before
+            regime: {**previous.get("memory", {}).get(regime, {}), **row} for regime, row in memory(bench, args).items()
+        },
         "results": previous.get("results", {}),
         "arm_names": ARM_NAMES,
     }
