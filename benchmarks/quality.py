@@ -26,9 +26,10 @@ short budget of steps, not run by default: ``lisa-k5`` (gamma = 2, K = 5) and ``
 with ``sampling="cyclic"``).
 
 Compact optimizer state (:func:`lightning_lisa.compact_adamw`), not run by default: ``lisa-compact`` (8-bit
-moments for the embeddings and head), ``lisa-factored`` (factored ones) and ``lisa-compact-all`` (8-bit
-moments for the blocks too). Candidates for putting LISA ahead (:data:`CANDIDATES`, not run by default),
-each a change of ``lisa``: ``lisa-share20`` (gamma as a share of the depth, 20%: 6 of 30 blocks),
+moments for the embeddings and head), ``lisa-factored`` (factored ones), ``lisa-compact-all`` (8-bit
+moments for the blocks too) and ``lisa-factored-all`` (factored moments everywhere). Candidates for
+putting LISA ahead (:data:`CANDIDATES`, not run by default), each a change of ``lisa``: ``lisa-share20``
+(gamma as a share of the depth, 20%: 6 of 30 blocks),
 ``lisa-blocklr3`` (the blocks at 3x the learning rate of the embeddings and head; the grid is the
 latter's), ``lisa-warm6`` (6 blocks in the first period, then 2: :class:`WarmStartLISA`), ``lisa-grad``
 (blocks drawn with probabilities proportional to their gradient norms, measured on each period's first
@@ -97,6 +98,7 @@ ARMS = (
     "lisa-compact",
     "lisa-factored",
     "lisa-compact-all",
+    "lisa-factored-all",
     *CANDIDATES,
 )
 ARM_NAMES = {
@@ -113,6 +115,7 @@ ARM_NAMES = {
     "lisa-compact": "LISA gamma=2 K=10, 8-bit E+H moments",
     "lisa-factored": "LISA gamma=2 K=10, factored E+H moments",
     "lisa-compact-all": "LISA gamma=2 K=10, 8-bit moments everywhere",
+    "lisa-factored-all": "LISA gamma=2 K=10, factored moments everywhere",
     "lisa-share20": "LISA gamma=20% of depth",
     "lisa-blocklr3": "LISA gamma=2, blocks 3x lr",
     "lisa-warm6": "LISA gamma=6 then 2",
@@ -135,11 +138,20 @@ DEFAULT_LRS = {
     "lisa-compact": [6e-4, 1.5e-3],  # the grid where exact LISA gamma=2 chose 1.5e-3
     "lisa-factored": [6e-4, 1.5e-3],
     "lisa-compact-all": [6e-4, 1.5e-3],
+    "lisa-factored-all": [6e-4, 1.5e-3],
     "lisa-share20": [6e-4, 1.5e-3],
     "lisa-blocklr3": [2e-4, 5e-4],  # the embeddings and head's rate; the blocks train at 6e-4 and 1.5e-3
     "lisa-warm6": [6e-4, 1.5e-3],
     "lisa-grad": [6e-4, 1.5e-3],
     "lisa-module": [6e-4, 1.5e-3],
+}
+
+#: The compact moments of each compact arm, as ``estimate_memory``'s keyword arguments (and the module's).
+COMPACT_SETTINGS: dict[str, dict[str, str]] = {
+    "lisa-compact": {"compact_always_active": "8bit"},
+    "lisa-factored": {"compact_always_active": "factored"},
+    "lisa-compact-all": {"compact_always_active": "8bit", "compact_blocks": "8bit"},
+    "lisa-factored-all": {"compact_always_active": "factored", "compact_blocks": "factored"},
 }
 #: ``lisa-share20``: gamma as a share of the depth (6 of SmolLM2's 30 blocks).
 DEPTH_SHARE = 0.2
@@ -604,8 +616,8 @@ class Benchmark:
             lr,
             args.steps,
             trainable_only=arm.startswith("lora"),
-            compact={"lisa-compact": "8bit", "lisa-compact-all": "8bit", "lisa-factored": "factored"}.get(arm),
-            compact_blocks="8bit" if arm == "lisa-compact-all" else None,
+            compact=COMPACT_SETTINGS.get(arm, {}).get("compact_always_active"),
+            compact_blocks=COMPACT_SETTINGS.get(arm, {}).get("compact_blocks"),
             block_lr_scale=BLOCK_LR_SCALE if arm == "lisa-blocklr3" else 1.0,
         )
         if task == "reverse":
@@ -691,13 +703,7 @@ def memory(bench: Benchmark, args: argparse.Namespace) -> dict[str, Any]:
             else:  # lisa-warm6 peaks in its first period (6 blocks); lisa-module: 2 blocks' parameters on average
                 gamma = lisa_gamma(arm, args.n_layers, bench.config.num_hidden_layers)
                 gamma = WARM_LAYERS if arm == "lisa-warm6" else args.n_layers if arm == "lisa-module" else gamma
-                # the estimate models 8-bit moments for the always-active set only: an upper bound for the
-                # factored ones and for compact block moments
-                compact = arm in ("lisa-compact", "lisa-factored", "lisa-compact-all")
-                est = estimate_memory(regime["model"], n_layers=gamma, **kwargs, compact_always_active=compact).lisa
-                if arm in ("lisa-factored", "lisa-compact-all"):
-                    row[arm] = {"peak_bytes": est.total, "trainable": est.trainable_params, "upper_bound": True}
-                    continue
+                est = estimate_memory(regime["model"], n_layers=gamma, **kwargs, **COMPACT_SETTINGS.get(arm, {})).lisa
             row[arm] = {"peak_bytes": est.total, "trainable": est.trainable_params}
         out[name] = row
     return out
@@ -753,10 +759,9 @@ def report(payload: dict[str, Any], arms: list[str], tasks: list[str]) -> None:
             # nan: a file made before the arm's memory was estimated
             peaks = [mem[k].get(arm, {}).get("peak_bytes", math.nan) / 2**30 for k in ("benchmark", "llama-2-7b")]
             digits = 1 if metric == "accuracy" else 3
-            bound = "<=" if mem["benchmark"].get(arm, {}).get("upper_bound") else "  "  # the estimate's upper bound
             print(
                 f"{ARM_NAMES[arm]:<44}{r['best_lr']:>8g}{value[0]:>9.{digits}f} ± {value[1]:<5.{digits}f}"
-                f"{forget[0]:>+10.3f} ± {forget[1]:.3f}{bound:>4}{peaks[0]:>6.2f} GiB{bound:>4}{peaks[1]:>5.1f} GiB"
+                f"{forget[0]:>+10.3f} ± {forget[1]:.3f}{peaks[0]:>10.2f} GiB{peaks[1]:>9.1f} GiB"
                 f"   {grid}"
                 f"   (n={len(r['seeds'])})"
             )
