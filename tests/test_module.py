@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import pytest
@@ -233,3 +235,48 @@ def test_compact_always_active_needs_adamw():
         tiny_module(compact_always_active="4bit")
     with pytest.raises(MisconfigurationException, match=r"`compact_blocks='4bit'` is not one of"):
         tiny_module(compact_blocks="4bit")
+
+
+def test_from_model_trains_exactly_like_the_module_that_built_the_same_model(tmp_path: Path):
+    built = tiny_module(learning_rate=1e-2)
+    ready = copy.deepcopy(built.model)
+    wrapped = CausalLMModule.from_model(ready, learning_rate=1e-2, gradient_checkpointing=True)
+    assert wrapped.model is ready and wrapped.hparams["config"] is None
+    assert any(getattr(m, "gradient_checkpointing", False) for m in ready.modules())  # options act on it
+    before = {n: p.detach().clone() for n, p in ready.named_parameters()}
+    for module in (built, wrapped):
+        torch.manual_seed(1)  # the same data order
+        trainer(tmp_path, steps=3, callbacks=[LISA(n_layers=1, interval=2, seed=3)]).fit(module, tiny_data(tmp_path))
+    after = dict(ready.named_parameters())
+    assert any(not torch.equal(p, before[n]) for n, p in after.items())  # it trained
+    for name, p in built.model.named_parameters():
+        assert torch.equal(p, after[name]), name
+
+
+def test_from_model_trains_a_peft_model_and_passes_subclass_arguments(tmp_path: Path):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = tiny_module().model
+    model = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    class Scaled(CausalLMModule):
+        def __init__(self, scale: float, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.scale = scale
+
+    module = Scaled.from_model(model, scale=2.0, learning_rate=1e-2)
+    assert isinstance(module, Scaled) and module.scale == 2.0 and module.hparams["scale"] == 2.0
+    trainer(tmp_path, steps=2).fit(module, tiny_data(tmp_path))
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("lora_" in n for n in changed)
+
+
+def test_from_model_refuses_a_second_source_and_a_non_module():
+    model = tiny_module().model
+    with pytest.raises(MisconfigurationException, match=r"from_model.*got model_name_or_path=None and config=\{"):
+        CausalLMModule.from_model(model, config=dict(TINY_MODEL))
+    with pytest.raises(MisconfigurationException, match=r"`model` must be a torch.nn.Module.*str"):
+        CausalLMModule.from_model("path/to/model")  # type: ignore[arg-type]
+    with pytest.raises(MisconfigurationException, match="exactly one of `model_name_or_path`"):
+        CausalLMModule()  # the ready model of a call does not outlive it

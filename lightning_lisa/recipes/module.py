@@ -9,8 +9,9 @@ all parameters, as :class:`~lightning_lisa.LISA` needs.
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import lightning.pytorch as pl
 import torch
@@ -27,6 +28,11 @@ from lightning_lisa.recipes.data import IGNORE_INDEX, Batch
 from lightning_lisa.recipes.gguf import is_gguf, load_gguf_model
 from lightning_lisa.recipes.loss import causal_lm_loss, check_chunked_loss
 from lightning_lisa.recipes.optim import OptimizerName, ScheduleName, build_optimizer, lr_lambda, parameter_groups
+
+#: The ready model :meth:`CausalLMModule.from_model` hands to ``__init__`` (not a constructor argument, so the
+#: CLI's signature stays the one of a model to load or build).
+_READY_MODEL: ContextVar[torch.nn.Module | None] = ContextVar("ready_model", default=None)
+_Module = TypeVar("_Module", bound="CausalLMModule")
 
 
 def build_config(config: str | dict[str, Any]) -> PretrainedConfig:
@@ -59,7 +65,7 @@ def build_config(config: str | dict[str, Any]) -> PretrainedConfig:
 
 
 class CausalLMModule(pl.LightningModule):
-    """Fine-tunes a Hugging Face causal LM; give ``model_name_or_path`` or ``config``.
+    """Fine-tunes a Hugging Face causal LM; give ``model_name_or_path`` or ``config`` (or see :meth:`from_model`).
 
     Args:
         model_name_or_path: Directory (or Hub name) of a pretrained model, for
@@ -129,7 +135,13 @@ class CausalLMModule(pl.LightningModule):
         fused_adamw: bool = False,
     ) -> None:
         super().__init__()
-        if (model_name_or_path is None) == (config is None):
+        ready = _READY_MODEL.get()
+        if ready is not None and (model_name_or_path is not None or config is not None):
+            raise MisconfigurationException(
+                f"`CausalLMModule.from_model` wraps the model it is given; do not also give `model_name_or_path` "
+                f"or `config`; got model_name_or_path={model_name_or_path!r} and config={config!r}."
+            )
+        if ready is None and (model_name_or_path is None) == (config is None):
             raise MisconfigurationException(
                 f"Give exactly one of `model_name_or_path` (a pretrained model) and `config` (random weights); got "
                 f"model_name_or_path={model_name_or_path!r} and config={config!r}."
@@ -155,7 +167,9 @@ class CausalLMModule(pl.LightningModule):
         lr_lambda(lr_schedule, warmup_steps, total_steps=1, min_lr_ratio=min_lr_ratio)
         kwargs = dict(model_kwargs or {})
         self.model: PreTrainedModel
-        if model_name_or_path is not None:
+        if ready is not None:
+            self.model = ready  # type: ignore[assignment]  # a Hugging Face model or a wrapper of one (PEFT)
+        elif model_name_or_path is not None:
             self.model = load_pretrained(model_name_or_path, **kwargs)
             self.model.train()  # from_pretrained returns it in eval mode (dropout off)
         else:
@@ -170,6 +184,43 @@ class CausalLMModule(pl.LightningModule):
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
+
+    @classmethod
+    def from_model(cls: type[_Module], model: torch.nn.Module, **kwargs: Any) -> _Module:
+        """Wrap an already-built model (e.g. PEFT-wrapped) instead of loading or building one.
+
+        The model is used as it is: no copy, its ``requires_grad`` flags and mode untouched. The
+        options that act on the model (``gradient_checkpointing``, ``loss_chunk_size``, ``save_hf_dir``)
+        apply to it as to a loaded one. The model itself is not a hyperparameter, so such a module's
+        checkpoint is loaded into a module built the same way (``load_state_dict``), not with
+        ``load_from_checkpoint``.
+
+        Args:
+            model: A Hugging Face causal LM, or a wrapper with its interface (a ``peft.PeftModel``):
+                called with ``input_ids``, ``labels`` (and ``attention_mask``), it returns an output with a
+                ``loss``.
+            **kwargs: The other arguments of the constructor (of ``cls``, so a subclass's too), except
+                ``model_name_or_path``, ``config`` and ``model_kwargs``.
+
+        Raises:
+            LISAConfigError: If ``model`` is not a ``torch.nn.Module``.
+            MisconfigurationException: If ``model_name_or_path`` or ``config`` is given as well.
+
+        Examples:
+            >>> from transformers import LlamaConfig, LlamaForCausalLM
+            >>> llama = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+            ...     num_hidden_layers=2, num_attention_heads=2))
+            >>> module = CausalLMModule.from_model(llama, learning_rate=1e-3)
+            >>> module.model is llama, module.hparams["learning_rate"]
+            (True, 0.001)
+        """
+        if not isinstance(model, torch.nn.Module):
+            raise LISAConfigError(f"`model` must be a torch.nn.Module (a Hugging Face causal LM), got {type(model)!r}.")
+        token = _READY_MODEL.set(model)
+        try:
+            return cls(**kwargs)
+        finally:
+            _READY_MODEL.reset(token)
 
     def forward(self, batch: Batch) -> Any:
         """The Hugging Face model's output for a batch of ``input_ids`` (and ``labels``, ``attention_mask``)."""
