@@ -183,3 +183,42 @@ def test_lisa_warns_when_the_model_is_compiled_as_a_whole():
     with pytest.warns(UserWarning, match=r"LISA: `model` is compiled as a whole"):
         _fit(module, lisa, steps=1)
     assert lisa.layer_info is not None and lisa.layer_info.path == "model._orig_mod.layers"
+
+
+def _fit_hf(use_cache: bool | None) -> tuple[LISA, int, list[str]]:
+    """A tiny Llama with its default config (or ``use_cache`` set), blocks compiled, 12 periods of LISA."""
+    import warnings
+
+    from lightning_lisa.compile import compile_watch
+    from lightning_lisa.testing import CausalLM, quiet_trainer, tiny_llama, token_loader
+
+    watch = compile_watch()
+    start, seen = watch.compiles, len(watch.fallbacks)
+    model = tiny_llama(num_layers=6)
+    if use_cache is not None:
+        model.config.use_cache = use_cache
+    compile_blocks(model, backend="eager")
+    lisa = LISA(n_layers=2, interval=2, seed=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_trainer([lisa], max_steps=24).fit(CausalLM(model), token_loader(n_batches=24))
+    assert len(lisa.history) == 12
+    assert len(watch.fallbacks) - seen == (1 if use_cache is not False else 0)
+    return lisa, watch.compiles - start, [str(w.message) for w in caught if "LISA" in str(w.message)]
+
+
+def test_hf_model_with_its_default_cache_setting_is_reported_at_start_and_when_torch_falls_back():
+    _, compiles, messages = _fit_hf(use_cache=None)  # transformers' default: use_cache=True
+    assert compiles == dynamo.config.recompile_limit  # one compile per block and variant until the limit
+    cache = [m for m in messages if "config.use_cache=True" in m]
+    assert len(cache) == 1  # once, at start-up
+    fallback = [m for m in messages if "gave up" in m]
+    assert len(fallback) == 1
+    assert f"after {dynamo.config.recompile_limit} compiles" in fallback[0]
+    assert "recompile_limit" in fallback[0] and "Last reason for recompiling: " in fallback[0]
+
+
+def test_hf_model_without_cache_compiles_twice_over_12_periods():
+    _, compiles, messages = _fit_hf(use_cache=False)
+    assert compiles == 2  # trainable and frozen, shared by the six blocks
+    assert not [m for m in messages if "use_cache" in m or "gave up" in m]
