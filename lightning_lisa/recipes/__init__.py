@@ -1,7 +1,7 @@
 """The command-line application: ``lightning-lisa fit``, a causal-LM module and a text data module.
 
-Needs the ``cli`` extra (``pip install "lightning-lisa[cli]"``): ``jsonargparse``, ``transformers``
-and ``tokenizers``. The callback itself needs none of them.
+Needs the ``cli`` extra (``pip install "lightning-lisa[cli]"``): ``jsonargparse``, ``transformers``,
+``tokenizers``, ``datasets`` and ``torchdata``. The callback itself needs none of them.
 """
 
 from __future__ import annotations
@@ -9,7 +9,12 @@ from __future__ import annotations
 import importlib.util
 
 #: What the recipes import, by the name ``pip`` installs it under.
-REQUIREMENTS: dict[str, str] = {"jsonargparse": "jsonargparse[signatures]", "transformers": "transformers"}
+REQUIREMENTS: dict[str, str] = {
+    "jsonargparse": "jsonargparse[signatures]",
+    "transformers": "transformers",
+    "datasets": "datasets",
+    "torchdata": "torchdata",
+}
 
 
 def cli_main() -> None:

@@ -9,6 +9,7 @@ all parameters, as :class:`~lightning_lisa.LISA` needs.
 
 from __future__ import annotations
 
+import math
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,10 +25,13 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 from lightning_lisa.compact import COMPACT_MODES, CompactAdamW, CompactMode
 from lightning_lisa.errors import LISAConfigError, check_bool, check_choice, check_int
 from lightning_lisa.layers import default_always_active, find_layers, resolve_modules, unique_parameters
-from lightning_lisa.recipes.data import IGNORE_INDEX, Batch
+from lightning_lisa.recipes.data import IGNORE_INDEX, STEP_TARGETS, Batch
 from lightning_lisa.recipes.gguf import is_gguf, load_gguf_model
 from lightning_lisa.recipes.loss import causal_lm_loss, check_chunked_loss
 from lightning_lisa.recipes.optim import OptimizerName, ScheduleName, build_optimizer, lr_lambda, parameter_groups
+
+#: The batch keys that are the model's inputs (others, such as ``step_targets``, are for the loss).
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "labels")
 
 #: The ready model :meth:`CausalLMModule.from_model` hands to ``__init__`` (not a constructor argument, so the
 #: CLI's signature stays the one of a model to load or build).
@@ -182,6 +186,7 @@ class CausalLMModule(pl.LightningModule):
         if loss_chunk_size is not None:
             check_chunked_loss(self.model)
         self.tokenizer: PreTrainedTokenizerBase | None = None
+        self._isolation_checked = False
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
 
@@ -223,13 +228,29 @@ class CausalLMModule(pl.LightningModule):
             _READY_MODEL.reset(token)
 
     def forward(self, batch: Batch) -> Any:
-        """The Hugging Face model's output for a batch of ``input_ids`` (and ``labels``, ``attention_mask``)."""
-        return self.model(**batch)
+        """The model's output for a batch of ``input_ids`` (and ``labels``, ``attention_mask``, ``position_ids``).
+
+        A batch with ``position_ids`` and no ``attention_mask`` is a packed batch: the first such batch is
+        checked (:func:`check_packing_isolation`) before it reaches the model.
+        """
+        inputs: dict[str, Any] = {key: value for key, value in batch.items() if key in MODEL_INPUTS}
+        if "position_ids" in batch and "attention_mask" not in batch:
+            if not self._isolation_checked:
+                check_packing_isolation(self.model)
+                self._isolation_checked = True
+            inputs["use_cache"] = False  # transformers keeps examples apart only without a cache
+        return self.model(**inputs)
 
     def chunked_loss(self, batch: Batch, chunk_size: int) -> torch.Tensor:
         """The model's next-token loss, computed ``chunk_size`` tokens at a time from the last hidden states."""
         model: Any = self.model  # get_decoder and get_output_embeddings are untyped in transformers
-        hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))[0]
+        inputs: dict[str, Any] = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+        if "position_ids" in inputs and "attention_mask" not in inputs:
+            if not self._isolation_checked:
+                check_packing_isolation(self.model)
+                self._isolation_checked = True
+            inputs["use_cache"] = False
+        hidden = model.get_decoder()(**inputs)[0]
         softcap = getattr(model.config, "final_logit_softcapping", None)
         head = model.get_output_embeddings()
         return causal_lm_loss(hidden, head, batch["labels"], chunk_size=chunk_size, softcap=softcap)
@@ -237,13 +258,30 @@ class CausalLMModule(pl.LightningModule):
     # ------------------------------------------------------------------------------- steps
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        """Next-token loss of the batch; logs ``train_loss`` and ``train_ppl``."""
+        """Next-token loss of the batch; logs ``train_loss`` and ``train_ppl`` (the batch's mean).
+
+        A batch from :class:`~lightning_lisa.recipes.data.TextDataModule` carries ``step_targets``, the target
+        tokens of its whole optimizer step (every micro-batch on every rank). Its loss is then scaled so
+        that the step's gradient is the mean over all of those tokens, however unequally they fall into
+        micro-batches: ``mean * tokens / step_targets * accumulate_grad_batches * world_size`` (Lightning
+        divides by the first, DDP averages over the second). Other batches return their mean loss as is.
+        """
         chunk = self.hparams.get("loss_chunk_size")
         loss: torch.Tensor = self(batch).loss if chunk is None else self.chunked_loss(batch, chunk)
         size = batch["input_ids"].shape[0]
         self.log("train_loss", loss, prog_bar=True, batch_size=size)
         self.log("train_ppl", torch.exp(loss.detach()), batch_size=size)
-        return loss
+        if STEP_TARGETS not in batch:
+            return loss
+        tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        step_targets = int(batch[STEP_TARGETS])
+        if tokens == 0 or step_targets < tokens:
+            raise LISAConfigError(
+                f"A batch has {tokens} target tokens but `{STEP_TARGETS}={step_targets}` for its whole optimizer "
+                "step; the batch does not come from the step it names (a sampler other than StepSampler?)."
+            )
+        scale = tokens / step_targets * self.trainer.accumulate_grad_batches * self.trainer.world_size
+        return loss * scale
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         """Accumulate the token-weighted loss of the validation set."""
@@ -262,8 +300,11 @@ class CausalLMModule(pl.LightningModule):
         self._log_epoch("test", self.test_loss)
 
     def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, torch.Tensor]:
-        """Score each sequence: mean next-token loss and the number of target tokens."""
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+        """Score each row: mean next-token loss and the number of target tokens (a packed row as a whole)."""
+        inputs: dict[str, Any] = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+        if "position_ids" in inputs and "attention_mask" not in inputs:
+            inputs["use_cache"] = False
+        logits = self.model(**inputs).logits
         targets = batch["labels"][:, 1:]
         losses = F.cross_entropy(
             logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
@@ -309,13 +350,48 @@ class CausalLMModule(pl.LightningModule):
         return CompactAdamW([*(g for g in rest if g["params"]), compact_group], lr=lr, betas=betas, fused=fused)
 
     def configure_optimizers(self) -> Any:
-        """The optimizer over all parameters and the per-step warm-up + decay schedule."""
+        """The optimizer over all parameters and the per-step warm-up + decay schedule.
+
+        The schedule's length is :meth:`schedule_steps`; ``trainer.estimated_stepping_batches`` is not read,
+        since reading it here makes Lightning drop a resumed train loader's position.
+        """
         hp = self.hparams
         optimizer = self.make_optimizer()
-        total = self.trainer.estimated_stepping_batches
+        total = self.schedule_steps()
         schedule = lr_lambda(hp["lr_schedule"], hp["warmup_steps"], total, hp["min_lr_ratio"])
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def schedule_steps(self) -> float:
+        """Optimizer steps of the whole run: ``trainer.max_steps``, or the data module's epochs, the fewer.
+
+        Raises:
+            LISAConfigError: For a decaying schedule with neither ``max_steps`` nor a data module that
+                knows its length (``optimizer_steps_per_epoch``) and ``max_epochs``.
+        """
+        trainer = self.trainer
+        candidates: list[float] = []
+        if trainer.max_steps is not None and trainer.max_steps > 0:
+            candidates.append(float(trainer.max_steps))
+        datamodule = getattr(trainer, "datamodule", None)
+        steps_per_epoch = getattr(datamodule, "optimizer_steps_per_epoch", None)
+        if callable(steps_per_epoch) and trainer.max_epochs is not None and trainer.max_epochs > 0:
+            per_epoch = steps_per_epoch(trainer.world_size, trainer.accumulate_grad_batches)
+            limit = trainer.limit_train_batches
+            if isinstance(limit, int) and not isinstance(limit, bool):
+                per_epoch = min(per_epoch, math.ceil(limit / trainer.accumulate_grad_batches))
+            elif isinstance(limit, float) and limit < 1.0:
+                per_epoch = math.ceil(per_epoch * limit)
+            candidates.append(float(per_epoch * trainer.max_epochs))
+        if candidates:
+            return min(candidates)
+        if self.hparams["lr_schedule"] == "constant":
+            return math.inf
+        raise LISAConfigError(
+            f"`lr_schedule={self.hparams['lr_schedule']!r}` decays over the run, and its length is not known: set "
+            "`trainer.max_steps`, or train with a data module that has `optimizer_steps_per_epoch` (TextDataModule) "
+            "and `trainer.max_epochs`; or use `lr_schedule='constant'`."
+        )
 
     # ------------------------------------------------------------------------------- hooks
 
@@ -351,6 +427,56 @@ class CausalLMModule(pl.LightningModule):
             self.tokenizer.save_pretrained(path)
         rank_zero_info(f"Saved the Hugging Face model{' and tokenizer' if self.tokenizer else ''} to {path}")
         return path
+
+
+def check_packing_isolation(model: Any, tolerance: float = 1e-4) -> None:
+    """Raise unless ``model`` keeps the examples of a packed row apart when given only ``position_ids``.
+
+    transformers builds a block-diagonal causal mask from ``position_ids`` that restart (sdpa, eager and
+    flex attention) or uses them as sequence boundaries (flash attention), when there is no attention
+    mask and no key-value cache (``use_cache=False``, which this module passes for packed batches); other
+    attention code attends across the examples. The check runs a row of two short random examples packed
+    together and the second alone, in eval mode without gradients, and compares the second's logits.
+
+    Raises:
+        LISAConfigError: If the logits differ (isolation is not guaranteed), naming the attention backend.
+
+    Examples:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> check_packing_isolation(LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16,
+        ...     num_hidden_layers=1, num_attention_heads=2)))
+    """
+    config = getattr(model, "config", None)
+    backend = getattr(config, "_attn_implementation", None)
+    vocab = int(getattr(config, "vocab_size", 2) or 2)
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(0)
+    first = torch.randint(0, vocab, (1, 5), generator=generator).to(device)
+    second = torch.randint(0, vocab, (1, 4), generator=generator).to(device)
+    packed = torch.cat([first, second], dim=1)
+    positions = torch.cat([torch.arange(5), torch.arange(4)]).unsqueeze(0).to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            together = model(input_ids=packed, position_ids=positions, use_cache=False).logits[:, 5:].float()
+            alone = model(input_ids=second, position_ids=positions[:, 5:], use_cache=False).logits.float()
+    except Exception as err:  # any model error: the packed batch cannot be run at all
+        raise LISAConfigError(
+            f"`packing='isolated'`: the model ({type(model).__name__}, attention {backend!r}) failed on a packed row "
+            f"with restarting position_ids ({type(err).__name__}: {err}); use `data.packing='none'`."
+        ) from err
+    finally:
+        model.train(was_training)
+    difference = (together - alone).abs().max().item()
+    scale = alone.abs().max().item() + 1e-6
+    if not difference <= tolerance * max(1.0, scale):
+        raise LISAConfigError(
+            f"`packing='isolated'` needs attention that keeps the examples of a packed row apart, but "
+            f"{type(model).__name__} with `attn_implementation={backend!r}` attends across them (logits differ by "
+            f"{difference:.3g}). Use sdpa, eager, flex_attention or flash_attention_2 (`model.model_kwargs."
+            "attn_implementation`), or `data.packing='none'`."
+        )
 
 
 def check_serializable(model: PreTrainedModel, name: str, value: object) -> None:

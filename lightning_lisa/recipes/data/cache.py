@@ -1,0 +1,385 @@
+"""The tokenization cache: records tokenized once, truncated or dropped, split, packed, saved as Arrow.
+
+:func:`build_cache` reads the sources, tokenizes them with ``datasets.map`` (``num_proc`` processes and
+a progress bar), applies the length policy, splits off the validation rows, packs, and saves
+``train/`` and ``val/`` with ``save_to_disk`` plus a ``summary.json``, into a folder named by
+:func:`cache_key`. The key covers the data's content, the tokenizer's content (vocabulary, merges,
+special tokens, chat template; not its path), the prompt templates and every setting that changes the
+rows, so an edited file or template is tokenized again and an unchanged one is not.
+:func:`load_cache` memory-maps the result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, get_args
+
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from lightning_lisa.recipes.corpus import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT
+from lightning_lisa.recipes.data.loading import best_fit_decreasing
+from lightning_lisa.recipes.data.records import (
+    IGNORE_INDEX,
+    RECORD_FORMATS,
+    record_format,
+    to_example,
+    tokenize_examples,
+)
+from lightning_lisa.recipes.data.sources import Part
+
+if TYPE_CHECKING:
+    import datasets
+
+#: How examples become rows: ``none`` (one example per row, padded), ``stream`` (every example, ending with
+#: EOS, concatenated into one stream cut into rows of ``max_length``: for raw text; examples attend to
+#: each other), ``isolated`` (whole examples packed into rows by best-fit decreasing, ``position_ids``
+#: restarting at each, so no token attends to another example).
+PackingMode = Literal["none", "stream", "isolated"]
+PACKING_MODES: tuple[str, ...] = get_args(PackingMode)
+
+#: What happens to an example longer than ``max_length`` (``none`` and ``isolated`` packing).
+Overlong = Literal["truncate", "drop"]
+OVERLONG: tuple[str, ...] = get_args(Overlong)
+
+#: Changes whenever the rows this code writes change.
+CACHE_VERSION = "rows-v1"
+
+# the status of a tokenized record
+KEPT, TRUNCATED, DROPPED_LONG, DROPPED_NO_TARGET = 0, 1, 2, 3
+
+
+@dataclass(frozen=True)
+class RowSettings:
+    """Everything besides the data and the tokenizer that changes the cached rows."""
+
+    max_length: int
+    packing: str
+    train_on: str
+    overlong: str
+    val_fraction: float
+    seed: int
+    max_examples: int | None
+    separate_val: bool
+
+
+def tokenizer_digest(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A digest of what a tokenizer does: vocabulary, merges, normalization, special tokens, chat template.
+
+    The path it was loaded from is not part of it: the same files elsewhere give the same digest.
+    """
+    digest = hashlib.sha256(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        digest.update(backend.to_str().encode())
+    else:
+        digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    template = getattr(tokenizer, "chat_template", None)
+    digest.update(json.dumps(template, sort_keys=True, default=str).encode())
+    special = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id}
+    digest.update(json.dumps(special, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def cache_key(data_digests: list[str], tokenizer: PreTrainedTokenizerBase, settings: RowSettings) -> str:
+    """The cache folder's name: a digest of the data, the tokenizer, the templates and the settings."""
+    payload = {
+        "version": CACHE_VERSION,
+        "data": data_digests,
+        "tokenizer": tokenizer_digest(tokenizer),
+        "templates": [ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT],
+        "settings": asdict(settings),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
+
+
+class TokenizeRecords:
+    """The ``datasets.map`` function of one part: records to ``input_ids``, ``labels`` and their status.
+
+    Picklable, so ``map(num_proc=...)`` can send it to worker processes.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, part: Part, record_type: str, settings: RowSettings) -> None:
+        self.tokenizer = tokenizer
+        self.label = part.label
+        self.json_lines = part.json_lines
+        self.record_type = record_type
+        self.settings = settings
+
+    def where(self, index: int) -> str:
+        """The record's place, for errors (``file:line`` for JSON Lines)."""
+        return Part(self.label, None, self.json_lines).where(index)
+
+    def __call__(self, batch: dict[str, list[Any]], indices: list[int]) -> dict[str, list[Any]]:
+        """Tokenize a batch of records."""
+        rows = [{key: batch[key][j] for key in batch} for j in range(len(indices))]
+        kinds: list[int] = []
+        pairs: list[tuple[list[int], list[int]] | None] = []
+        text_rows, examples = [], []
+        for j, row in enumerate(rows):
+            try:
+                kind = record_format(row, self.record_type, "\0")
+                kinds.append(RECORD_FORMATS.index(kind))
+                if kind == "tokens":
+                    pairs.append(_tokens(row, "\0"))
+                else:
+                    pairs.append(None)
+                    text_rows.append(j)
+                    examples.append(to_example(row, kind, "\0"))
+            except ValueError as err:
+                raise ValueError(str(err).replace("\0", self.where(indices[j]))) from None
+        tokenized = tokenize_examples(
+            self.tokenizer, examples, self.settings.train_on, lambda k: self.where(indices[text_rows[k]])
+        )
+        for j, pair in zip(text_rows, tokenized, strict=True):
+            pairs[j] = pair
+        out: dict[str, list[Any]] = {"input_ids": [], "labels": [], "n_targets": [], "status": [], "kind": kinds}
+        stream = self.settings.packing == "stream"
+        limit = self.settings.max_length
+        for filled in pairs:
+            assert filled is not None
+            ids, labels = filled
+            status = KEPT
+            if not stream and len(ids) > limit:
+                if self.settings.overlong == "drop":
+                    status, ids, labels = DROPPED_LONG, [], []
+                else:
+                    status, ids, labels = TRUNCATED, ids[:limit], labels[:limit]
+            targets = sum(1 for t in labels[1:] if t != IGNORE_INDEX)
+            if not stream and status != DROPPED_LONG and targets == 0:
+                status, ids, labels = DROPPED_NO_TARGET, [], []
+            out["input_ids"].append(ids)
+            out["labels"].append(labels)
+            out["n_targets"].append(targets)
+            out["status"].append(status)
+        return out
+
+
+def _tokens(row: dict[str, Any], where: str) -> tuple[list[int], list[int]]:
+    ids = row["input_ids"]
+    labels = row.get("labels")
+    labels = ids if labels is None else labels
+    for name, value in (("input_ids", ids), ("labels", labels)):
+        if not isinstance(value, list | np.ndarray) or not all(isinstance(t, int | np.integer) for t in value):
+            raise ValueError(f"{where}: field {name!r} must be a list of integers, got {value!r:.60}.")
+    if len(labels) != len(ids):
+        raise ValueError(f"{where}: 'labels' has {len(labels)} tokens but 'input_ids' has {len(ids)}.")
+    return [int(t) for t in ids], [int(t) for t in labels]
+
+
+def tokenize_parts(
+    parts: list[tuple[Part, str, dict[str, str] | None]],
+    tokenizer: PreTrainedTokenizerBase,
+    settings: RowSettings,
+    num_proc: int,
+) -> tuple[datasets.Dataset, dict[str, Any]]:
+    """Tokenize every part (in order) and keep the rows the length policy keeps; with counts."""
+    import datasets
+
+    if num_proc > 1:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the Rust thread pool must not be running across a fork
+    tokenized = []
+    for part, record_type, columns in parts:
+        table = part.dataset
+        if columns:
+            missing = [c for c in columns.values() if c not in table.column_names]
+            if missing:
+                raise ValueError(
+                    f"{part.label}: `columns={columns!r}` names the columns {missing}, which the data does not "
+                    f"have; it has {table.column_names}."
+                )
+            table = table.rename_columns({data: ours for ours, data in columns.items() if data != ours})
+        function = TokenizeRecords(tokenizer, part, record_type, settings)
+        tokenized.append(
+            table.map(
+                function,
+                batched=True,
+                batch_size=500,
+                with_indices=True,
+                remove_columns=table.column_names,
+                num_proc=num_proc if num_proc > 1 and len(table) >= 2 * num_proc else None,
+                desc=f"Tokenizing {Path(part.label).name}",
+                load_from_cache_file=False,
+                new_fingerprint=hashlib.sha256(f"{part.label}{id(function)}".encode()).hexdigest()[:16],
+                features=datasets.Features(
+                    {
+                        "input_ids": datasets.List(datasets.Value("int32")),
+                        "labels": datasets.List(datasets.Value("int32")),
+                        "n_targets": datasets.Value("int64"),
+                        "status": datasets.Value("int8"),
+                        "kind": datasets.Value("int8"),
+                    }
+                ),
+            )
+        )
+    table = datasets.concatenate_datasets(tokenized) if len(tokenized) > 1 else tokenized[0]
+    status = np.asarray(table["status"])
+    kinds = np.asarray(table["kind"])
+    counts: dict[str, Any] = {
+        "records": len(table),
+        "formats": {RECORD_FORMATS[k]: int((kinds == k).sum()) for k in np.unique(kinds)},
+        "truncated": int((status == TRUNCATED).sum()),
+        "dropped_too_long": int((status == DROPPED_LONG).sum()),
+        "dropped_without_targets": int((status == DROPPED_NO_TARGET).sum()),
+    }
+    kept = np.flatnonzero(status <= TRUNCATED)
+    counts["examples"] = len(kept)
+    if len(kept) < len(table):
+        table = table.select(kept)
+    return table.remove_columns(["status", "kind"]), counts
+
+
+def stream_rows(table: datasets.Dataset, max_length: int) -> datasets.Dataset:
+    """Concatenate the examples into one stream and cut it into rows of ``max_length`` (the rest is dropped)."""
+
+    def chunk(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        ids = [t for row in batch["input_ids"] for t in row]
+        labels = [t for row in batch["labels"] for t in row]
+        n = len(ids) // max_length * max_length
+        starts = range(0, n, max_length)
+        out_labels = [labels[i : i + max_length] for i in starts]
+        return {
+            "input_ids": [ids[i : i + max_length] for i in starts],
+            "labels": out_labels,
+            "n_targets": [sum(1 for t in row[1:] if t != IGNORE_INDEX) for row in out_labels],
+        }
+
+    # one stream over the whole corpus for corpora of up to 100k examples (then per block of 100k)
+    return table.map(chunk, batched=True, batch_size=100_000, desc="Cutting the stream into rows")
+
+
+def pack_rows(table: datasets.Dataset, max_length: int) -> datasets.Dataset:
+    """Pack whole examples into rows of at most ``max_length`` tokens (best-fit decreasing).
+
+    Each row lists its examples' lengths (``seq_lengths``); the first label of every example is ``-100``,
+    so that no example is trained to predict the start of the next one.
+    """
+    import datasets
+
+    lengths = row_lengths(table).tolist()
+    bins = best_fit_decreasing(lengths, max_length)
+
+    def pack(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        members = batch["members"]
+        flat = [i for row in members for i in row]
+        rows = table[flat]
+        out: dict[str, list[Any]] = {"input_ids": [], "labels": [], "seq_lengths": [], "n_targets": []}
+        at = 0
+        for row in members:
+            ids: list[int] = []
+            labels: list[int] = []
+            seq_lengths = []
+            targets = 0
+            for k in range(at, at + len(row)):
+                example_ids, example_labels = rows["input_ids"][k], list(rows["labels"][k])
+                example_labels[0] = IGNORE_INDEX
+                ids.extend(example_ids)
+                labels.extend(example_labels)
+                seq_lengths.append(len(example_ids))
+                targets += int(rows["n_targets"][k])
+            at += len(row)
+            out["input_ids"].append(ids)
+            out["labels"].append(labels)
+            out["seq_lengths"].append(seq_lengths)
+            out["n_targets"].append(targets)
+        return out
+
+    bins_table = datasets.Dataset.from_dict({"members": bins})
+    return bins_table.map(pack, batched=True, batch_size=1000, remove_columns=["members"], desc="Packing")
+
+
+def row_lengths(table: datasets.Dataset) -> np.ndarray:
+    """The number of tokens of every row, read from Arrow without converting the rows to Python."""
+    import pyarrow.compute as pc
+
+    column = table.with_format("arrow")["input_ids"]
+    return np.asarray(pc.list_value_length(column).to_numpy(zero_copy_only=False), dtype=np.int64)
+
+
+def split_rows(table: datasets.Dataset, fraction: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """A seeded share of the rows (at least one) for validation, the rest for training."""
+    order = torch.randperm(len(table), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = max(1, math.floor(len(order) * fraction))
+    return table.select(order[n_val:]), table.select(sorted(order[:n_val]))
+
+
+def build_cache(
+    folder: Path,
+    train_parts: list[tuple[Part, str, dict[str, str] | None]],
+    val_parts: list[tuple[Part, str, dict[str, str] | None]],
+    tokenizer: PreTrainedTokenizerBase,
+    settings: RowSettings,
+    num_proc: int,
+    source: str,
+) -> dict[str, Any]:
+    """Tokenize, filter, split, pack and save the rows to ``folder`` (written to a temporary folder first).
+
+    Returns:
+        The summary (also saved as ``summary.json``).
+
+    Raises:
+        ValueError: If fewer than one training and one validation row remain.
+    """
+    train, counts = tokenize_parts(train_parts, tokenizer, settings, num_proc)
+    if settings.max_examples is not None and len(train) > settings.max_examples:
+        train = train.select(range(settings.max_examples))
+    summary: dict[str, Any] = {"train": counts}
+    val = None
+    if val_parts:
+        val, summary["val"] = tokenize_parts(val_parts, tokenizer, settings, num_proc)
+    if settings.packing == "stream":
+        train = stream_rows(train, settings.max_length)
+        val = stream_rows(val, settings.max_length) if val is not None else None
+    if val is None:
+        if len(train) < 2:
+            raise ValueError(
+                f"{source}: the corpus gives {len(train)} sequence(s) of `max_length={settings.max_length}` tokens; "
+                "at least 2 are needed (one to train on, one to validate). Use more text or a smaller `max_length`."
+            )
+        train, val = split_rows(train, settings.val_fraction, settings.seed)
+    if len(train) == 0 or len(val) == 0:
+        raise ValueError(f"{source}: no {'training' if len(train) == 0 else 'validation'} rows are left.")
+    if settings.packing == "isolated":
+        summary["train_examples"], summary["val_examples"] = len(train), len(val)
+        train, val = pack_rows(train, settings.max_length), pack_rows(val, settings.max_length)
+    summary["train_rows"], summary["val_rows"] = len(train), len(val)
+    summary["train_tokens"] = int(row_lengths(train).sum())
+    summary["train_targets"] = int(np.asarray(train["n_targets"]).sum())
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=folder.name + ".tmp"))
+    try:
+        train.save_to_disk(str(tmp / "train"))
+        val.save_to_disk(str(tmp / "val"))
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=1))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)  # a concurrent reader never sees a half-written cache
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return summary
+
+
+def load_cache(folder: Path) -> tuple[datasets.Dataset, datasets.Dataset, dict[str, Any]]:
+    """The cached train and validation rows (memory-mapped) and the summary."""
+    import datasets
+
+    train = datasets.load_from_disk(str(folder / "train"))
+    val = datasets.load_from_disk(str(folder / "val"))
+    assert isinstance(train, datasets.Dataset)
+    assert isinstance(val, datasets.Dataset)
+    summary: dict[str, Any] = json.loads((folder / "summary.json").read_text())
+    return train, val, summary
+
+
+def is_cached(folder: Path) -> bool:
+    """Whether ``folder`` holds a complete cache."""
+    return (folder / "summary.json").is_file()
