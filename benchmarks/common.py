@@ -79,10 +79,14 @@ def print_header(machine: str, found_versions: dict[str, str]) -> datetime:
     return started
 
 
-def save_json(path: str | Path, payload: dict[str, Any]) -> None:
-    """Write ``payload`` to ``path`` through a temporary file: a run cut short never leaves half a file."""
+def save_json(path: str | Path, payload: dict[str, Any], compact: bool = False) -> None:
+    """Write ``payload`` to ``path`` through a temporary file: a run cut short never leaves half a file.
+
+    The folder is made if needed; ``compact`` writes no indentation (files with long per-item lists).
+    """
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(f"{path}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
+    tmp.write_text(json.dumps(payload, separators=(",", ":")) if compact else json.dumps(payload, indent=1))
     os.replace(tmp, path)
 
 
