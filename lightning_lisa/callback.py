@@ -1,6 +1,8 @@
 """The LISA callback: train a few sampled transformer blocks at a time.
 
-The algorithm (Pan et al., 2024, Algorithm 1), as the hooks below run it:
+The algorithm (Pan et al., 2024, Algorithm 1) lives in :class:`~lightning_lisa.engine.LISAEngine`;
+this module is the layer that drives it from the Trainer's hooks, and from Fabric's
+(:mod:`lightning_lisa.fabric`):
 
 * ``setup``: check the arguments against the model and the strategy; touch nothing yet.
 * ``on_fit_start`` (the model is wrapped): let the strategy adapter check the wrapped model.
@@ -17,40 +19,29 @@ The algorithm (Pan et al., 2024, Algorithm 1), as the hooks below run it:
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Sequence
-from dataclasses import asdict
-from typing import Any, Literal, get_args
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
-from lightning_lisa.compile import warn_whole_model_compile
-from lightning_lisa.errors import check_bool, check_choice, check_int, check_names, check_positive
-from lightning_lisa.layers import LayerInfo, Unit, deprecated_flags, find_units, flagged_always_active, resolve_modules
-from lightning_lisa.norms import layer_norms
-from lightning_lisa.optimizer_state import OPTIMIZER_STATE_MODES, OptimizerStateHandler, OptimizerStateMode
-from lightning_lisa.optimizer_state import optimizer_state_bytes as state_bytes
-from lightning_lisa.parameters import ParameterSet
-from lightning_lisa.report import LISAReport, build_report
-from lightning_lisa.sampling import SamplingName, check_probabilities, check_sampling
-from lightning_lisa.schedule import Schedule, Switch
-from lightning_lisa.step_in_backward import StepInBackward
+from lightning_lisa import fabric as fabric_loop
+from lightning_lisa.engine import NO_GRADIENT, Granularity, LISAEngine, LoopView
+from lightning_lisa.schedule import Switch
 from lightning_lisa.strategies import StrategyAdapter, adapter_for, check_supported
-from lightning_lisa.strategies.ddp import FrozenSkippingState
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from lightning.fabric import Fabric
+    from lightning.fabric.strategies.strategy import Strategy as FabricStrategy
 
-Granularity = Literal["block", "module"]
-
-__all__ = ["LISA", "Switch"]
+__all__ = ["LISA", "Granularity", "Switch"]
 
 
-class LISA(Callback):
+class LISA(LISAEngine, Callback):
     r"""Layerwise Importance Sampled AdamW: train ``n_layers`` random blocks, re-sampled every ``interval`` steps.
 
     Every ``interval`` optimizer steps (a *period*), every transformer block is frozen but ``n_layers``
@@ -93,67 +84,20 @@ class LISA(Callback):
         report: The start-up report (:class:`~lightning_lisa.report.LISAReport`), logged after ``setup``.
         communication: Under DDP with ``ddp_comm_hook=True``, the hook's counters.
 
+    Under Lightning Fabric, pass it to ``Fabric(callbacks=[...])`` and set up model and optimizer with
+    ``fabric.setup(model, optimizer)``: LISA runs from Fabric's own hooks. Loops that call
+    ``fabric.setup_module`` or use no Fabric call :meth:`attach`. :meth:`save` and :meth:`load` wrap
+    ``fabric.save`` and ``fabric.load`` (see :mod:`lightning_lisa.fabric`).
+
     Examples:
         >>> import lightning.pytorch as pl
         >>> from lightning_lisa import LISA
         >>> trainer = pl.Trainer(callbacks=[LISA(n_layers=2, interval=20)], logger=False)
     """
 
-    def __init__(
-        self,
-        n_layers: int = 2,
-        interval: int = 20,
-        layers: str | Sequence[str] | None = None,
-        always_active: Sequence[str] | None = None,
-        sampling: SamplingName | Sequence[float] = "uniform",
-        optimizer_state: OptimizerStateMode = "drop",
-        seed: int = 0,
-        temperature: float = 1.0,
-        granularity: Granularity = "block",
-        train_embeddings: bool | None = None,
-        train_head: bool | None = None,
-        train_final_norm: bool | None = None,
-        ddp_comm_hook: bool = True,
-        verify_ranks: bool = False,
-        step_in_backward: bool = False,
-    ) -> None:
-        _check_arguments(locals())
-        self._flags = deprecated_flags(always_active, train_embeddings, train_head, train_final_norm)
-        self.n_layers, self.interval, self.seed, self.temperature = n_layers, interval, seed, float(temperature)
-        self.layers = layers if layers is None or isinstance(layers, str) else list(layers)
-        self.always_active = None if always_active is None else list(always_active)
-        self.sampling: str | list[float] = sampling if isinstance(sampling, str) else [float(p) for p in sampling]
-        self.optimizer_state, self.granularity = optimizer_state, granularity
-        self.ddp_comm_hook, self.verify_ranks, self.step_in_backward = ddp_comm_hook, verify_ranks, step_in_backward
-        frozen_sampling = self.sampling if isinstance(self.sampling, str) else tuple(self.sampling)
-        self.schedule = Schedule(n_layers, interval, frozen_sampling, seed, self.temperature)
+    _driver: fabric_loop.LoopDriver | None  # set when a Fabric or plain loop drives LISA
 
-        self.active_layers: list[int] = []
-        self.history: list[Switch] = []
-        self.layer_info: LayerInfo | None = None
-        self.report: LISAReport | None = None
-        self.units: list[Unit] = []
-        self.communication: FrozenSkippingState | None = None
-        # the step in backward's hooks run inside LISA's; a plain Callback does nothing when it is off
-        self._in_backward = StepInBackward("step_in_backward=True") if step_in_backward else Callback()
-        self._always_active_modules: list[nn.Module] = []
-        self._params: ParameterSet | None = None
-        self._adapter: StrategyAdapter | None = None
-        self._state = OptimizerStateHandler(optimizer_state)
-        self._restored: dict[str, Any] | None = None  # the checkpoint's schedule, until on_train_start
-        self._period, self._check_gradients, self._warned_no_gradient = -1, False, False
-
-    @property
-    def state_key(self) -> str:
-        """One LISA per Trainer: its checkpoint key is the class name."""
-        return "LISA"
-
-    @property
-    def unit_names(self) -> list[str]:
-        """The names of what is sampled (after ``setup``): block names, or sub-module names."""
-        return [u.name for u in self.units]
-
-    # ------------------------------------------------------------------------------------ hooks
+    # ------------------------------------------------------------------------------- Trainer hooks
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Validate everything against the model and the strategy before anything is touched."""
@@ -163,6 +107,7 @@ class LISA(Callback):
         built_later = is_overridden("configure_model", pl_module)
         if not built_later:
             self._inspect(pl_module)
+            self._check_checkpoint(trainer)
         self._adapter = adapter_for(trainer.strategy)
         self._adapter.check(None if built_later else self.units, self.granularity)
         self._in_backward.setup(trainer, pl_module, stage)
@@ -171,34 +116,22 @@ class LISA(Callback):
         """Inspect models built in ``configure_model``; let the strategy adapter check the wrapped model."""
         if self.layer_info is None:
             self._inspect(pl_module)
+            self._check_checkpoint(trainer)
         self._in_backward.on_fit_start(trainer, pl_module)
         self._adapter_of(trainer).prepare(trainer, self.units)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Remember what the user left trainable and start the current period (the restored one on resume)."""
         self.communication = self._adapter_of(trainer).start(trainer, self.ddp_comm_hook)
-        assert self.layer_info is not None, "LISA.setup did not run"
-        self._params = ParameterSet(pl_module, self.units, self._always_active_modules)
-        self._params.check(self.n_layers, f"{self.granularity}s of `{self.layer_info.path}`", trainer.optimizers)
-        period = self.schedule.period(trainer.global_step)
-        restored, self._restored = self._restored, None
-        if restored is None:  # a fresh run: forget the switches of an earlier fit
-            self.history = []
-        active = list(restored["active_layers"]) if restored is not None and restored["period"] == period else []
-        if not self._params.valid(active, self.n_layers):
-            active = self._draw(trainer, period)
-        self._switch(trainer, period, active, first=True)
+        self._begin(pl_module, trainer.optimizers)
+        self._start(self._view(trainer))
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         """Switch units before the first micro-batch of the first optimizer step of a new period."""
         if batch_idx % trainer.accumulate_grad_batches == 0:
-            period = self.schedule.period(trainer.global_step)
-            if period != self._period:
-                self._switch(trainer, period, self._draw(trainer, period))
-            if self.schedule.period(trainer.global_step + 1) != period:
-                self._prefetch(trainer, period + 1)
+            self._step_boundary(self._view(trainer))
         self._in_backward.on_train_batch_start(trainer, pl_module, batch, batch_idx)
 
     def on_train_batch_end(
@@ -211,13 +144,9 @@ class LISA(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         """At the first step of a period, warn (once) about sampled units that received no gradient at all."""
-        if not self._check_gradients or self._warned_no_gradient or self._params is None:
-            return
-        self._check_gradients = False
         received = getattr(self._in_backward, "received_gradient", None)  # the step in backward frees gradients
-        starved = [self.unit_names[i] for i in self._params.without_gradient(self.active_layers, received)]
+        starved = self._starved_units(received)
         if starved:
-            self._warned_no_gradient = True
             rank_zero_warn(NO_GRADIENT.format(starved=starved, step=trainer.global_step))
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -236,123 +165,132 @@ class LISA(Callback):
         """Wait for offload copies in flight: the checkpoint reads the host buffers."""
         self._state.synchronize()
 
-    def state_dict(self) -> dict[str, Any]:
-        """The schedule: seed, interval, period, active units and the switch history."""
-        settings = {key: getattr(self, key) for key in SCHEDULE_SETTINGS}
-        history = [asdict(s) for s in self.history]
-        return {**settings, "period": self._period, "active_layers": list(self.active_layers), "history": history}
-
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the schedule; ``on_train_start`` re-applies it once the optimizer is restored."""
-        for key in SCHEDULE_SETTINGS:
-            if state_dict.get(key) != getattr(self, key):
-                rank_zero_warn(RESUMED_OTHERWISE.format(key=key, now=getattr(self, key), then=state_dict.get(key)))
-        self._restored = dict(state_dict)
-        self.history = [Switch.from_dict(s) for s in state_dict.get("history", [])]
+        """Restore the schedule; it is re-applied when training starts (or, in a Fabric loop, at the next forward)."""
+        super().load_state_dict(state_dict)
+        if self._driver is not None:
+            self._driver.needs_start = True
 
-    # ---------------------------------------------------------------------------- the algorithm
+    # -------------------------------------------------------------------- Fabric and plain loops
 
-    def _switch(self, trainer: pl.Trainer, period: int, active: list[int], first: bool = False) -> None:
-        """Make exactly the ``active`` units and the always-active set trainable; release frozen state."""
-        assert self._params is not None, "LISA.on_train_start did not run"
-        frozen, unfrozen = self._params.apply(active, first=first)
-        self._state.release(trainer.optimizers, frozen)
-        self._state.restore(trainer.optimizers, unfrozen)
-        if self.verify_ranks:
-            _verify_ranks(trainer, active)
-        self._period, self.active_layers, self._check_gradients = period, list(active), True
-        state = state_bytes(trainer.optimizers)
-        switch = Switch(trainer.global_step, period, tuple(active), self._params.trainable_numel(), state)
-        if not self.history or self.history[-1].period != period:
-            self.history.append(switch)
-        _log(trainer, switch)
+    def on_after_setup(self, fabric: Fabric, module: nn.Module) -> None:
+        """Fabric's hook at the end of ``fabric.setup``: inspect and check the model, hook into its forward."""
+        fabric_loop.set_up_from_fabric(self, fabric, module)
 
-    def _prefetch(self, trainer: pl.Trainer, period: int) -> None:
-        """In the last step of a period, start bringing back the offloaded state of the next period's units."""
-        # not with weight_norm sampling: its draw depends on norms that change until the switch
-        if self.optimizer_state != "offload" or self.sampling == "weight_norm" or self._params is None:
-            return
-        by_unit, now = self._params.by_unit, self.active_layers
-        coming = [p for i in self._draw(trainer, period) if i not in now for p in by_unit[i]]
-        self._state.prefetch(trainer.optimizers, coming)
+    def on_after_optimizer_step(self, strategy: FabricStrategy, optimizer: torch.optim.Optimizer) -> None:
+        """Fabric's hook after each optimizer step: count it (raise if LISA was never set up)."""
+        fabric_loop.after_optimizer_step(self, optimizer)
 
-    def _draw(self, trainer: pl.Trainer, period: int) -> list[int]:
-        """The units of ``period``, among those with trainable parameters."""
-        assert self._params is not None
-        candidates, norms = self._params.candidates, None
-        if self.sampling == "weight_norm":  # every rank calls this at the same step: the norms are all-reduced
-            named = [(self.units[i].name, nn.ModuleList(self.units[i].modules)) for i in candidates]
-            norms = list(layer_norms(named, plain=self._adapter_of(trainer).plain_tensors).values())
-        return self.schedule.draw(period, candidates, norms)
+    def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer, fabric: Fabric | None = None) -> None:
+        """Drive LISA from a loop without the Trainer: after this call the loop needs no other line.
 
-    def _inspect(self, pl_module: pl.LightningModule) -> None:
-        """Find the units and the always-active modules; check the arguments against them; report."""
-        info, units = find_units(pl_module, self.layers, self.granularity, self.n_layers)
-        if not isinstance(self.sampling, str):
-            check_probabilities(self.sampling, len(units), self.n_layers)
-        names = (
-            flagged_always_active(pl_module, info, *self._flags) if self.always_active is None else self.always_active
+        For Fabric loops that set up model and optimizer with ``fabric.setup_module`` and
+        ``fabric.setup_optimizers`` (or without Fabric's callbacks), and for plain PyTorch loops. LISA
+        switches at the first forward of the model in each new period and counts the optimizer's steps
+        with ``Optimizer.register_step_post_hook``.
+
+        Args:
+            model: The model the loop calls (Fabric's wrapper, ``DistributedDataParallel``, or the model).
+            optimizer: Its optimizer, built over all parameters (Fabric's wrapper or the torch optimizer).
+            fabric: The Fabric object, if any: its strategy, loggers and collectives are used.
+
+        Raises:
+            LISAConfigError: For a strategy or option LISA cannot run with, or when LISA is already set up.
+
+        Examples:
+            >>> import torch
+            >>> from lightning_lisa import LISA
+            >>> model = torch.nn.Sequential(torch.nn.Embedding(8, 4), torch.nn.Sequential(
+            ...     *[torch.nn.Linear(4, 4) for _ in range(4)]), torch.nn.Linear(4, 8))
+            >>> optimizer = torch.optim.AdamW(model.parameters())
+            >>> lisa = LISA(n_layers=1, interval=2, layers="1", always_active=["0", "2"])
+            >>> lisa.attach(model, optimizer)
+            >>> for _ in range(3):
+            ...     model(torch.tensor([1, 2])).sum().backward(); optimizer.step(); optimizer.zero_grad()
+            >>> [s.step for s in lisa.history]
+            [0, 2]
+            >>> lisa.detach()
+        """
+        fabric_loop.attach(self, model, optimizer, fabric)
+
+    def detach(self) -> None:
+        """Remove the hooks :meth:`attach` or Fabric's setup registered; every parameter trains again."""
+        fabric_loop.detach(self)
+
+    def save(self, fabric: Fabric, path: str | Path, state: dict[str, Any], **kwargs: Any) -> None:
+        """``fabric.save(path, state, **kwargs)``, with what every strategy needs of LISA's optimizer state.
+
+        ``state`` holds LISA itself (e.g. ``{"model": model, "optimizer": optimizer, "lisa": lisa}``). While
+        Fabric saves, a trainable parameter without optimizer state (a unit sampled since the last step)
+        is frozen, so that "trainable <=> has state" holds in the checkpoint, as FSDP needs.
+        """
+        fabric_loop.save(self, fabric, path, state, **kwargs)
+
+    def load(
+        self,
+        fabric: Fabric,
+        path: str | Path,
+        state: dict[str, Any],
+        strict: bool = True,
+        weights_only: bool | None = None,
+    ) -> dict[str, Any]:
+        """``fabric.load(path, state)`` for a checkpoint that :meth:`save` wrote; the schedule resumes exactly.
+
+        LISA's state is read first (so a checkpoint of another model depth fails before anything loads);
+        under FSDP exactly the parameters with saved optimizer state require gradients while Fabric loads
+        (distributed checkpoints load optimizer state strictly); then the restored period is applied.
+
+        Args:
+            fabric: The Fabric object.
+            path: The checkpoint (a file, or a distributed checkpoint's folder).
+            state: The objects to restore, LISA among them, as for ``fabric.load``.
+            strict: Passed to ``fabric.load``.
+            weights_only: Passed to ``fabric.load`` (and used to read LISA's entry).
+
+        Returns:
+            What ``fabric.load`` returns: the checkpoint's entries that ``state`` did not ask for.
+        """
+        return fabric_loop.load(self, fabric, path, state, strict=strict, weights_only=weights_only)
+
+    # ---------------------------------------------------------------------------------- helpers
+
+    def _view(self, trainer: pl.Trainer) -> LoopView:
+        strategy = trainer.strategy
+        return LoopView(
+            trainer.global_step,
+            trainer.optimizers,
+            self._adapter_of(trainer),
+            trainer.loggers,
+            trainer.world_size,
+            strategy.all_gather,
+            strategy.root_device,
         )
-        self._always_active_modules = resolve_modules(pl_module, names, "always_active")
-        self.layer_info, self.units = info, units
-        self.report = build_report(pl_module, info, units, names, self.n_layers, self.interval)
-        rank_zero_info(str(self.report))
-        warn_whole_model_compile(pl_module, info)
 
     def _adapter_of(self, trainer: pl.Trainer) -> StrategyAdapter:
         if self._adapter is None or self._adapter.strategy is not trainer.strategy:
             self._adapter = adapter_for(trainer.strategy)
         return self._adapter
 
-
-def _check_arguments(arguments: dict[str, Any]) -> None:
-    """Raise :class:`~lightning_lisa.errors.LISAConfigError` for a constructor argument LISA cannot use."""
-    check_int("n_layers", arguments["n_layers"], minimum=1)
-    check_int("interval", arguments["interval"], minimum=1)
-    check_int("seed", arguments["seed"])
-    check_names("layers", arguments["layers"], allow_str=True)
-    check_names("always_active", arguments["always_active"], allow_str=False)
-    check_sampling(arguments["sampling"])
-    check_choice("optimizer_state", arguments["optimizer_state"], OPTIMIZER_STATE_MODES)
-    check_positive("temperature", arguments["temperature"])
-    check_choice("granularity", arguments["granularity"], get_args(Granularity))
-    for flag in ("ddp_comm_hook", "verify_ranks", "step_in_backward"):
-        check_bool(flag, arguments[flag])
+    def _check_checkpoint(self, trainer: pl.Trainer) -> None:
+        """When resuming, refuse a checkpoint of another model depth before Lightning loads its weights."""
+        path = getattr(trainer, "ckpt_path", None)  # a Trainer in fit; test doubles may lack it
+        saved = saved_trainer_state(Path(path)) if isinstance(path, str | Path) else None
+        if saved is not None:
+            self._check_units(saved)
 
 
-#: The constructor arguments a checkpoint records, to warn when a resumed run changes them.
-SCHEDULE_SETTINGS = ("n_layers", "interval", "sampling", "seed")
+def saved_trainer_state(path: Path) -> dict[str, Any] | None:
+    """LISA's entry of a Trainer checkpoint (a file, or a distributed checkpoint's ``meta.pt``), if it can be read.
 
-RESUMED_OTHERWISE = (
-    "LISA resumes with `{key}={now!r}`, but the checkpoint was written with `{key}={then!r}`: the schedule from "
-    "here on differs from the original run."
-)
-
-NO_GRADIENT = (
-    "LISA: the sampled {starved} received no gradient at step {step}, so they do not train. With gradient "
-    "checkpointing (use_reentrant=True) and frozen embeddings, blocks whose inputs do not require grad get none: "
-    "call `model.enable_input_require_grads()` on the Hugging Face model, or use "
-    "`gradient_checkpointing_kwargs={{'use_reentrant': False}}`."
-)
-
-
-def _log(trainer: pl.Trainer, switch: Switch) -> None:
-    log.info("LISA period %d (step %d): training units %s", switch.period, switch.step, switch.active_layers)
-    metrics: dict[str, float] = {
-        "lisa/period": float(switch.period),
-        "lisa/trainable_params": float(switch.trainable_params),
-        "lisa/optimizer_state_bytes": float(switch.optimizer_state_bytes),
-    }
-    metrics.update({f"lisa/active_block_{j}": float(i) for j, i in enumerate(switch.active_layers)})
-    for logger in trainer.loggers:
-        logger.log_metrics(metrics, step=trainer.global_step)
-
-
-def _verify_ranks(trainer: pl.Trainer, active: list[int]) -> None:
-    """Raise unless every rank is about to train the same ``active`` units."""
-    if trainer.world_size < 2:
-        return
-    mine = torch.tensor(active, device=trainer.strategy.root_device)
-    gathered = trainer.strategy.all_gather(mine).view(trainer.world_size, -1).tolist()
-    if any(row != active for row in gathered):
-        raise RuntimeError(f"LISA: ranks disagree on the active units at step {trainer.global_step}: {gathered}")
+    Only a first look, to refuse a checkpoint of another model before Lightning loads it: a checkpoint
+    that cannot be read here is checked when Lightning restores LISA's state.
+    """
+    source = path / "meta.pt" if path.is_dir() else path
+    if not source.is_file():
+        return None
+    try:
+        checkpoint = torch.load(source, mmap=not path.is_dir(), map_location="cpu", weights_only=True)
+    except Exception:  # not loadable with weights_only=True: Lightning reports it, LISA checks at restore
+        return None
+    state = checkpoint.get("callbacks", {}).get("LISA") if isinstance(checkpoint, dict) else None
+    return dict(state) if isinstance(state, dict) else None

@@ -124,7 +124,8 @@ def test_weight_norm_sampling_sums_fsdp1_slices_across_ranks(monkeypatch):
     # under FSDP1 each rank holds a plain slice of each parameter: the norms must add every rank's squares
     from lightning.pytorch.strategies import SingleDeviceStrategy
 
-    import lightning_lisa.callback as callback
+    import lightning_lisa.engine as engine
+    from lightning_lisa.engine import LoopView
 
     single = SingleDeviceStrategy(device=torch.device("cpu"))
     assert adapter_for(FSDPStrategy()).plain_tensors == "sharded"
@@ -136,7 +137,7 @@ def test_weight_norm_sampling_sums_fsdp1_slices_across_ranks(monkeypatch):
     expected = [float(torch.cat([p.detach().flatten() for p in u.modules[0].parameters()]).norm()) for u in lisa.units]
     layouts: list[str] = []
     seen: list[list[float]] = []
-    original = callback.layer_norms
+    original = engine.layer_norms
 
     def spy(named, plain="replicated", **kwargs):  # type: ignore[no-untyped-def]
         layouts.append(plain)
@@ -144,9 +145,9 @@ def test_weight_norm_sampling_sums_fsdp1_slices_across_ranks(monkeypatch):
         seen.append(list(values.values()))
         return values
 
-    monkeypatch.setattr(callback, "layer_norms", spy)
-    lisa._draw(FakeTrainer(FSDPStrategy()), 0)  # type: ignore[arg-type]
-    lisa._draw(FakeTrainer(single), 0)  # type: ignore[arg-type]
+    monkeypatch.setattr(engine, "layer_norms", spy)
+    lisa._draw(LoopView(0, [], adapter_for(FSDPStrategy())), 0)
+    lisa._draw(LoopView(0, [], adapter_for(single)), 0)
     assert layouts == ["sharded", "replicated"]
     assert seen[0] == pytest.approx(expected, rel=1e-6)  # one process: its slice is the whole tensor
     assert seen[1] == pytest.approx(expected, rel=1e-6)

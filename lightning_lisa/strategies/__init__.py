@@ -16,10 +16,19 @@ FSDP1 (:class:`LISAFSDPStrategy`)       one FSDP unit per block; partial optimiz
                                         loaded; a plain ``FSDPStrategy`` is refused with that fix
 DeepSpeed                               refused by LISA (flat optimizer partitions); read by the monitor
 =====================================  ==========================================================
+
+Fabric's strategies of the same names (``lightning.fabric.strategies``) get the same adapters; there
+LISA needs no strategy subclass, because its own :meth:`~lightning_lisa.LISA.save` and
+:meth:`~lightning_lisa.LISA.load` freeze what has no optimizer state around Fabric's ``save`` and ``load``
+(:mod:`lightning_lisa.fabric`).
 """
 
 from __future__ import annotations
 
+from lightning.fabric.strategies.ddp import DDPStrategy as FabricDDPStrategy
+from lightning.fabric.strategies.fsdp import FSDPStrategy as FabricFSDPStrategy
+from lightning.fabric.strategies.model_parallel import ModelParallelStrategy as FabricModelParallelStrategy
+from lightning.fabric.strategies.strategy import Strategy as FabricStrategy
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
 
 from lightning_lisa.errors import LISAConfigError
@@ -56,24 +65,27 @@ __all__ = [
 ]
 
 
-def adapter_for(strategy: Strategy) -> StrategyAdapter:
-    """The adapter that answers for ``strategy``.
+def adapter_for(strategy: Strategy | FabricStrategy) -> StrategyAdapter:
+    """The adapter that answers for ``strategy``, a Trainer or a Fabric strategy.
 
     Examples:
         >>> from lightning.pytorch.strategies import SingleDeviceStrategy
         >>> type(adapter_for(SingleDeviceStrategy("cpu"))).__name__
         'StrategyAdapter'
+        >>> from lightning.fabric.strategies import DDPStrategy as FabricDDP
+        >>> type(adapter_for(FabricDDP())).__name__
+        'DDPAdapter'
     """
-    if isinstance(strategy, FSDPStrategy):
+    if isinstance(strategy, FSDPStrategy | FabricFSDPStrategy):
         return FSDP1Adapter(strategy)
-    if isinstance(strategy, ModelParallelStrategy):
+    if isinstance(strategy, ModelParallelStrategy | FabricModelParallelStrategy):
         return FSDP2Adapter(strategy)
-    if isinstance(strategy, DDPStrategy):
+    if isinstance(strategy, DDPStrategy | FabricDDPStrategy):
         return DDPAdapter(strategy)
     return StrategyAdapter(strategy)
 
 
-def unsupported_reason(strategy: Strategy) -> str | None:
+def unsupported_reason(strategy: Strategy | FabricStrategy) -> str | None:
     """Why LISA cannot train under ``strategy``, or ``None`` when it can."""
     return next(
         (UNSUPPORTED_STRATEGIES[c.__name__] for c in type(strategy).__mro__ if c.__name__ in UNSUPPORTED_STRATEGIES),
@@ -81,12 +93,17 @@ def unsupported_reason(strategy: Strategy) -> str | None:
     )
 
 
-def check_supported(strategy: Strategy) -> None:
+def check_supported(strategy: Strategy | FabricStrategy) -> None:
     """Raise :class:`~lightning_lisa.errors.LISAConfigError` for a strategy LISA refuses."""
     reason = unsupported_reason(strategy)
     if reason is not None:
+        supported = (
+            "a single device, DDP (`strategy='ddp_find_unused_parameters_true'`), FSDP2 (`ModelParallelStrategy`) or "
+            "FSDP1 (`FSDPStrategy`)"
+            if isinstance(strategy, FabricStrategy)
+            else "a single device, DDP (`strategy='ddp_find_unused_parameters_true'`), FSDP2 "
+            "(`lightning_lisa.LISAModelParallelStrategy`) or FSDP1 (`lightning_lisa.LISAFSDPStrategy`)"
+        )
         raise LISAConfigError(
-            f"LISA does not support `strategy={type(strategy).__name__}`: {reason}. Supported: a single device, DDP "
-            "(`strategy='ddp_find_unused_parameters_true'`), FSDP2 (`lightning_lisa.LISAModelParallelStrategy`) or "
-            "FSDP1 (`lightning_lisa.LISAFSDPStrategy`)."
+            f"LISA does not support `strategy={type(strategy).__name__}`: {reason}. Supported: {supported}."
         )

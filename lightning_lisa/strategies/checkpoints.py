@@ -65,7 +65,11 @@ def _strip_wrappers(name: str) -> str:
 
 
 def params_with_saved_state(
-    path: str | Path, module: nn.Module, num_optimizers: int, weights_only: bool | None = None
+    path: str | Path,
+    module: nn.Module,
+    num_optimizers: int,
+    weights_only: bool | None = None,
+    optimizer_keys: Sequence[str] | None = None,
 ) -> set[str]:
     """Names of the parameters of ``module`` that have optimizer state in a ``ModelParallelStrategy`` checkpoint.
 
@@ -75,6 +79,8 @@ def params_with_saved_state(
         num_optimizers: How many optimizers the checkpoint holds (``optimizer_0``, ...).
         weights_only: Passed to ``torch.load`` for a full checkpoint (``None``: ``False``, as Lightning
             loads its own checkpoints).
+        optimizer_keys: The keys of the optimizers' states in a Fabric checkpoint (``fabric.save(path,
+            {"optimizer": optimizer, ...})`` saves under ``"optimizer"``); ``None`` for a Trainer checkpoint.
 
     Returns:
         The names, as :func:`checkpoint_names` gives them, with an entry in the saved state of any of
@@ -88,7 +94,8 @@ def params_with_saved_state(
         from torch.distributed.checkpoint.filesystem import FileSystemReader
 
         keys = FileSystemReader(path).read_metadata().state_dict_metadata.keys()
-        prefixes = [f"optimizer_{i}.state." for i in range(num_optimizers)]
+        keys_of = optimizer_keys if optimizer_keys is not None else [f"optimizer_{i}" for i in range(num_optimizers)]
+        prefixes = [f"{k}.state." for k in keys_of]
         for key in keys:
             prefix = next((p for p in prefixes if key.startswith(p)), None)
             if prefix is None:
@@ -100,7 +107,12 @@ def params_with_saved_state(
                 found.add(rest)
         return found
     checkpoint = torch.load(path, mmap=True, map_location="cpu", weights_only=bool(weights_only))
-    for state in checkpoint.get("optimizer_states", [])[:num_optimizers]:
+    states = (
+        checkpoint.get("optimizer_states", [])[:num_optimizers]
+        if optimizer_keys is None
+        else [checkpoint[k] for k in optimizer_keys if k in checkpoint]
+    )
+    for state in states:
         for key in state.get("state", {}):
             if isinstance(key, int) and 0 <= key < len(names):  # keyed by position in parameters()
                 found.add(names[key])
@@ -131,7 +143,11 @@ def load_partial(
 
 
 def params_without_saved_state(
-    path: str | Path, module: nn.Module, num_optimizers: int, weights_only: bool | None = None
+    path: str | Path,
+    module: nn.Module,
+    num_optimizers: int,
+    weights_only: bool | None = None,
+    optimizer_keys: Sequence[str] | None = None,
 ) -> list[nn.Parameter]:
     """The parameters of ``module`` that require gradients but have no optimizer state in the checkpoint.
 
@@ -142,8 +158,9 @@ def params_without_saved_state(
         module: The wrapped model (``strategy.model``).
         num_optimizers: How many optimizers the checkpoint holds.
         weights_only: Passed to ``torch.load`` for a full checkpoint.
+        optimizer_keys: The keys of the optimizers' states in a Fabric checkpoint; ``None`` for a Trainer one.
     """
-    saved = params_with_saved_state(path, module, num_optimizers, weights_only)
+    saved = params_with_saved_state(path, module, num_optimizers, weights_only, optimizer_keys)
     if not saved:
         return []
     params = zip(checkpoint_names(module), module.parameters(), strict=True)

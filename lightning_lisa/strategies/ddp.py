@@ -21,10 +21,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_lisa.errors import LISAConfigError
@@ -106,31 +106,37 @@ class DDPAdapter(StrategyAdapter):
 
     name = "DDP"
 
-    def prepare(self, trainer: pl.Trainer, units: Sequence[Unit]) -> None:
+    def check_wrapped(self, model: nn.Module, units: Sequence[Unit]) -> None:
         """Refuse a DDP model built without ``find_unused_parameters`` or with ``static_graph``."""
-        model = self.strategy.model
-        if not isinstance(model, DistributedDataParallel):
+        ddp = find_ddp(model)
+        if ddp is None:
             return
-        if model.static_graph:
+        where = "Fabric(strategy=" if self.fabric else "strategy="
+        close = ")" if self.fabric else ""
+        fix = (
+            f"`{where}'ddp_find_unused_parameters_true'{close}` or `DDPStrategy(find_unused_parameters=True)`"
+            if self.strategy is not None
+            else "`DistributedDataParallel(model, find_unused_parameters=True)` without `static_graph`"
+        )
+        if ddp.static_graph:
             raise LISAConfigError(
                 "LISA cannot run with `DDPStrategy(static_graph=True)`: the set of parameters that receive "
-                "gradients changes every `interval` steps. Use `strategy='ddp_find_unused_parameters_true'`."
+                f"gradients changes every `interval` steps. Use {fix}."
             )
-        if not model.find_unused_parameters:
+        if not ddp.find_unused_parameters:
             raise LISAConfigError(
                 "LISA needs DDP built with `find_unused_parameters=True`, because frozen blocks receive no "
-                "gradients (DDP would fail at the second batch). Use `strategy='ddp_find_unused_parameters_true'` "
-                "or `DDPStrategy(find_unused_parameters=True)`."
+                f"gradients (DDP would fail at the second batch). Use {fix}."
             )
 
-    def start(self, trainer: pl.Trainer, comm_hook: bool) -> FrozenSkippingState | None:
+    def begin(self, model: nn.Module, world_size: int, comm_hook: bool) -> FrozenSkippingState | None:
         """Register :func:`frozen_skipping_hook`, unless the strategy registered a hook of its own."""
-        model = self.strategy.model
-        if not comm_hook or trainer.world_size < 2 or not isinstance(model, DistributedDataParallel):
+        ddp = find_ddp(model)
+        if not comm_hook or world_size < 2 or ddp is None:
             return None
-        state = FrozenSkippingState(process_group=model.process_group)
+        state = FrozenSkippingState(process_group=ddp.process_group)
         try:
-            model.register_comm_hook(state, frozen_skipping_hook)
+            ddp.register_comm_hook(state, frozen_skipping_hook)
         except RuntimeError:  # DDP takes one hook: the user gave the strategy a `ddp_comm_hook`
             rank_zero_info(
                 "LISA: the DDP strategy has its own `ddp_comm_hook`, so LISA does not install the hook that skips "
@@ -138,3 +144,10 @@ class DDPAdapter(StrategyAdapter):
             )
             return None
         return state
+
+
+def find_ddp(model: nn.Module) -> DistributedDataParallel | None:
+    """The outermost ``DistributedDataParallel`` module in ``model`` (itself included), or ``None``."""
+    if isinstance(model, DistributedDataParallel):
+        return model
+    return next((m for m in model.modules() if isinstance(m, DistributedDataParallel)), None)

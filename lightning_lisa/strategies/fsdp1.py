@@ -153,10 +153,13 @@ class FSDP1Adapter(StrategyAdapter):
 
     plain_tensors: PlainTensors = "sharded"
     name = "FSDP1 (FSDPStrategy)"
+    strict_optimizer_loading = True
 
     def check(self, units: Sequence[Unit] | None, granularity: str) -> None:
         """Refuse ``use_orig_params=False`` and a plain ``FSDPStrategy``; say when no policy can be chosen."""
         strategy = self.strategy
+        if self.fabric:  # Fabric's FSDPStrategy forces use_orig_params=True; the policy is the user's
+            return
         assert isinstance(strategy, FSDPStrategy)
         if not strategy.kwargs.get("use_orig_params", False):
             raise LISAConfigError(
@@ -177,16 +180,21 @@ class FSDP1Adapter(StrategyAdapter):
                 "without one unit per block, frozen blocks still compute and reduce gradients."
             )
 
-    def prepare(self, trainer: pl.Trainer, units: Sequence[Unit]) -> None:
+    def check_wrapped(self, model: nn.Module, units: Sequence[Unit]) -> None:
         """Warn when sampled units share FSDP units."""
-        model = self.strategy.model
-        shared = blocks_without_own_unit(model, units) if model is not None else []
+        shared = blocks_without_own_unit(model, units)
         if shared:
+            fix = (
+                "Use `LISAFSDPStrategy()` without an `auto_wrap_policy`, or "
+                "`auto_wrap_policy=lightning_lisa.lisa_auto_wrap_policy(model)`."
+                if not self.fabric
+                else "Pass `auto_wrap_policy=lightning_lisa.lisa_auto_wrap_policy(model)` (or the block class) to "
+                "Fabric's `FSDPStrategy`."
+            )
             rank_zero_warn(
                 f"LISA: {len(shared)} of the {len(units)} sampled units (e.g. {shared[:3]}) are not FSDP units of "
                 "their own, so they compute and reduce-scatter gradients even while frozen (their optimizer state is "
-                "still freed). Use `LISAFSDPStrategy()` without an `auto_wrap_policy`, or "
-                "`auto_wrap_policy=lightning_lisa.lisa_auto_wrap_policy(model)`."
+                f"still freed). {fix}"
             )
 
 

@@ -71,10 +71,15 @@ class FSDP2Adapter(StrategyAdapter):
     """FSDP2 (``ModelParallelStrategy``): lazy initialization before the first freeze; the resuming subclass."""
 
     name = "FSDP2 (ModelParallelStrategy)"
+    strict_optimizer_loading = True
 
     def check(self, units: Sequence[Unit] | None, granularity: str) -> None:
-        """Refuse a plain ``ModelParallelStrategy``: it cannot resume from LISA's checkpoints."""
-        if not isinstance(self.strategy, LISAModelParallelStrategy):
+        """Refuse a plain ``ModelParallelStrategy`` in a Trainer: it cannot resume from LISA's checkpoints.
+
+        Fabric's ``ModelParallelStrategy`` is accepted as it is: :meth:`LISA.load <lightning_lisa.LISA.load>`
+        loads its checkpoints.
+        """
+        if not self.fabric and not isinstance(self.strategy, LISAModelParallelStrategy):
             raise LISAConfigError(
                 f"LISA under FSDP2 needs `strategy=lightning_lisa.LISAModelParallelStrategy(...)` (it takes every "
                 f"argument of `ModelParallelStrategy`), got `{type(self.strategy).__name__}`: LISA's checkpoints hold "
@@ -83,7 +88,11 @@ class FSDP2Adapter(StrategyAdapter):
 
     def start(self, trainer: pl.Trainer, comm_hook: bool) -> FrozenSkippingState | None:
         """Run FSDP2's lazy initialization while every parameter still trains."""
-        lazy_init(trainer.lightning_module)
+        return self.begin(trainer.lightning_module, trainer.world_size, comm_hook)
+
+    def begin(self, model: nn.Module, world_size: int, comm_hook: bool) -> FrozenSkippingState | None:
+        """Run FSDP2's lazy initialization of the roots in ``model`` while every parameter still trains."""
+        lazy_init(model)
         return None
 
 
