@@ -227,7 +227,7 @@ def digest(obj: Any) -> str:
         if isinstance(x, torch.Tensor):
             t = x.detach().cpu().contiguous()
             h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-dim too
         elif isinstance(x, Mapping):
             h.update(b"{")
             for key in sorted(x, key=str):
@@ -275,6 +275,7 @@ class BatchLog(pl.Callback):
             "rank": trainer.global_rank,
             "digest": digest(batch),
         }
+        path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
@@ -282,17 +283,33 @@ class BatchLog(pl.Callback):
 
 
 def read_batch_log(*paths: str | Path) -> list[dict[str, Any]]:
-    """The batches the optimizer stepped on, from the logs of a run and of its resumptions, in order.
+    r"""The batches the optimizer stepped on, from the logs of a run and of its resumptions, in order.
 
-    A later log replaces the entries of an earlier one from its first ``(step, batch_idx)`` on: the
-    batches a killed run started after its last checkpoint were never part of the result.
+    The logs may be separate files or one file appended to by every run. A run that resumes starts a
+    new segment (its first ``(step, epoch, batch_idx)`` is not after the previous line's), which replaces
+    the entries of the earlier ones from its first step on: the batches a killed run started after its
+    last checkpoint were never part of the result.
+
+    Examples:
+        >>> import tempfile
+        >>> log = Path(tempfile.mkdtemp()) / "batches.jsonl"
+        >>> rows = [(0, 0), (1, 1), (2, 2), (1, 1), (2, 2), (3, 3)]  # killed after step 2, resumed from step 1
+        >>> _ = log.write_text("".join(json.dumps({"step": s, "epoch": 0, "batch_idx": b}) + "\n" for s, b in rows))
+        >>> [r["step"] for r in read_batch_log(log)]
+        [0, 1, 2, 3]
     """
     merged: list[dict[str, Any]] = []
+    previous: tuple[int, int, int] | None = None
     for path in paths:
-        lines = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-        if lines:
-            start = lines[0]["step"]
-            merged = [r for r in merged if r["step"] < start] + lines
+        for line in Path(path).read_text(encoding="utf-8").splitlines():
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            key = (int(record["step"]), int(record.get("epoch", 0)), int(record.get("batch_idx", 0)))
+            if previous is not None and key <= previous:  # a resumed run: drop what it redoes
+                merged = [r for r in merged if r["step"] < key[0]]
+            merged.append(record)
+            previous = key
     return merged
 
 
