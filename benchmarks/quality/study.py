@@ -97,10 +97,15 @@ def chosen(task: str, cells: dict[float, dict[str, Any]]) -> float:
 
 
 def plan(out: Path, tasks: list[str], arms: dict[str, list[str]], seeds: int) -> list[Job]:
-    """Every job whose inputs exist and whose result does not, in the order they should run."""
-    grid_jobs: list[Job] = []
-    later: list[Job] = []
+    """Every job whose inputs exist and whose result does not, in the order they should run.
+
+    Task by task (a task's results complete before the next task's begin, when workers are free), and in a
+    task the seed-0 grids first, then the test scores and the other seeds.
+    """
+    jobs: list[Job] = []
     for task in tasks:
+        grid_jobs: list[Job] = []
+        later: list[Job] = []
         for arm in arms[task]:
             grid, cells = grid_state(out, task, arm)
             missing = [lr for lr in grid if lr not in cells]
@@ -113,7 +118,8 @@ def plan(out: Path, tasks: list[str], arms: dict[str, list[str]], seeds: int) ->
             for seed in range(1, seeds):
                 if read(cell_path(out, task, arm, lr, seed)) is None:
                     later.append(Job(task, arm, lr, seed, "seed"))
-    return grid_jobs + later
+        jobs += grid_jobs + later
+    return jobs
 
 
 def prune(out: Path, scratch: Path, tasks: list[str], arms: dict[str, list[str]]) -> None:
@@ -155,6 +161,7 @@ def run_study(args: argparse.Namespace) -> int:
     arms = {task: list(args.arm_list) if task not in args.variant_tasks else [*args.arm_list, *VARIANTS]
             for task in args.task_list}  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    nice = ["nice", "-n", str(args.nice)] if args.nice else []
     running: dict[Job, subprocess.Popen[bytes]] = {}
     failed: list[Job] = []
     logs = out / "logs"
@@ -179,7 +186,7 @@ def run_study(args: argparse.Namespace) -> int:
         for job in todo[: max(0, args.workers - len(running))]:
             log = (logs / f"{job.task}_{job.arm}_lr{job.lr:g}_s{job.seed}.log").open("wb")
             print(f"{time.strftime('%H:%M:%S')} start {job}", flush=True)
-            running[job] = subprocess.Popen(command(args, job), stdout=log, stderr=subprocess.STDOUT, env=env)
+            running[job] = subprocess.Popen([*nice, *command(args, job)], stdout=log, stderr=subprocess.STDOUT, env=env)
         time.sleep(0.2 if args.smoke else 5)
     print(f"all cells done: {out}")
     return 0
@@ -271,6 +278,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=3, help="seeds at the chosen rate (default 3)")
     parser.add_argument("--workers", type=int, default=2, help="cells run at once, one CPU thread each (default 2)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--nice", type=int, default=0, help="run the cells at this niceness (default 0)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results folder (default {DEFAULT_OUT})")
     parser.add_argument("--scratch", type=Path, help="where seed-0 weights wait for their test (default: cache)")
     parser.add_argument("--resume", action="store_true", help="skip the finished cells in --out")
