@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -172,10 +173,16 @@ def lisa_callback(arm: Arm, seed: int, steps: int) -> LISA | None:
     return LISA(n_layers=arm.n_layers, interval=arm.interval or steps, seed=seed, **arm.lisa)
 
 
-def fit(base: Base, arm: Arm, task: Task, lr: float, seed: int, steps: int) -> tuple[Any, Curve, LISA | None]:
-    """Fine-tune a fresh model; return it, its validation curve and its LISA callback (if any)."""
+def fit(
+    base: Base, arm: Arm, task: Task, lr: float, seed: int, steps: int, extra: Sequence[pl.Callback] = ()
+) -> tuple[Any, Curve | None, LISA | None]:
+    """Fine-tune a fresh model; return it, its validation curve and its LISA callback (if any).
+
+    With ``extra`` callbacks (a measurement), they replace the validation curve.
+    """
     model, callbacks = build_model(base, arm, seed)
-    curve = Curve(task, base.pad_id, base.device, steps)
+    curve = None if extra else Curve(task, base.pad_id, base.device, steps)
+    callbacks += [*extra, *([curve] if curve else [])]
     lisa = lisa_callback(arm, seed, steps)
     module = LM.from_model(
         model, steps=steps, learning_rate=lr, trainable_only=arm.method == "lora", eh_lr_scale=arm.eh_lr_scale
@@ -186,7 +193,7 @@ def fit(base: Base, arm: Arm, task: Task, lr: float, seed: int, steps: int) -> t
     )  # fmt: skip
     trainer = pl.Trainer(
         accelerator="gpu" if base.device == "cuda" else "cpu", devices=1, max_steps=steps, max_epochs=-1,
-        callbacks=[*callbacks, curve, *([lisa] if lisa else [])], logger=False, enable_checkpointing=False,
+        callbacks=[*callbacks, *([lisa] if lisa else [])], logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
     )  # fmt: skip
     trainer.fit(module, loader)
@@ -260,6 +267,7 @@ def run_cell(
     arm = ARMS[arm_name]
     start, cpu = time.perf_counter(), time.process_time()
     model, curve, lisa = fit(base, arm, task, lr, seed, steps)
+    assert curve is not None
     assert curve.final is not None
     changes, eh_change = block_changes(model, base.state)
     periods = [list(p.active_layers) for p in lisa.history] if lisa else []
