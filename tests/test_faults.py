@@ -1,0 +1,106 @@
+"""Fault injection: a run killed with SIGKILL at a fixed point and resumed ends as if never interrupted.
+
+Every run is tests/killresume_run.py in a process of its own (a tiny model, LISA with interval 3,
+a checkpoint after every optimizer step, 8 steps), driven by the kill-and-resume harness of
+:mod:`lightning_lisa.testing.killresume`. The kill points are fixed, so the tests are deterministic;
+the soak test (benchmarks/soak.py) draws random ones.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_lisa.testing import (
+    assert_same_training_state,
+    checkpoint_bytes,
+    kill_and_resume,
+    load_training_state,
+    read_batch_log,
+    run_command,
+    training_state_differences,
+)
+
+HERE = Path(__file__).resolve().parent
+SCRIPT = HERE / "killresume_run.py"
+STEPS = 8  # interval 3: periods start at steps 0, 3, 6
+
+
+def command(out: Path, strategy: str = "single", *extra: str) -> list[str]:
+    return [sys.executable, str(SCRIPT), str(out), strategy, "--steps", str(STEPS), *extra]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """The uninterrupted run on one device: its final checkpoint."""
+    out = tmp_path_factory.mktemp("reference")
+    run_command(command(out), timeout=300).check()
+    return out / "final.ckpt"
+
+
+@pytest.mark.parametrize(
+    ("point", "resumed_from", "redone"),
+    [
+        ("batch_end@4", 3, 1),  # mid-period (period 1 is steps 3..5), before step 4's checkpoint is written
+        ("batch_start@6", 6, 0),  # at a switch: LISA has switched to period 2 and released state, then dies
+        ("save_checkpoint@5", 4, 1),  # inside on_save_checkpoint of step 5: nothing of it is written
+    ],
+)
+def test_killed_run_resumes_to_the_uninterrupted_result(
+    tmp_path: Path, reference: Path, point: str, resumed_from: int, redone: int
+):
+    out = tmp_path / "run"
+    log = str(out / "batches-{rank}.jsonl")
+    result = kill_and_resume(
+        command(out), point, command(out, "single", "--resume"), env={"LISA_BATCH_LOG": log}, timeout=300
+    )
+    assert result.interrupted.returncode == -9
+    assert result.extra["killed"][0].endswith(point)
+    saved = sorted(p.name for p in (out / "checkpoints").glob("step=*.ckpt"))
+    assert saved == [f"step={s}.ckpt" for s in range(1, STEPS + 1)]  # the resumed run wrote the rest
+    assert "Restoring states from the checkpoint path" in result.resumed.stdout + result.resumed.stderr
+    # the resumed run started at the last complete checkpoint, and the steps add up to one run
+    batches = read_batch_log(out / "batches-0.jsonl")
+    assert [b["step"] for b in batches] == list(range(STEPS))
+    lines = (out / "batches-0.jsonl").read_text().splitlines()
+    assert len(lines) == STEPS + redone  # the batches the killed run started after its last checkpoint ran again
+    assert_same_training_state(reference, out / "final.ckpt")  # weights, optimizer state, LISA's schedule
+    resumed_state = load_training_state(out / "checkpoints" / f"step={resumed_from}.ckpt")
+    assert training_state_differences(resumed_state, load_training_state(reference))  # not vacuous
+    assert resumed_state.lisa is not None and resumed_state.lisa["period"] == (resumed_from - 1) // 3
+
+
+def test_interrupted_checkpoint_write_is_never_picked_up(tmp_path: Path, reference: Path):
+    """Killed halfway through writing last.ckpt over the previous one: the previous one stays whole."""
+    out = tmp_path / "run"
+    first = run_command(command(out, "single", "--keep", "last"), env={"LISA_KILL_AT": "write@5"}, timeout=300)
+    assert first.returncode == -9, first.describe("was not killed")
+    last = out / "checkpoints" / "last.ckpt"
+    state = load_training_state(last)
+    assert state.global_step == 4  # the checkpoint of step 4, whole; step 5's half-written bytes are elsewhere
+    assert state.lisa is not None and state.lisa["period"] == 1
+    leftovers = [p.name for p in (out / "checkpoints").iterdir() if p.name != "last.ckpt"]
+    assert not [name for name in leftovers if name.endswith(".ckpt")]  # nothing Lightning would take as one
+    run_command(command(out, "single", "--keep", "last", "--resume"), timeout=300).check()
+    assert_same_training_state(reference, out / "final.ckpt")
+
+
+def test_kill_without_the_kill_point_reached_is_reported(tmp_path: Path):
+    """The harness refuses a run that never reached its kill point (a step after the end)."""
+    with pytest.raises(AssertionError, match="never reached the kill point batch_end@99"):
+        kill_and_resume(command(tmp_path / "run"), "batch_end@99", timeout=300)
+
+
+def test_checkpoint_comparison_sees_one_changed_value(tmp_path: Path, reference: Path):
+    checkpoint = torch.load(reference, weights_only=False)
+    name = next(iter(checkpoint["optimizer_states"][0]["state"]))
+    checkpoint["optimizer_states"][0]["state"][name]["exp_avg_sq"].view(-1)[0] += 1e-12
+    torch.save(checkpoint, tmp_path / "changed.ckpt")
+    with pytest.raises(AssertionError, match="exp_avg_sq: tensors differ"):
+        assert_same_training_state(reference, tmp_path / "changed.ckpt")
+    shutil.copy(reference, tmp_path / "same.ckpt")
+    assert checkpoint_bytes(tmp_path / "same.ckpt") == checkpoint_bytes(reference)
