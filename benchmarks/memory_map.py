@@ -14,7 +14,7 @@ listed beside it.
 Examples::
 
     python benchmarks/memory_map.py                                   # prints the tables (a few minutes)
-    python benchmarks/memory_map.py --out benchmarks/results/memory_map  # also writes .json and .md
+    python benchmarks/memory_map.py --out benchmarks/results/memory_map/memory_map  # also writes .json and .md
 """
 
 from __future__ import annotations
