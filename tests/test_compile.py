@@ -222,3 +222,20 @@ def test_hf_model_without_cache_compiles_twice_over_12_periods():
     _, compiles, messages = _fit_hf(use_cache=False)
     assert compiles == 2  # trainable and frozen, shared by the six blocks
     assert not [m for m in messages if "use_cache" in m or "gave up" in m]
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_the_recipe_trains_without_a_key_value_cache(chunked: bool):
+    from lightning_lisa.recipes.module import CausalLMModule
+    from lightning_lisa.testing import token_loader
+
+    config = {"model_type": "llama", "vocab_size": 64, "hidden_size": 16, "intermediate_size": 32}
+    config |= {"num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1}
+    module = CausalLMModule(config=config, loss_chunk_size=4 if chunked else None)
+    assert module.model.config.use_cache  # the model's own default
+    seen: list[object] = []
+    target = module.model.get_decoder() if chunked else module.model
+    target.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs.get("use_cache")), with_kwargs=True)
+    batch = next(iter(token_loader(labels=True)))
+    module.training_step(batch, 0)
+    assert seen == [False]

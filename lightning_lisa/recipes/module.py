@@ -231,26 +231,24 @@ class CausalLMModule(pl.LightningModule):
         """The model's output for a batch of ``input_ids`` (and ``labels``, ``attention_mask``, ``position_ids``).
 
         A batch with ``position_ids`` and no ``attention_mask`` is a packed batch: the first such batch is
-        checked (:func:`check_packing_isolation`) before it reaches the model.
+        checked (:func:`check_packing_isolation`) before it reaches the model. No key/value cache is built
+        (``use_cache=False``): training needs none, packed examples stay apart only without one, and with
+        compiled blocks a cache makes every block recompile (:mod:`lightning_lisa.compile`).
         """
         inputs: dict[str, Any] = {key: value for key, value in batch.items() if key in MODEL_INPUTS}
-        if "position_ids" in batch and "attention_mask" not in batch:
-            if not self._isolation_checked:
-                check_packing_isolation(self.model)
-                self._isolation_checked = True
-            inputs["use_cache"] = False  # transformers keeps examples apart only without a cache
-        return self.model(**inputs)
+        if "position_ids" in batch and "attention_mask" not in batch and not self._isolation_checked:
+            check_packing_isolation(self.model)
+            self._isolation_checked = True
+        return self.model(**inputs, use_cache=False)
 
     def chunked_loss(self, batch: Batch, chunk_size: int) -> torch.Tensor:
         """The model's next-token loss, computed ``chunk_size`` tokens at a time from the last hidden states."""
         model: Any = self.model  # get_decoder and get_output_embeddings are untyped in transformers
         inputs: dict[str, Any] = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-        if "position_ids" in inputs and "attention_mask" not in inputs:
-            if not self._isolation_checked:
-                check_packing_isolation(self.model)
-                self._isolation_checked = True
-            inputs["use_cache"] = False
-        hidden = model.get_decoder()(**inputs)[0]
+        if "position_ids" in inputs and "attention_mask" not in inputs and not self._isolation_checked:
+            check_packing_isolation(self.model)
+            self._isolation_checked = True
+        hidden = model.get_decoder()(**inputs, use_cache=False)[0]  # no cache, as in forward
         softcap = getattr(model.config, "final_logit_softcapping", None)
         head = model.get_output_embeddings()
         return causal_lm_loss(hidden, head, batch["labels"], chunk_size=chunk_size, softcap=softcap)
