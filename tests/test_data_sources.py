@@ -250,3 +250,31 @@ def test_bad_data_names_the_file_and_the_record(tmp_path: Path):
     odd.write_text("x")
     with pytest.raises(LISAConfigError, match=r"cannot tell how to read 'data\.xyz'"):
         module(tmp_path, sources=[DataSource(str(odd))]).setup("fit")
+
+
+def test_the_local_jsonl_example_config_at_tiny_scale(tmp_path: Path):
+    from cli_args import tiny
+
+    from lightning_lisa.recipes.cli import LisaCLI
+
+    records = [{"instruction": f"Repeat {i}.", "output": f"{i} " * (i % 5 + 1)} for i in range(40)]
+    path = jsonl(tmp_path / "alpaca.jsonl", records)
+    config = Path(__file__).parents[1] / "examples" / "configs" / "finetune-local-jsonl.yaml"
+    cli = LisaCLI(
+        args=[
+            "fit",
+            "--config",
+            str(config),
+            *tiny(tmp_path, tmp_path / "cache", steps=2),
+            "--model.model_name_or_path=null",
+            "--data.tokenizer=null",
+            "--data.max_examples=null",
+            f'--data.sources=[{{"path": "{path}"}}]',
+            "--data.num_workers=0",
+            "--data.num_proc=1",
+            "--trainer.callbacks=[]",
+            "--data.max_length=192",
+        ]
+    )
+    assert cli.datamodule.packing == "isolated" and cli.trainer.global_step == 2
+    assert cli.datamodule.summary["train"]["formats"] == {"alpaca": 40}
