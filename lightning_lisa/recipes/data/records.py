@@ -175,6 +175,23 @@ def chat_tokens(
         >>> chat_tokens(tok, [("user", "hi"), ("assistant", "hello")])
         ([1, 3, 5, 2, 4, 5], [-100, -100, -100, -100, 4, 5])
     """
+    pieces = chat_pieces(tokenizer, messages, assistant_only, source, last_only)
+    encoded = encode(tokenizer, [text for text, _ in pieces])
+    return join_pieces(pieces, encoded, assistant_only)
+
+
+def chat_pieces(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: Sequence[tuple[str, str]],
+    assistant_only: bool = True,
+    source: str = "the corpus",
+    last_only: bool = False,
+) -> list[tuple[str, bool]]:
+    """The rendered conversation cut into pieces of text, each with whether it is trained on (see :func:`chat_tokens`).
+
+    Raises:
+        ValueError: As :func:`chat_tokens`.
+    """
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(
             f"{source}: the records are conversations ('messages'), but the tokenizer "
@@ -187,7 +204,7 @@ def chat_tokens(
         text: Any = tokenizer.apply_chat_template(history[:upto], tokenize=False, add_generation_prompt=generation)
         return str(text)
 
-    last = max(i for i, (role, _) in enumerate(messages) if role == "assistant") if messages else -1
+    last = max((i for i, (role, _) in enumerate(messages) if role == "assistant"), default=-1)
     pieces: list[tuple[str, bool]] = []
     done = ""
     for index, (role, _) in enumerate(messages):
@@ -202,18 +219,23 @@ def chat_tokens(
                 )
             pieces.append((text[len(done) :], trained and (not last_only or index == last)))
             done = text
-    whole = render(len(messages), False)
-    if whole.startswith(done) and len(whole) > len(done):
-        pieces.append((whole[len(done) :], False))
+    if last != len(messages) - 1:  # turns after the last answer (ending with an answer, `done` is the whole)
+        whole = render(len(messages), False)
+        if whole.startswith(done) and len(whole) > len(done):
+            pieces.append((whole[len(done) :], False))
+    return [(text, trained) for text, trained in pieces if text]
+
+
+def join_pieces(
+    pieces: Sequence[tuple[str, bool]], encoded: Sequence[Sequence[int]], assistant_only: bool
+) -> tuple[list[int], list[int]]:
+    """Token ids and labels of a conversation from its pieces and their token ids."""
     ids: list[int] = []
     labels: list[int] = []
-    for text, trained in pieces:
-        if not text:
-            continue
-        tokens = [int(t) for t in tokenizer(text, add_special_tokens=False)["input_ids"]]
-        ids.extend(tokens)
+    for (_, trained), tokens in zip(pieces, encoded, strict=True):
+        ids.extend(int(t) for t in tokens)
         labels.extend(tokens if trained or not assistant_only else [IGNORE_INDEX] * len(tokens))
-    return ids, labels
+    return ids, [int(t) for t in labels]
 
 
 def encode(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
@@ -237,16 +259,19 @@ def tokenize_examples(
     plain = [e for e in examples if not e.messages]
     prompts = iter(encode(tokenizer, [e.prompt for e in plain]))
     texts = iter(encode(tokenizer, [e.text for e in plain]))
+    masked, last_only = train_on != "all", train_on == "last_answer"
+    chats = [
+        chat_pieces(tokenizer, e.messages, masked, where(i), last_only) for i, e in enumerate(examples) if e.messages
+    ]
+    flat = iter(encode(tokenizer, [text for pieces in chats for text, _ in pieces]))  # one call for the batch
+    conversations = iter(chats)
     start = [bos] if bos is not None else []
     end = [eos] if eos is not None else []
     out = []
-    for index, example in enumerate(examples):
+    for example in examples:
         if example.messages:
-            out.append(
-                chat_tokens(
-                    tokenizer, example.messages, train_on != "all", where(index), last_only=train_on == "last_answer"
-                )
-            )
+            pieces = next(conversations)
+            out.append(join_pieces(pieces, [next(flat) for _ in pieces], masked))
             continue
         prompt, text = next(prompts), next(texts)
         hidden = [IGNORE_INDEX] * len(prompt) if train_on != "all" else prompt
