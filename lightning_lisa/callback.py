@@ -19,6 +19,7 @@ this module is the layer that drives it from the Trainer's hooks, and from Fabri
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from lightning_lisa import fabric as fabric_loop
 from lightning_lisa.engine import NO_GRADIENT, Granularity, LISAEngine, LoopView
@@ -96,6 +98,7 @@ class LISA(LISAEngine, Callback):
     """
 
     _driver: fabric_loop.LoopDriver | None  # set when a Fabric or plain loop drives LISA
+    _weights_hook: RemovableHandle | None = None  # the check of a resumed checkpoint's depth (Trainer)
 
     # ------------------------------------------------------------------------------- Trainer hooks
 
@@ -107,7 +110,7 @@ class LISA(LISAEngine, Callback):
         built_later = is_overridden("configure_model", pl_module)
         if not built_later:
             self._inspect(pl_module)
-            self._check_checkpoint(trainer)
+        self._watch_weights_load(trainer, pl_module)
         self._adapter = adapter_for(trainer.strategy)
         self._adapter.check(None if built_later else self.units, self.granularity)
         self._in_backward.setup(trainer, pl_module, stage)
@@ -116,7 +119,6 @@ class LISA(LISAEngine, Callback):
         """Inspect models built in ``configure_model``; let the strategy adapter check the wrapped model."""
         if self.layer_info is None:
             self._inspect(pl_module)
-            self._check_checkpoint(trainer)
         self._in_backward.on_fit_start(trainer, pl_module)
         self._adapter_of(trainer).prepare(trainer, self.units)
 
@@ -151,6 +153,9 @@ class LISA(LISAEngine, Callback):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Give the user back every parameter trainable, as it was before fit."""
+        if self._weights_hook is not None:
+            self._weights_hook.remove()
+            self._weights_hook = None
         if self._params is not None:
             self._params.restore()
         self._in_backward.teardown(trainer, pl_module, stage)
@@ -271,12 +276,27 @@ class LISA(LISAEngine, Callback):
             self._adapter = adapter_for(trainer.strategy)
         return self._adapter
 
-    def _check_checkpoint(self, trainer: pl.Trainer) -> None:
-        """When resuming, refuse a checkpoint of another model depth before Lightning loads its weights."""
-        path = getattr(trainer, "ckpt_path", None)  # a Trainer in fit; test doubles may lack it
-        saved = saved_trainer_state(Path(path)) if isinstance(path, str | Path) else None
-        if saved is not None:
-            self._check_units(saved)
+    def _watch_weights_load(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Before Lightning loads a checkpoint's weights into the module, refuse one of another model depth.
+
+        Lightning restores the weights before the callbacks' state, and tells the checkpoint's path only
+        then: a ``load_state_dict`` pre-hook on the module reads LISA's entry of that checkpoint first, so
+        that the error names the blocks the checkpoint's schedule trained, not torch's unexpected keys.
+        """
+        if self._weights_hook is not None:
+            self._weights_hook.remove()
+        ref = weakref.ref(trainer)
+
+        def check(module: nn.Module, state_dict: Any, prefix: str, *args: Any) -> None:
+            live = ref()
+            path = getattr(live, "ckpt_path", None)
+            if prefix or not self.units or not isinstance(path, str | Path):
+                return
+            saved = saved_trainer_state(Path(path))
+            if saved is not None:
+                self._check_units(saved)
+
+        self._weights_hook = pl_module.register_load_state_dict_pre_hook(check)  # type: ignore[no-untyped-call]
 
 
 def saved_trainer_state(path: Path) -> dict[str, Any] | None:

@@ -11,9 +11,11 @@ all-gather). The Trainer callback (:mod:`lightning_lisa.callback`) and the Fabri
 The checkpoint state (:meth:`LISAEngine.state_dict`) is the same for every loop. What a resumed run
 does when its settings differ from the checkpoint's is decided here, once:
 
-* another ``n_layers``, ``interval``, ``seed``, ``sampling`` (or ``temperature``) or
-  ``always_active``: the run continues with the new settings from the restored step, and a warning
-  names the old and the new value;
+* another ``n_layers``, ``interval``, ``seed``, ``sampling`` (or ``temperature``): the run continues
+  from the restored step with the new schedule (the units of that step are drawn with the new
+  settings: period ``step // interval``), and a warning names the old and the new value;
+* another ``always_active``: the run continues with the restored units and the new always-active set
+  (what it no longer names is frozen, its optimizer state released), and a warning names both sets;
 * another ``granularity``, or a model with another number of units than the checkpoint's schedule
   was drawn from: :class:`~lightning_lisa.errors.LISAConfigError`, naming both.
 """
@@ -140,6 +142,7 @@ class LISAEngine:
         self._step = 0  # optimizer steps taken, as the loop last told
         self._adapter: StrategyAdapter | None = None  # the Trainer's strategy adapter
         self._driver: Any = None  # the driver of a Fabric or plain loop (lightning_lisa.fabric.LoopDriver)
+        self._detached = False  # whether that driver was removed by `detach`
 
     @property
     def state_key(self) -> str:
@@ -182,10 +185,12 @@ class LISAEngine:
         restored, self._restored = self._restored, None
         if restored is None:  # a fresh run: forget the switches of an earlier one
             self.history = []
-        active = list(restored["active_layers"]) if restored is not None and restored["period"] == period else []
+        changed = restored is not None and restored.get(CHANGED_KEY, False)
+        same = restored is not None and not changed and restored["period"] == period
+        active = list(restored["active_layers"]) if restored is not None and same else []
         if not self._params.valid(active, self.n_layers):
             active = self._draw(loop, period)
-        self._switch(loop, period, active, first=True)
+        self._switch(loop, period, active, first=True, record=changed)
 
     def _step_boundary(self, loop: LoopView) -> None:
         """Before the first micro-batch of an optimizer step: switch when a new period starts; prefetch."""
@@ -196,8 +201,14 @@ class LISAEngine:
         if self.schedule.period(loop.step + 1) != period:
             self._prefetch(loop, period + 1)
 
-    def _switch(self, loop: LoopView, period: int, active: list[int], first: bool = False) -> None:
-        """Make exactly the ``active`` units and the always-active set trainable; release frozen state."""
+    def _switch(
+        self, loop: LoopView, period: int, active: list[int], first: bool = False, record: bool = False
+    ) -> None:
+        """Make exactly the ``active`` units and the always-active set trainable; release frozen state.
+
+        The switch goes into :attr:`history` when it starts another period than the last recorded one, or
+        with ``record`` (a resumed run whose schedule settings changed).
+        """
         assert self._params is not None, "LISA did not begin"
         frozen, unfrozen = self._params.apply(active, first=first)
         self._state.release(loop.optimizers, frozen)
@@ -207,7 +218,7 @@ class LISAEngine:
         self._period, self.active_layers, self._check_gradients = period, list(active), True
         state = state_bytes(loop.optimizers)
         switch = Switch(loop.step, period, tuple(active), self._params.trainable_numel(), state)
-        if not self.history or self.history[-1].period != period:
+        if record or not self.history or self.history[-1].period != period:
             self.history.append(switch)
         _log(loop, switch)
 
@@ -258,12 +269,13 @@ class LISAEngine:
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the schedule; it is re-applied when the run starts (see :mod:`lightning_lisa.engine`)."""
-        for key in SCHEDULE_SETTINGS:
-            if key in state_dict and state_dict[key] != getattr(self, key):
-                rank_zero_warn(RESUMED_OTHERWISE.format(key=key, now=getattr(self, key), then=state_dict[key]))
+        changed = [key for key in SCHEDULE_SETTINGS if key in state_dict and state_dict[key] != getattr(self, key)]
+        for key in changed:
+            rank_zero_warn(RESUMED_OTHERWISE.format(key=key, now=getattr(self, key), then=state_dict[key]))
         if self.units:  # the model was inspected already: check against it now
             self._check_restored(state_dict)
-        self._restored = dict(state_dict)
+        # with other schedule settings, the restored step starts the new schedule: its units are drawn anew
+        self._restored = {**state_dict, CHANGED_KEY: bool(changed)}
         self._step = int(state_dict.get("step", 0))
         self.history = [Switch.from_dict(s) for s in state_dict.get("history", [])]
 
@@ -315,9 +327,12 @@ def _check_arguments(arguments: dict[str, Any]) -> None:
 #: The constructor arguments a checkpoint records; a resumed run with other values warns and goes on.
 SCHEDULE_SETTINGS = ("n_layers", "interval", "sampling", "seed", "temperature")
 
+#: Set in the restored state when the schedule settings differ from the checkpoint's.
+CHANGED_KEY = "_settings_changed"
+
 RESUMED_OTHERWISE = (
     "LISA resumes with `{key}={now!r}`, but the checkpoint was written with `{key}={then!r}`: the schedule from "
-    "here on differs from the original run."
+    "here on differs from the original run: the units of the restored step are drawn with the new settings."
 )
 
 NO_GRADIENT = (

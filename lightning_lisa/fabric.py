@@ -129,6 +129,9 @@ class LoopDriver:
         forward. The first hook that runs in an optimizer step does the step's work.
         """
         lisa = self.lisa
+        if lisa._restored is None:  # a fresh run (state loaded before `attach` keeps its step)
+            lisa._step = 0
+        lisa._detached = False
         lisa._inspect(self.root)
         self.adapter.check(lisa.units, lisa.granularity)
         self.adapter.check_wrapped(self.model, lisa.units)
@@ -160,6 +163,14 @@ class LoopDriver:
         if release and self.lisa._params is not None:
             frozen = [p for p in self.lisa._params.managed if not p.requires_grad]
             self.lisa._state.release([optimizer], frozen)
+
+    def updates_model(self, optimizer: Optimizer) -> bool:
+        """Whether ``optimizer`` is known, or holds parameters LISA manages (another model's optimizer does not)."""
+        if any(o is optimizer for o in self.optimizers):
+            return True
+        params = self.lisa._params
+        managed = {id(p) for p in params.managed} if params is not None else set()
+        return any(id(p) in managed for group in optimizer.param_groups for p in group["params"])
 
     def check_optimizers(self) -> None:
         """After the first optimizer step: raise unless the optimizers seen update every parameter LISA manages."""
@@ -215,10 +226,9 @@ class LoopDriver:
         self.after_step(optimizer)
 
     def _any_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
-        if self.paused or self.optimizers or self.lisa._params is None:
+        if self.paused or self.optimizers:
             return
-        managed = {id(p) for p in self.lisa._params.managed}
-        if any(id(p) in managed for group in optimizer.param_groups for p in group["params"]):
+        if self.updates_model(optimizer):
             self._raw_step = optimizer
 
 
@@ -270,10 +280,13 @@ def set_up_from_fabric(lisa: LISA, fabric: Fabric, module: nn.Module) -> None:
 def after_optimizer_step(lisa: LISA, optimizer: Optimizer) -> None:
     """What ``LISA.on_after_optimizer_step`` does: count the step (raise when LISA was never set up)."""
     driver = lisa._driver
+    if driver is None and lisa._detached:  # the user ended LISA's run; Fabric still calls its callbacks
+        return
     if driver is None:
         raise LISAConfigError(SETUP_MODULE)
-    if driver.how == "callbacks":
-        driver.after_step(unwrap_optimizer(optimizer))
+    inner = unwrap_optimizer(optimizer)
+    if driver.how == "callbacks" and driver.updates_model(inner):
+        driver.after_step(inner)
 
 
 def attach(lisa: LISA, model: nn.Module, optimizer: Any, fabric: Fabric | None = None) -> None:
@@ -328,7 +341,7 @@ def detach(lisa: LISA) -> None:
     driver.remove()
     if lisa._params is not None:
         lisa._params.restore()
-    lisa._driver = None
+    lisa._driver, lisa._detached = None, True
 
 
 # ------------------------------------------------------------------------------------ checkpoints
