@@ -82,7 +82,7 @@ def test_interrupted_checkpoint_write_is_never_picked_up(tmp_path: Path, referen
     last = out / "checkpoints" / "last.ckpt"
     state = load_training_state(last)
     assert state.global_step == 4  # the checkpoint of step 4, whole; step 5's half-written bytes are elsewhere
-    assert state.lisa is not None and state.lisa["period"] == 1
+    assert state.lisa is not None and state.lisa["period"] == 1  # its last step (index 3) ran in period 1
     leftovers = [p.name for p in (out / "checkpoints").iterdir() if p.name != "last.ckpt"]
     assert not [name for name in leftovers if name.endswith(".ckpt")]  # nothing Lightning would take as one
     run_command(command(out, "single", "--keep", "last", "--resume"), timeout=300).check()
@@ -104,3 +104,43 @@ def test_checkpoint_comparison_sees_one_changed_value(tmp_path: Path, reference:
         assert_same_training_state(reference, tmp_path / "changed.ckpt")
     shutil.copy(reference, tmp_path / "same.ckpt")
     assert checkpoint_bytes(tmp_path / "same.ckpt") == checkpoint_bytes(reference)
+
+
+def _distributed_available() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_gloo_available()
+
+
+distributed = pytest.mark.skipif(not _distributed_available(), reason="needs torch.distributed with gloo")
+
+
+@pytest.mark.slow
+@distributed
+def test_ddp_rank_killed_and_job_restarted_equals_uninterrupted_run(tmp_path: Path):
+    """Rank 1 of 2 dies after step 4; rank 0 fails at its next collective (20 s group timeout at most); restart."""
+    reference = tmp_path / "reference"
+    run_command(command(reference, "ddp"), timeout=300).check()
+    out = tmp_path / "run"
+    result = kill_and_resume(command(out, "ddp"), "batch_end@4:1", command(out, "ddp", "--resume"), timeout=300)
+    assert result.interrupted.returncode != 0 and not result.interrupted.timed_out
+    assert len(result.extra["killed"]) == 1  # rank 1 alone was killed
+    assert_same_training_state(reference / "final.ckpt", out / "final.ckpt")
+
+
+@pytest.mark.slow
+@distributed
+def test_fsdp2_interrupted_checkpoint_folder_is_never_picked_up(tmp_path: Path):
+    """Rank 0 dies after the shards of step 4's last.ckpt are written, before its metadata: last.ckpt stays step 3."""
+    reference = tmp_path / "reference"
+    run_command(command(reference, "fsdp2", "--keep", "last"), timeout=300).check()
+    out = tmp_path / "run"
+    killed = run_command(command(out, "fsdp2", "--keep", "last"), env={"LISA_KILL_AT": "write@4:0"}, timeout=300)
+    assert killed.returncode == -9 and not killed.timed_out, killed.describe("was not killed")
+    folder = out / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == [".last.ckpt.incomplete", "last.ckpt"]
+    assert not (folder / ".last.ckpt.incomplete" / ".metadata").exists()  # the interrupted write, set apart
+    meta = torch.load(folder / "last.ckpt" / "meta.pt", weights_only=False)
+    assert meta["global_step"] == 3 and meta["callbacks"]["LISA"]["period"] == 0  # steps 0..2 ran in period 0
+    assert {p.name for p in (folder / "last.ckpt").iterdir()} >= {".metadata", "meta.pt"}
+    run_command(command(out, "fsdp2", "--keep", "last", "--resume"), timeout=300).check()
+    assert not (folder / ".last.ckpt.incomplete").exists()  # removed by the next save
+    assert_same_training_state(reference / "final.ckpt", out / "final.ckpt")

@@ -12,6 +12,10 @@ start without state afterwards, as they would have in the saved run.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import os
+import shutil
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -165,3 +169,75 @@ def params_without_saved_state(
         return []
     params = zip(checkpoint_names(module), module.parameters(), strict=True)
     return [p for name, p in params if p.requires_grad and name not in saved]
+
+
+def partial_path(target: str | Path) -> Path:
+    """Where a checkpoint for ``target`` is written before it is complete: a hidden sibling.
+
+    Its name neither ends in ``.ckpt`` nor starts with ``last``, so Lightning never takes it for a
+    checkpoint (``ckpt_path="last"`` looks for ``last*.ckpt``).
+
+    Examples:
+        >>> partial_path("checkpoints/last.ckpt").as_posix()
+        'checkpoints/.last.ckpt.incomplete'
+    """
+    target = Path(target)
+    return target.with_name(f".{target.name}.incomplete")
+
+
+def remove_path(path: Path) -> None:
+    """Remove a file or a folder (and what it holds); nothing when it does not exist."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap ``a`` and ``b`` in one step (Linux ``renameat2`` with ``RENAME_EXCHANGE``); False where unsupported."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        renameat2 = ctypes.CDLL(name, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_cwd = -100  # AT_FDCWD
+    result = renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), _RENAME_EXCHANGE)
+    return bool(result == 0)
+
+
+def move_into_place(partial: Path, target: Path) -> None:
+    """Replace ``target`` (a file, a folder, or nothing) by the complete checkpoint ``partial``.
+
+    A file over a file, or anything where nothing was, is one atomic rename. A folder over an existing
+    checkpoint is swapped with it in one step where the system can (Linux ``renameat2``); elsewhere the
+    old one is first renamed aside, so that for the moment between the two renames no checkpoint is at
+    ``target``, but never an incomplete one. The old checkpoint is removed last.
+
+    Examples:
+        >>> import tempfile
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> (folder / "new").mkdir(); _ = (folder / "new" / "meta.pt").write_text("new")
+        >>> (folder / "last.ckpt").mkdir(); _ = (folder / "last.ckpt" / "meta.pt").write_text("old")
+        >>> move_into_place(folder / "new", folder / "last.ckpt")
+        >>> (folder / "last.ckpt" / "meta.pt").read_text(), sorted(p.name for p in folder.iterdir())
+        ('new', ['last.ckpt'])
+    """
+    if not target.exists() and not target.is_symlink():
+        os.replace(partial, target)
+        return
+    if partial.is_file() and target.is_file():
+        os.replace(partial, target)
+        return
+    if _exchange(partial, target):  # now the old checkpoint is at `partial`
+        remove_path(partial)
+        return
+    old = target.with_name(f".{target.name}.old")
+    remove_path(old)
+    os.replace(target, old)
+    os.replace(partial, target)
+    remove_path(old)
