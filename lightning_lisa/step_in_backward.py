@@ -1,10 +1,13 @@
-"""The optimizer step inside the backward pass: no two trainable gradients need to exist at once.
+"""The optimizer step inside the backward pass: each gradient is freed as soon as it is final and used.
 
 In a normal step every trainable parameter holds its gradient from the moment the backward pass
 reaches it until ``optimizer.step()`` runs, so the gradients of the input embeddings, the head and the
 sampled blocks are all resident together. :class:`StepInBackward` updates each parameter as soon as
 its gradient is final, in a hook registered with ``Tensor.register_post_accumulate_grad_hook``, and
-frees that gradient at once: only the largest single gradient (at Llama-3-8B, the head's) is resident.
+frees that gradient at once: with untied embeddings and head the gradients are resident one at a time
+(the largest, at Llama-3-8B, the head's). A parameter used twice is final after its last use: a tied
+embedding and head's gradient waits, through the whole backward pass, from the head's part to the
+embedding's, beside each block's gradient.
 
 The update is the optimizer's own: the hook runs the optimizer class's ``step`` on a one-parameter view
 of the parameter's group, with the group's hyper-parameters of that moment (so learning-rate

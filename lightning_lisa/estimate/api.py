@@ -5,7 +5,8 @@ its blocks, embeddings and head with :func:`~lightning_lisa.find_layers`, and ad
 
 * **weights**: every parameter (tied weights once), in ``dtype`` (in float32 with ``mixed_precision``);
 * **grads**: the gradients resident at once: every trainable parameter's, in the weights' dtype; with
-  ``step_in_backward`` (LISA), only the largest single one;
+  ``step_in_backward`` (LISA), only the largest single one (a tied embedding and head's gradient, which
+  waits through the backward pass beside the others, is counted in the backward-pass peak);
 * **optimizer state**: the bytes of :func:`optimizer_state_nbytes`: AdamW's two moments per trainable
   parameter in the parameter's dtype, as ``torch.optim.AdamW`` keeps them, plus its 4-byte ``step``
   tensor per parameter tensor; or bitsandbytes ``AdamW8bit``: one byte per moment and element, plus a
@@ -312,8 +313,8 @@ def estimate_memory(
             the backward pass (as ``CausalLMModule(loss_chunk_size=...)``), for every arm; ``None``: the
             model's own loss over the whole batch.
         step_in_backward: LISA updates each parameter in a post-accumulate-grad hook and frees its
-            gradient at once (``LISA(step_in_backward=True)``): only the largest single gradient is
-            resident.
+            gradient at once (``LISA(step_in_backward=True)``): gradients are resident one at a time,
+            except a tied embedding and head's, which waits from the head's part to the embedding's.
         compact_always_active: LISA keeps the compact moments of
             :class:`~lightning_lisa.compact.CompactAdamW` for its always-active parameters (the embeddings
             and the head): ``"8bit"`` (``True`` means it), ``"factored"``, or ``False`` / ``None`` (exact).
