@@ -49,8 +49,8 @@ GPU_RESULTS := benchmarks/results/gpu_h100
 figures: $(STAMP)
 	$(PY) benchmarks/plot_results.py \
 		--memory $(GPU_RESULTS)/tinyllama-1.1b.json $(GPU_RESULTS)/llama-2-7b_all_arms.json \
-		--memory-out docs/images/memory_h100.png \
-		--quality benchmarks/results/quality_smollm2.json --quality-out docs/images/quality_loss_curves.png
+		--memory-out docs/images/memory_h100.png
+	$(PY) benchmarks/quality report --figures docs/images
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache lightning_logs demo_output

@@ -1,0 +1,78 @@
+"""The quality study (``benchmarks/quality``) runs end to end at tiny scale and keeps its protocol."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STUDY = ROOT / "benchmarks" / "quality"
+
+
+def run(*args: str, cwd: Path, ok: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, check=False)
+    if ok:
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result
+
+
+def cells(out: Path, task: str, arm: str) -> dict[str, dict]:
+    return {p.name: json.loads(p.read_text()) for p in sorted((out / "cells" / task / arm).glob("*.json"))}
+
+
+def test_study_runs_the_protocol_resumes_and_reports(tmp_path: Path):
+    out = tmp_path / "quality"
+    common = ["--smoke", "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
+    study = [str(STUDY), "--tasks", "reverse", "--arms", "lisa2,fixed2", "--variant-tasks", "", "--seeds", "2"]
+    first = run(*study, *common, cwd=tmp_path).stdout
+    assert "all cells done" in first
+
+    # --resume skips every finished cell; without it, a folder with results is refused
+    again = run(*study, *common, "--resume", cwd=tmp_path).stdout
+    assert "start" not in again and "all cells done" in again
+    refused = run(*study, *common, cwd=tmp_path, ok=False)
+    assert refused.returncode != 0 and "--resume" in refused.stderr
+
+    # the quiet cost script, then the report that joins both
+    run(str(STUDY / "cost.py"), *common, "--tasks", "reverse", "--arms", "lisa2,fixed2", "--rounds", "1",
+        "--steps", "4", "--peak-steps", "3", cwd=tmp_path)  # fmt: skip
+    cost = json.loads((out / "cost_smoke.json").read_text())
+    (out / "cost.json").write_text(json.dumps(cost))
+    run(str(STUDY), "report", *common, "--figures", str(tmp_path), cwd=tmp_path)
+    summary = json.loads((out / "summary.json").read_text())
+    task = summary["tasks"]["reverse"]
+    assert task["metric"] == "accuracy" and task["higher_is_better"] is True and "base" in task
+    for name in ("lisa2", "fixed2"):
+        arm = task["arms"][name]
+        for key in ("method", "n_layers", "interval", "rank", "steps", "lr_grid", "val_by_lr", "lr", "seeds",
+                    "test", "forgetting", "step_time_s", "peak_bytes"):  # fmt: skip
+            assert key in arm, (name, key)
+        grid = arm["lr_grid"]
+        # at least four rates; extended until the chosen one is strictly inside, or six rates
+        assert 4 <= len(grid) <= 6
+        assert min(grid) < arm["lr"] < max(grid) or len(grid) == 6
+        assert arm["seeds"] == [0, 1] and len(arm["test"]) == len(arm["forgetting"]) == 2
+        assert arm["step_time_s"] > 0 and arm["peak_bytes"] > 0
+        # the test split is read at the chosen rate only
+        for cell in cells(out, "reverse", name).values():
+            assert ("test" in cell) == (cell["lr"] == arm["lr"]), (name, cell["lr"])
+            assert len(cell["curve"]) == 2 and cell["curve"][-1]["all"]  # 20 steps: a point per period of 10
+    assert (tmp_path / "quality_vs_memory.png").read_bytes()[:4] == b"\x89PNG"
+    assert "lisa2" in (out / "tables.md").read_text() or "LISA" in (out / "tables.md").read_text()
+
+    # every block LISA visited changed, every other block did not; fixed blocks are LISA's first draw
+    for cell in cells(out, "reverse", "lisa2").values():
+        assert len(cell["periods"]) == 2
+        for index, block in cell["blocks"].items():
+            visited = any(int(index) in period for period in cell["periods"])
+            assert (block["change_norm"] > 0) == visited, (index, block, cell["periods"])
+            assert block["periods_active"] == sum(int(index) in period for period in cell["periods"])
+    lisa, fixed = cells(out, "reverse", "lisa2"), cells(out, "reverse", "fixed2")
+    for name, cell in fixed.items():
+        changed = sorted(int(i) for i, b in cell["blocks"].items() if b["change_norm"] > 0)
+        assert len(cell["periods"]) == 1 and changed == cell["periods"][0]
+        twin = lisa.get(name)
+        if twin is not None:
+            assert cell["periods"][0] == twin["periods"][0]
