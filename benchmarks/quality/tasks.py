@@ -404,6 +404,11 @@ COUNTRIES = {
     "Kenya": "Nairobi", "Thailand": "Bangkok", "South Korea": "Seoul", "India": "New Delhi",
     "Turkey": "Ankara", "Belgium": "Brussels", "the Netherlands": "Amsterdam", "Cuba": "Havana",
     "Australia": "Canberra", "Chile": "Santiago", "Colombia": "Bogota", "Iran": "Tehran", "Iraq": "Baghdad",
+    "Switzerland": "Bern", "the Czech Republic": "Prague", "Romania": "Bucharest", "Vietnam": "Hanoi",
+    "Indonesia": "Jakarta", "the Philippines": "Manila", "Saudi Arabia": "Riyadh", "Venezuela": "Caracas",
+    "Ethiopia": "Addis Ababa", "Morocco": "Rabat", "Pakistan": "Islamabad", "Bangladesh": "Dhaka",
+    "Malaysia": "Kuala Lumpur", "Scotland": "Edinburgh", "Wales": "Cardiff", "Iceland": "Reykjavik",
+    "Croatia": "Zagreb", "Serbia": "Belgrade", "Bulgaria": "Sofia", "New Zealand": "Wellington",
 }  # fmt: skip
 OPPOSITES = {
     "hot": "cold", "big": "small", "up": "down", "left": "right", "day": "night", "black": "white",
@@ -411,21 +416,17 @@ OPPOSITES = {
     "early": "late", "light": "dark", "high": "low", "hard": "soft", "full": "empty", "true": "false",
     "rich": "poor", "strong": "weak", "win": "lose", "push": "pull", "first": "last", "before": "after",
 }  # fmt: skip
-SEQUENCES = [
-    ("Monday", "Tuesday"), ("Tuesday", "Wednesday"), ("Wednesday", "Thursday"), ("Thursday", "Friday"),
-    ("Friday", "Saturday"), ("Saturday", "Sunday"), ("January", "February"), ("February", "March"),
-    ("March", "April"), ("April", "May"), ("May", "June"), ("June", "July"), ("July", "August"),
-    ("August", "September"), ("September", "October"), ("October", "November"), ("November", "December"),
-]  # fmt: skip
-ARITHMETIC = [(a, b) for a in range(1, 10) for b in range(1, 10) if (a * 7 + b) % 4 == 0]
 
 
 def control_candidates() -> list[Item]:
-    """Short questions with one-word answers; :func:`control_items` keeps those the base model gets right."""
-    items = [Item(f"Q: What is the capital of {c}?\nA:", city) for c, city in COUNTRIES.items()]
-    items += [Item(f"Q: What is the opposite of {w}?\nA:", o) for w, o in OPPOSITES.items()]
-    items += [Item(f"Q: What comes after {a}?\nA:", b) for a, b in SEQUENCES]
-    items += [Item(f"Q: What is {a} plus {b}?\nA:", str(a + b)) for a, b in ARITHMETIC]
+    """Short completions with one-word answers; :func:`control_items` keeps those the base model gets right.
+
+    Plain completions (not the chat format): the base model answers a capital as the continuation of
+    "Answer: The capital of X is" far more often than after "A:".
+    """
+    items = [Item(f"Question: What is the capital of {c}?\nAnswer: The capital of {c} is", city)
+             for c, city in COUNTRIES.items()]  # fmt: skip
+    items += [Item(f"The opposite of {w} is", o) for w, o in OPPOSITES.items()]
     return [Item(i.prompt, i.answer, n) for n, i in enumerate(items)]
 
 
