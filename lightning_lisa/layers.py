@@ -190,6 +190,7 @@ def find_layers(module: nn.Module, layers: str | Sequence[str] | None = None, wa
     from_table = False
     if layers is not None:
         paths = _resolve_explicit_paths(module, layers)
+        _check_explicit_blocks(module, paths, hf_model, layers, warn)
     elif model_type in BLOCK_LISTS and (found := _paths_from_table(module, BLOCK_LISTS[model_type])):
         paths, from_table = found, True
     else:
@@ -575,6 +576,54 @@ def _resolve_explicit_paths(module: nn.Module, layers: str | Sequence[str]) -> l
                 f"Block lists found: {module_list_candidates(module) or 'none'}."
             )
     return paths
+
+
+def _check_explicit_blocks(
+    module: nn.Module, paths: Sequence[str], hf_model: nn.Module | None, layers: str | Sequence[str], warn: bool
+) -> None:
+    """Refuse a block list named in ``layers`` that holds the input embeddings or the head; warn about odd entries.
+
+    Odd entries are those that are not blocks like the others: single layers among composite blocks, or
+    entries without parameters. LISA samples every entry of a block list as a block: an embedding or a
+    head in it would be frozen in most periods and trained as a "block" in others, not always.
+    """
+    special: dict[int, str] = {}
+    if hf_model is not None:
+        for accessor, part in (("get_input_embeddings", "the input embeddings"), ("get_output_embeddings", "the head")):
+            found = _call_accessor(hf_model, accessor)
+            if found is not None:
+                special.setdefault(id(found), part)
+        head = next((h for a in HEAD_ATTRIBUTES if isinstance(h := getattr(hf_model, a, None), nn.Module)), None)
+        if head is not None:
+            special.setdefault(id(head), "the head")
+    for path in paths:
+        entries = _block_list(module, path)
+        embedded: list[str] = []
+        for name, entry in entries:
+            what: str | None = special.get(id(entry))
+            if what is None and isinstance(entry, nn.Embedding):
+                what = "an embedding"
+            if what is None and any(id(m) in special for m in entry.modules()):
+                what = "a module holding " + next(special[id(m)] for m in entry.modules() if id(m) in special)
+            if what is not None:
+                embedded.append(f"`{name}` ({type(entry).__name__}: {what})")
+        if embedded:
+            raise LISAConfigError(
+                f"`layers={layers!r}`: {path!r} holds {', '.join(embedded)}, not only blocks. LISA samples every entry "
+                "of a block list as a block, so it would freeze these in most periods. Put the blocks in a list of "
+                "their own (e.g. an nn.ModuleList) and pass its path; the embeddings and the head train all the "
+                "time by default (or name them in `always_active`)."
+            )
+        if not warn:
+            continue
+        composite = [name for name, entry in entries if _is_composite(entry)]
+        odd = [name for name, entry in entries if not _has_params(entry) or (composite and not _is_composite(entry))]
+        if odd:
+            rank_zero_warn(
+                f"LISA: the block list {path!r} given in `layers` holds entries that are not blocks like the others: "
+                f"{odd[:8]} (single layers among composite blocks, or without parameters). LISA samples each entry as "
+                "a block; pass the path of a list that holds the blocks alone."
+            )
 
 
 def _paths_from_table(module: nn.Module, suffixes: tuple[str, ...]) -> list[str] | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import transformers as tf
@@ -11,6 +12,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from lightning_lisa import BLOCK_LISTS, find_layers
+from lightning_lisa.errors import LISAConfigError
 from lightning_lisa.layers import module_list_candidates, split_units, unique_parameters
 from lightning_lisa.testing import SEQ2SEQ, CausalLM, tiny_llama
 
@@ -332,3 +334,56 @@ def test_extra_embeddings_of_known_architectures(model_type):
         info = find_layers(model_cls(config_cls(**kwargs)))
     assert info.extra_embedding_names == EXTRA_EMBEDDINGS.get(model_type, ())
     assert info.projector_names == () and info.tower_names == ()
+
+
+class SequentialLM(nn.Module):
+    """Embedding, blocks and head in one nn.Sequential: the blocks are not a list of their own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        blocks = [nn.TransformerEncoderLayer(8, 2, 16, batch_first=True) for _ in range(3)]
+        self.net = nn.Sequential(nn.Embedding(16, 8), *blocks, nn.Linear(8, 16))
+
+
+def test_layers_naming_a_list_with_the_embedding_is_refused():
+    with pytest.raises(LISAConfigError, match=r"`layers='net'`: 'net' holds `net.0` \(Embedding: an embedding\)"):
+        find_layers(SequentialLM(), layers="net")
+    # LISA refuses it before anything trains
+    from lightning_lisa import LISA
+    from lightning_lisa.testing import quiet_trainer
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = SequentialLM()
+
+        def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+            return self.model.net(batch.long()).sum()
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.AdamW(self.parameters())
+
+    with pytest.raises(LISAConfigError, match="not only blocks"):
+        quiet_trainer([LISA(n_layers=1, layers="model.net")], max_steps=1).fit(Module(), [torch.zeros(1)])
+
+
+def test_layers_naming_a_list_with_a_hugging_face_head_is_refused():
+    model = tiny_llama(3)
+    holder = nn.Module()
+    holder.stack = nn.ModuleList([*model.model.layers, model.lm_head])
+    holder.model = model
+    with pytest.raises(LISAConfigError, match=r"'stack' holds `stack.3` \(Linear: the head\)"):
+        find_layers(holder, layers="stack")
+
+
+def test_layers_naming_a_list_with_odd_entries_warns():
+    model = nn.Module()
+    model.stack = nn.ModuleList([nn.TransformerEncoderLayer(8, 2, 16, batch_first=True) for _ in range(3)])
+    model.stack.append(nn.LayerNorm(8))
+    with pytest.warns(UserWarning, match=r"not blocks like the others: \['stack.3'\]"):
+        find_layers(model, layers="stack")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a list of blocks alone: no warning
+        plain = nn.Module()
+        plain.stack = nn.ModuleList([nn.TransformerEncoderLayer(8, 2, 16, batch_first=True) for _ in range(3)])
+        find_layers(plain, layers="stack")
