@@ -11,7 +11,8 @@ has both:
 
 LISA starts the first period at once (as the Trainer callback does in ``on_train_start``), and forward
 pre-hooks do what the Trainer callback does at the first micro-batch of every optimizer step: switch
-whenever the step count enters a new period. An optimizer built after ``fabric.setup(model)`` must
+whenever the step count enters a new period. Forwards without gradients (evaluation under
+``torch.no_grad()``) switch nothing. An optimizer built after ``fabric.setup(model)`` must
 still be built over all parameters; LISA checks that after the first step.
 
 Loops that call ``fabric.setup_module`` (which runs no hook) or use no Fabric at all call
@@ -214,6 +215,8 @@ class LoopDriver:
                 "`fabric.setup(model, optimizer)` or `fabric.setup_optimizers(optimizer)`, or call "
                 "`lisa.attach(model, optimizer)`."
             )
+        if not torch.is_grad_enabled():  # evaluation: it trains nothing, so it starts no period
+            return
         if not self._checked and self._stepped:
             self.check_optimizers()
         if self.needs_start:

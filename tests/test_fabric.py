@@ -245,3 +245,26 @@ def test_an_optimizer_over_trainable_parameters_only_is_refused_after_the_first_
     optimizer.step()
     with pytest.raises(LISAConfigError, match=r"in no optimizer that stepped.*model\.parameters\(\)"):
         model.training_step(batches()[1], 1)
+
+
+class CompactLM(CausalLM):
+    """The tiny model with 8-bit moments for the embeddings and the head (CompactAdamW)."""
+
+    def configure_optimizers(self) -> Any:
+        from lightning_lisa import compact_adamw
+
+        return compact_adamw(self, lr=1e-2)
+
+
+def test_compact_state_under_fabric_equals_the_trainer():
+    options = {"n_layers": 1, "interval": 2, "seed": 7}
+    in_trainer, in_fabric = LISA(**options), LISA(**options)
+    module = CompactLM()
+    trainer = quiet_trainer([in_trainer], max_steps=5, accumulate_grad_batches=2)
+    trainer.fit(module, token_loader(n_batches=BATCHES))
+    fabric = Fabric(accelerator="cpu", devices=1, callbacks=[in_fabric])
+    other = CompactLM()
+    model, optimizer = fabric.setup(other, other.configure_optimizers())
+    fabric_fit(fabric, model, optimizer, batches(), 5, accumulate=2)
+    assert [s.active_layers for s in in_fabric.history] == [s.active_layers for s in in_trainer.history]
+    assert_same_training(module, trainer.optimizers[0], other, optimizer)
