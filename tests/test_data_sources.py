@@ -278,3 +278,22 @@ def test_the_local_jsonl_example_config_at_tiny_scale(tmp_path: Path):
     )
     assert cli.datamodule.packing == "isolated" and cli.trainer.global_step == 2
     assert cli.datamodule.summary["train"]["formats"] == {"alpaca": 40}
+
+
+@pytest.mark.parametrize("overlong", ["truncate", "drop"])
+def test_pre_tokenized_rows_on_arrow_equal_those_through_python(tmp_path: Path, overlong: str):
+    import datasets
+
+    ids = [list(range(n % 30 + 1)) for n in range(40)]
+    datasets.Dataset.from_dict({"input_ids": ids}).to_parquet(str(tmp_path / "ids.parquet"))  # the Arrow path
+    jsonl(tmp_path / "labelled.jsonl", [{"input_ids": i, "labels": i} for i in ids])  # through Python
+    runs = []
+    for name in ("ids.parquet", "labelled.jsonl"):
+        dm = module(tmp_path / f"c-{name}", path=str(tmp_path / name), max_length=10, overlong=overlong)
+        dm.setup("fit")
+        assert dm.train_set is not None
+        runs.append(
+            (dm.summary["train"], [r["input_ids"].tolist() for r in dm.train_set], list(dm.train_set.targets()))
+        )
+    assert runs[0] == runs[1]
+    assert runs[0][0]["dropped_without_targets"] == 2 and runs[0][0]["formats"] == {"tokens": 40}

@@ -153,7 +153,7 @@ class TokenizeRecords:
                     status, ids, labels = DROPPED_LONG, [], []
                 else:
                     status, ids, labels = TRUNCATED, ids[:limit], labels[:limit]
-            targets = sum(1 for t in labels[1:] if t != IGNORE_INDEX)
+            targets = _targets(labels)
             if not stream and status != DROPPED_LONG and targets == 0:
                 status, ids, labels = DROPPED_NO_TARGET, [], []
             out["input_ids"].append(ids)
@@ -166,13 +166,97 @@ class TokenizeRecords:
 def _tokens(row: dict[str, Any], where: str) -> tuple[list[int], list[int]]:
     ids = row["input_ids"]
     labels = row.get("labels")
-    labels = ids if labels is None else labels
-    for name, value in (("input_ids", ids), ("labels", labels)):
-        if not isinstance(value, list | np.ndarray) or not all(isinstance(t, int | np.integer) for t in value):
+    checked = []
+    for name, value in (("input_ids", ids), ("labels", ids if labels is None else labels)):
+        array = np.asarray(value)
+        if array.ndim != 1 or (array.size and array.dtype.kind not in "iu"):
             raise ValueError(f"{where}: field {name!r} must be a list of integers, got {value!r:.60}.")
-    if len(labels) != len(ids):
-        raise ValueError(f"{where}: 'labels' has {len(labels)} tokens but 'input_ids' has {len(ids)}.")
-    return [int(t) for t in ids], [int(t) for t in labels]
+        checked.append(array.astype(np.int64).tolist())
+    if len(checked[1]) != len(checked[0]):
+        raise ValueError(f"{where}: 'labels' has {len(checked[1])} tokens but 'input_ids' has {len(checked[0])}.")
+    return checked[0], checked[1]
+
+
+def _targets(labels: list[int]) -> int:
+    """Labels other than ``-100`` after the first position (the first token is never predicted)."""
+    if len(labels) > 256:
+        return int((np.asarray(labels[1:]) != IGNORE_INDEX).sum())
+    return sum(1 for t in labels[1:] if t != IGNORE_INDEX)
+
+
+def _plain_tokens(table: datasets.Dataset, record_type: str) -> bool:
+    """Whether a part is pre-tokenized ids only (an integer-list ``input_ids`` column, no ``labels``)."""
+    import datasets
+
+    feature = table.features.get("input_ids")
+    inner = getattr(feature, "feature", None)
+    return (
+        record_type in ("auto", "tokens")
+        and "labels" not in table.column_names
+        and isinstance(feature, datasets.List | datasets.Sequence)
+        and isinstance(inner, datasets.Value)
+        and inner.dtype.startswith(("int", "uint"))
+    )
+
+
+def _token_rows(table: datasets.Dataset, settings: RowSettings, label: str) -> datasets.Dataset:
+    """Rows of a pre-tokenized part, computed on Arrow batches (no Python list per token): labels are the ids."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    limit, stream, drop = settings.max_length, settings.packing == "stream", settings.overlong == "drop"
+
+    def rows(batch: pa.Table) -> pa.Table:
+        ids = batch.column("input_ids").combine_chunks().cast(pa.list_(pa.int32()))
+        if ids.null_count:
+            raise ValueError(f"{label}: a record has no 'input_ids' (null); every record needs its token ids.")
+        lengths = pc.list_value_length(ids).to_numpy(zero_copy_only=False).astype(np.int64)
+        status = np.full(len(lengths), KEPT, dtype=np.int8)
+        if not stream:
+            long = lengths > limit
+            status[long] = DROPPED_LONG if drop else TRUNCATED
+            ids = pc.list_slice(ids, 0, limit)
+            kept_lengths = np.minimum(lengths, limit)
+            if drop:
+                ids = pc.if_else(pa.array(long), pa.scalar([], pa.list_(pa.int32())), ids)
+                kept_lengths[long] = 0
+            status[(kept_lengths < 2) & (status != DROPPED_LONG)] = DROPPED_NO_TARGET
+            lengths = kept_lengths
+        targets = np.maximum(lengths - 1, 0)
+        kinds = np.full(len(lengths), RECORD_FORMATS.index("tokens"), dtype=np.int8)
+        return pa.table(
+            {
+                "input_ids": ids,
+                "labels": ids,
+                "n_targets": pa.array(targets),
+                "status": pa.array(status),
+                "kind": pa.array(kinds),
+            }
+        )
+
+    return (
+        table.with_format("arrow")
+        .map(
+            rows,
+            batched=True,
+            batch_size=2000,
+            remove_columns=table.column_names,
+            desc=f"Rows of {Path(label).name}",
+            load_from_cache_file=False,
+            new_fingerprint=hashlib.sha256(f"tokens:{label}:{limit}".encode()).hexdigest()[:16],
+            features=datasets.Features(
+                {
+                    "input_ids": datasets.List(datasets.Value("int32")),
+                    "labels": datasets.List(datasets.Value("int32")),
+                    "n_targets": datasets.Value("int64"),
+                    "status": datasets.Value("int8"),
+                    "kind": datasets.Value("int8"),
+                }
+            ),
+        )
+        .with_format(None)
+    )
 
 
 def tokenize_parts(
@@ -197,6 +281,9 @@ def tokenize_parts(
                     f"have; it has {table.column_names}."
                 )
             table = table.rename_columns({data: ours for ours, data in columns.items() if data != ours})
+        if _plain_tokens(table, record_type):
+            tokenized.append(_token_rows(table, settings, part.label))
+            continue
         function = TokenizeRecords(tokenizer, part, record_type, settings)
         tokenized.append(
             table.map(

@@ -90,25 +90,32 @@ class RowDataset(Dataset[Batch]):
 
     def __init__(self, table: datasets.Dataset) -> None:
         self.table = table.with_format("numpy")
+        self.arrow = table.with_format("arrow")
         self.packed = "seq_lengths" in table.column_names
 
     def __len__(self) -> int:
         return len(self.table)
 
     def __getitem__(self, key: int | tuple[int, int]) -> Batch:
-        index, targets = key if isinstance(key, tuple) else (key, None)
-        if not 0 <= int(index) < len(self.table):
-            raise IndexError(f"row {index} of {len(self.table)}")
-        row = self.table[int(index)]
-        item = {
-            "input_ids": torch.from_numpy(np.asarray(row["input_ids"], dtype=np.int64)),
-            "labels": torch.from_numpy(np.asarray(row["labels"], dtype=np.int64)),
-        }
-        if self.packed:
-            item["seq_lengths"] = torch.from_numpy(np.asarray(row["seq_lengths"], dtype=np.int64))
-        if targets is not None:
-            item[STEP_TARGETS] = torch.tensor(int(targets))
-        return item
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys: Sequence[int | tuple[int, int]]) -> list[Batch]:
+        """The items of ``keys`` read in one slice of the Arrow table (the loader asks for a batch at once)."""
+        pairs = [key if isinstance(key, tuple) else (key, None) for key in keys]
+        indices = [int(index) for index, _ in pairs]
+        for index in indices:
+            if not 0 <= index < len(self.table):
+                raise IndexError(f"row {index} of {len(self.table)}")
+        rows = self.arrow[indices]
+        columns = ["input_ids", "labels", *(["seq_lengths"] if self.packed else [])]
+        split = {name: _rows(rows.column(name)) for name in columns}
+        items = []
+        for position, (_, targets) in enumerate(pairs):
+            item = {name: torch.from_numpy(split[name][position].astype(np.int64)) for name in columns}
+            if targets is not None:
+                item[STEP_TARGETS] = torch.tensor(int(targets))
+            items.append(item)
+        return items
 
     def __iter__(self) -> Iterator[Batch]:
         return (self[i] for i in range(len(self)))
@@ -116,6 +123,14 @@ class RowDataset(Dataset[Batch]):
     def targets(self) -> np.ndarray:
         """The number of target tokens of every row (labels other than ``-100``, after the first position)."""
         return np.asarray(self.table["n_targets"], dtype=np.int64)
+
+
+def _rows(column: object) -> list[np.ndarray]:
+    """The lists of an Arrow list column, as numpy views of its values."""
+    array = column.combine_chunks()  # type: ignore[attr-defined]
+    offsets = array.offsets.to_numpy()
+    values = array.values.to_numpy(zero_copy_only=False)
+    return [values[offsets[i] : offsets[i + 1]] for i in range(len(array))]
 
 
 class Collator:
