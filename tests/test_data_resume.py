@@ -133,12 +133,14 @@ def test_a_decaying_schedule_needs_a_known_length():
 
 
 @pytest.mark.slow
-def test_the_command_killed_mid_epoch_resumes_bit_identical(tmp_path: Path):
+@pytest.mark.parametrize("devices", [1, 2])
+def test_the_command_killed_mid_epoch_resumes_bit_identical(tmp_path: Path, devices: int):
+    """One process with 2 loader workers, or DDP on 2 processes (gloo) with the distributed StepSampler."""
     path = write_records(tmp_path / "chat.jsonl")
     config = {
         "seed_everything": 0,
         "trainer": {
-            "accelerator": "cpu", "devices": 1, "precision": 32, "max_steps": 6, "logger": False,
+            "accelerator": "cpu", "devices": devices, "precision": 32, "max_steps": 6, "logger": False,
             "num_sanity_val_steps": 0, "limit_val_batches": 0, "enable_progress_bar": False,
             "enable_model_summary": False,
             "callbacks": [
@@ -151,28 +153,38 @@ def test_the_command_killed_mid_epoch_resumes_bit_identical(tmp_path: Path):
         "model": {"config": {"model_type": "llama", "vocab_size": 32, "hidden_size": 16, "intermediate_size": 32,
                              "num_hidden_layers": 3, "num_attention_heads": 2}, "learning_rate": 0.01},
         "data": {"path": str(path), "tokenizer": chat_tokenizer(tmp_path / "tok"), "packing": "isolated",
-                 "max_length": 24, "batch_size": 2, "num_workers": 2, "cache_dir": str(tmp_path / "cache")},
+                 "max_length": 24, "batch_size": 2, "num_workers": 2 if devices == 1 else 0,
+                 "cache_dir": str(tmp_path / "cache")},
         "lisa": {"n_layers": 1, "interval": 2},
         "summary": {"enabled": False},
     }  # fmt: skip
+    if devices > 1:
+        config["trainer"]["strategy"] = "ddp_find_unused_parameters_true"  # type: ignore[index]
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
 
     def command(root: str, *extra: str) -> list[str]:
         return [sys.executable, "-m", "lightning_lisa", "fit", "--config", "run.yaml",
                 f"--trainer.default_root_dir={root}", *extra]  # fmt: skip
 
-    full = run_command(command("full"), {BATCH_LOG_ENV: str(tmp_path / "full.jsonl")}, cwd=tmp_path).check()
+    full = run_command(command("full"), {BATCH_LOG_ENV: str(tmp_path / "full-{rank}.jsonl")}, cwd=tmp_path).check()
     assert full.returncode == 0
     first = kill_and_resume(
-        command("cut"), "batch_end@3", env={BATCH_LOG_ENV: str(tmp_path / "cut.jsonl")}, cwd=tmp_path,
+        command("cut"), "batch_end@3", env={BATCH_LOG_ENV: str(tmp_path / "cut-{rank}.jsonl")}, cwd=tmp_path,
         resume_command=command("cut", "--ckpt_path=cut/checkpoints/step=2.ckpt"),
     )  # fmt: skip
     assert first.interrupted.killed
-    lines = (tmp_path / "cut.jsonl").read_text().splitlines()  # both runs appended to it: split where steps restart
-    restart = next(i for i in range(1, len(lines)) if json.loads(lines[i])["step"] <= json.loads(lines[i - 1])["step"])
-    (tmp_path / "killed.jsonl").write_text("\n".join(lines[:restart]) + "\n")
-    (tmp_path / "resumed.jsonl").write_text("\n".join(lines[restart:]) + "\n")
-    batches = read_batch_log(tmp_path / "killed.jsonl", tmp_path / "resumed.jsonl")  # what the optimizer stepped on
-    expected = read_batch_log(tmp_path / "full.jsonl")
-    assert [r["digest"] for r in batches] == [r["digest"] for r in expected] and len(expected) == 6
+    seen = []
+    for rank in range(devices):
+        # both runs appended to one log: split it where the steps restart, and merge what the optimizer stepped on
+        lines = (tmp_path / f"cut-{rank}.jsonl").read_text().splitlines()
+        steps = [json.loads(line)["step"] for line in lines]
+        restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
+        (tmp_path / "killed.jsonl").write_text("\n".join(lines[:restart]) + "\n")
+        (tmp_path / "resumed.jsonl").write_text("\n".join(lines[restart:]) + "\n")
+        batches = [r["digest"] for r in read_batch_log(tmp_path / "killed.jsonl", tmp_path / "resumed.jsonl")]
+        expected = [r["digest"] for r in read_batch_log(tmp_path / f"full-{rank}.jsonl")]
+        assert batches == expected and len(expected) == 6
+        seen.append(expected)
+    if devices > 1:
+        assert not set(seen[0]) & set(seen[1])  # the ranks train on different rows
     assert_same_training_state(tmp_path / "full/checkpoints/step=6.ckpt", tmp_path / "cut/checkpoints/step=6.ckpt")
