@@ -252,7 +252,7 @@ def test_bad_data_names_the_file_and_the_record(tmp_path: Path):
         module(tmp_path, sources=[DataSource(str(odd))]).setup("fit")
 
 
-def test_the_local_jsonl_example_config_at_tiny_scale(tmp_path: Path):
+def test_the_local_jsonl_example_config_at_tiny_scale(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     from cli_args import tiny
 
     from lightning_lisa.recipes.cli import LisaCLI
@@ -278,6 +278,7 @@ def test_the_local_jsonl_example_config_at_tiny_scale(tmp_path: Path):
     )
     assert cli.datamodule.packing == "isolated" and cli.trainer.global_step == 2
     assert cli.datamodule.summary["train"]["formats"] == {"alpaca": 40}
+    assert "Data: 40 records, 0 truncated to 192 tokens, 0 dropped as too long" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("overlong", ["truncate", "drop"])

@@ -25,7 +25,7 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from lightning_lisa.callback import LISA
-from lightning_lisa.recipes.data import TextDataModule
+from lightning_lisa.recipes.data import TextDataModule, format_data_summary
 from lightning_lisa.recipes.module import CausalLMModule
 from lightning_lisa.recipes.summary import (
     FitReport,
@@ -155,6 +155,9 @@ class LisaCLI(LightningCLI):
         report.paths = output_paths(self.trainer, self.model)
         lisa = next((c for c in self.trainer.callbacks if isinstance(c, LISA)), None)  # type: ignore[attr-defined]
         print(format_summary(report, self.model, lisa, self.trainer.global_step), flush=True)
+        data = self.datamodule
+        if isinstance(data, TextDataModule) and data.summary:
+            print(format_data_summary(data.summary, data.packing, data.max_length), flush=True)
         prompts = self._get(self.config_init, "prompts") or []
         if prompts:
             print(format_answers(prompts, self._answers_before, self._answer()), flush=True)
