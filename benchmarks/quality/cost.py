@@ -9,9 +9,9 @@ Every arm of the study trains on every task's own batches, in one process, one C
 that a drift of the machine's speed spreads over all arms. The step time is the median over the rounds'
 steps after each round's first two (warm-up). The peak is the largest number of bytes of tensor storages
 alive at once (weights, gradients, optimizer state, activations and temporaries:
-:class:`~lightning_lisa.estimate.measure.TensorPeak`) over the first ``--peak-steps`` steps of a separate
-run, which pass a re-sampling of the LISA arms (K = 10); tracing slows every operation, so no step time is
-taken from it. The LoRA rank matched to LISA gamma = 2 is checked against these peaks.
+:class:`~lightning_lisa.estimate.measure.TensorPeak`) in steps 9 to 12 of a separate run, which pass a
+re-sampling of the LISA arms (K = 10); tracing slows every operation, so no step time is taken from it.
+The LoRA rank matched to LISA gamma = 2 is checked against these peaks.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 import common  # noqa: E402
 import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
 from arms import ARMS  # noqa: E402
 from runner import Base, fit, make_base, task_for  # noqa: E402
 from study import read  # noqa: E402
@@ -53,17 +54,30 @@ class StepClock(pl.Callback):
 
 
 class Peak(pl.Callback):
-    """:class:`TensorPeak` over the whole fit, the model's weights tracked from the start."""
+    """:class:`TensorPeak` from step ``start`` to the end of the fit.
 
-    def __init__(self) -> None:
+    The weights, gradients and optimizer state that exist when it starts are tracked, so steps before
+    ``start`` run at full speed and the peak still counts everything alive.
+    """
+
+    def __init__(self, start: int) -> None:
         self.mode = TensorPeak()
+        self.start = start
+        self.active = False
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if self.active or trainer.global_step < self.start:
+            return
         self.mode.__enter__()
+        self.active = True
         self.mode.track(pl_module.state_dict().values())
+        self.mode.track(p.grad for p in pl_module.parameters() if p.grad is not None)
+        for optimizer in trainer.optimizers:
+            self.mode.track(t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.mode.__exit__(None, None, None)
+        if self.active:
+            self.mode.__exit__(None, None, None)
 
 
 def measure(base: Base, task: Task, arm: str, steps: int, extra: list[pl.Callback]) -> None:
@@ -77,8 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--arms", default=",".join(ARMS))
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=10, help="steps of each arm in each round (default 10)")
-    parser.add_argument("--peak-steps", type=int, default=12, help="steps of the traced run (default 12)")
+    parser.add_argument("--steps", type=int, default=6, help="steps of each arm in each round (default 6)")
+    parser.add_argument("--peak-from", type=int, default=8, help="first traced step (default 8)")
+    parser.add_argument("--peak-to", type=int, default=12, help="steps of the run the peak is taken in (default 12)")
     parser.add_argument("--out", type=Path, default=HERE.parents[1] / "benchmarks" / "results" / "quality")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--cache-dir", type=Path)
@@ -104,8 +119,8 @@ def main(argv: list[str] | None = None) -> int:
                 times[arm] += clock.times[2:]
         rows: dict[str, Any] = {}
         for arm in arms:
-            peak = Peak()
-            measure(base, task, arm, args.peak_steps, [peak])
+            peak = Peak(args.peak_from)
+            measure(base, task, arm, args.peak_to, [peak])
             rows[arm] = {"step_time_s": statistics.median(times[arm]), "step_times": times[arm],
                          "peak_bytes": peak.mode.peak}  # fmt: skip
             print(f"{name:8} {arm:14} step {rows[arm]['step_time_s']:.3f} s   peak {peak.mode.peak / 2**20:8.1f} MiB",
@@ -113,8 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         result["tasks"][name] = rows
         result["regime"] = (
             f"CPU, 1 thread, float32, batch of each task's training data; {args.rounds} rounds x {args.steps} "
-            f"steps per arm (median after 2 warm-up steps a round); peak: tensor bytes alive at once over "
-            f"{args.peak_steps} steps"
+            f"steps per arm (median after 2 warm-up steps a round); peak: tensor bytes alive at once in steps "
+            f"{args.peak_from + 1} to {args.peak_to} (a re-sampling at step 10)"
         )
         common.save_json(args.out / ("cost_smoke.json" if args.smoke else "cost.json"), result)
     return 0
