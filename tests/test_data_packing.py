@@ -159,3 +159,19 @@ def test_the_sampler_deals_each_step_to_ranks_with_the_step_total():
         assert totals == {int(targets[rows].sum())}
     ranks[0].set_epoch(2)
     assert [i for i, _ in ranks[0]] != [i for i, _ in dealt[0]]  # a new order each epoch
+
+
+def test_a_batch_without_step_targets_or_positions_is_computed_as_before():
+    torch.manual_seed(0)
+    batch = {"input_ids": torch.randint(0, 300, (3, 10)), "labels": torch.randint(0, 300, (3, 10)),
+             "attention_mask": torch.ones(3, 10, dtype=torch.long)}  # fmt: skip
+    plain, wrapped = model(seed=1), model(seed=1)
+    module = CausalLMModule.from_model(wrapped)
+    module.log = lambda *args, **kwargs: None  # type: ignore[method-assign]  # no Trainer, nothing to log to
+    reference = plain(**batch).loss
+    loss = module.training_step(batch, 0)
+    assert torch.equal(loss, reference)
+    reference.backward()
+    loss.backward()
+    for (name, a), b in zip(plain.named_parameters(), wrapped.parameters(), strict=True):
+        assert torch.equal(a.grad, b.grad), name
