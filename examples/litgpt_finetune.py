@@ -210,7 +210,7 @@ def main() -> None:
             "blocks": lisa.layer_info.path if lisa.layer_info is not None else None,
             "always_active": [e.name for e in lisa.report.always_trained] if lisa.report is not None else [],
             "trainable_params": trained,
-            "checkpoint": str(checkpoint),
+            "checkpoint": str(checkpoint.resolve()),
         }
         args.json.write_text(json.dumps(figures, indent=1))
 

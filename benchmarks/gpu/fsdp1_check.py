@@ -14,6 +14,9 @@ Checks, each reported as passed or failed with its figures:
   trainable elements.
 * resume (full and sharded checkpoints): 7 steps (in the middle of a LISA period), save, resume to
   12 equals 12 uninterrupted steps (schedule and weights).
+* fabric (one device): the same under Lightning Fabric's own ``FSDPStrategy(auto_wrap_policy={block})``
+  (or ``ModelParallelStrategy``) with ``Fabric(callbacks=[lisa])``: only active blocks change, and
+  ``lisa.save`` + ``lisa.load`` (full and sharded checkpoints) resume to the uninterrupted weights.
 
     python benchmarks/gpu/fsdp1_check.py --out DIR                    # FSDP1 on CUDA
     python benchmarks/gpu/fsdp1_check.py --out DIR --strategy fsdp2 --accelerator cpu
@@ -318,6 +321,89 @@ def check_resume(args: argparse.Namespace, sharded: bool) -> dict[str, Any]:
     }
 
 
+def fabric_strategy(args: argparse.Namespace, sharded: bool) -> Any:
+    """Fabric's own strategy classes (no LISA subclass: ``lisa.save`` and ``lisa.load`` handle the state)."""
+    if args.strategy == "fsdp1":
+        from lightning.fabric.strategies import FSDPStrategy
+        from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+        return FSDPStrategy(auto_wrap_policy={LlamaDecoderLayer}, state_dict_type="sharded" if sharded else "full")
+    from lightning.fabric.strategies import ModelParallelStrategy
+
+    from lightning_lisa import fully_shard_blocks
+
+    def parallelize(module: LM, mesh: Any) -> LM:
+        fully_shard_blocks(module.model, mesh=mesh["data_parallel"])
+        return module
+
+    return ModelParallelStrategy(
+        parallelize_fn=parallelize, data_parallel_size=1, tensor_parallel_size=1, save_distributed_checkpoint=sharded
+    )
+
+
+def check_fabric(args: argparse.Namespace, sharded: bool) -> dict[str, Any]:
+    """LISA in a Fabric loop (``Fabric(callbacks=[lisa])``): what changes per step, and an exact resume.
+
+    12 uninterrupted steps against 7 steps + ``lisa.save`` + a fresh Fabric, model, optimizer and LISA +
+    ``lisa.load`` + 5 steps; the same batch at every step (as :func:`loader`).
+    """
+    from lightning.fabric import Fabric
+
+    from lightning_lisa.testing.fabric_loop import fabric_fit
+
+    path = str(Path(os.environ[SCRATCH]) / ("fabric-ckpt" if sharded else "fabric.ckpt"))
+    batch = next(iter(loader()))
+    problems: list[str] = []
+
+    def run(until: int, save: bool = False, load: bool = False) -> tuple[LISA, torch.Tensor]:
+        lisa = LISA(n_layers=N_LAYERS, interval=INTERVAL, seed=3)
+        fabric = Fabric(
+            accelerator=args.accelerator, devices=1, strategy=fabric_strategy(args, sharded), callbacks=[lisa]
+        )
+        module = LM(False)
+        fabric.launch()  # one device: starts nothing, but a parallel strategy wants it called
+        model = fabric.setup(module)
+        optimizer = fabric.setup_optimizers(module.configure_optimizers())
+        state = {"model": model, "optimizer": optimizer, "lisa": lisa}
+        start = 0
+        if load:
+            lisa.load(fabric, path, state)
+            start = lisa._step
+        before: dict[str, torch.Tensor] = {}
+
+        def check(step: int) -> None:
+            params = dict(module.named_parameters())
+            changed = {n for n, p in params.items() if not torch.equal(local(p.detach()), before[n])}
+            blocks = {block_of(n) for n in changed} - {None}
+            if not blocks <= set(lisa.active_layers):
+                problems.append(f"step {step}: blocks {sorted(blocks)} changed, active {lisa.active_layers}")
+            before.update({n: local(p.detach()).clone() for n, p in params.items()})
+
+        before.update({n: local(p.detach()).clone() for n, p in module.named_parameters()})
+        fabric_fit(fabric, model, optimizer, [batch] * STEPS, until, start_step=start, after_step=check)
+        if save:
+            lisa.save(fabric, path, state)
+        return lisa, flat_weights(module)
+
+    lisa_full, full = run(STEPS)
+    run(SAVE_AT, save=True)
+    lisa_resumed, resumed = run(STEPS, load=True)
+    schedule_full = [list(s.active_layers) for s in lisa_full.history]
+    if schedule_full != [list(s.active_layers) for s in lisa_resumed.history]:
+        problems.append(f"schedules differ: {schedule_full} vs {[list(s.active_layers) for s in lisa_resumed.history]}")
+    max_diff = float((full - resumed).abs().max())
+    if max_diff > 1e-5:
+        problems.append(f"weights differ by up to {max_diff:.3g}")
+    return {
+        "passed": not problems,
+        "problems": problems,
+        "checkpoint": "sharded" if sharded else "full",
+        "max_abs_weight_diff": max_diff,
+        "bit_identical": bool(torch.equal(full, resumed)),
+        "schedule": schedule_full,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="folder for fsdp1_check_<strategy>.json")
@@ -342,6 +428,9 @@ def main(argv: list[str] | None = None) -> int:
         "resume_full": lambda: check_resume(args, sharded=False),
         "resume_sharded": lambda: check_resume(args, sharded=True),
     }
+    if args.devices == 1:  # Fabric's launch would start the ranks again; the Trainer checks cover several GPUs
+        checks["fabric_resume_full"] = lambda: check_fabric(args, sharded=False)
+        checks["fabric_resume_sharded"] = lambda: check_fabric(args, sharded=True)
     device = torch.cuda.get_device_name(0) if args.accelerator == "cuda" else f"CPU ({platform.machine()})"
     report: dict[str, Any] = {
         "strategy": args.strategy,

@@ -188,9 +188,9 @@ else
     FSDP_ARGS=(--strategy fsdp1 --accelerator cuda)
 fi
 log "fsdp1_check ${FSDP_ARGS[*]}"
-timeout --kill-after=10 90 "$PY" benchmarks/gpu/fsdp1_check.py --out "$OUT" "${FSDP_ARGS[@]}" >"$OUT/fsdp1_check.txt" 2>&1
+timeout --kill-after=10 150 "$PY" benchmarks/gpu/fsdp1_check.py --out "$OUT" "${FSDP_ARGS[@]}" >"$OUT/fsdp1_check.txt" 2>&1
 rc=$?
-grep -E "^(train|resume)_" "$OUT/fsdp1_check.txt" | cut -c 1-400 | tee -a "$OUT/run_all.log"
+grep -E "^(train|resume|fabric)_" "$OUT/fsdp1_check.txt" | cut -c 1-400 | tee -a "$OUT/run_all.log"
 if [[ $rc != 0 ]]; then
     status=1
     log "fsdp1_check exited with $rc (124: time limit); see fsdp1_check.txt"
