@@ -116,8 +116,11 @@ def test_fsdp_check_runs_its_checks_under_fsdp2_on_cpu(tmp_path: Path):
         cwd=tmp_path,
     )  # fmt: skip
     report = json.loads((tmp_path / "fsdp1_check_fsdp2.json").read_text())
-    assert set(report["checks"]) == {"train_fp32", "train_bf16", "resume_full", "resume_sharded"}
+    assert set(report["checks"]) == {
+        "train_fp32", "train_bf16", "resume_full", "resume_sharded", "fabric_resume_full", "fabric_resume_sharded"
+    }  # fmt: skip
     assert all(check["passed"] for check in report["checks"].values()), out
     train = report["checks"]["train_fp32"]
     assert train["steps"] == 12 and len(train["switches"]) == 4  # K=3: periods at steps 0, 3, 6, 9
     assert report["checks"]["resume_sharded"]["bit_identical"]
+    assert report["checks"]["fabric_resume_sharded"]["bit_identical"]  # lisa.save + lisa.load under Fabric
