@@ -23,12 +23,20 @@ With gradient accumulation the hooks update only in the backward pass of the las
 optimizer step; the gradients of the earlier micro-batches are accumulated as usual, so they are resident
 between micro-batches.
 
+Gradient clipping by value (``gradient_clip_algorithm="value"``) is element-wise, so the hook clamps each
+gradient to ``[-gradient_clip_val, gradient_clip_val]`` as it arrives, before the update: the same
+clamp Lightning applies after the backward pass (with gradient accumulation, to the accumulated
+gradient, as here), and the same weights. A gradient the hooks did not take (a parameter without a
+gradient in the last micro-batch) is clamped in ``on_before_optimizer_step``. While fitting, the
+Trainer's ``gradient_clip_val`` is set to ``None`` (and restored at teardown), because Lightning's own
+clipping would find no gradients left (torch's ``clip_grad_value_`` fails on an empty list).
+
 What cannot be exact is refused with :class:`~lightning_lisa.errors.LISAConfigError` before the first
-step: gradient clipping (by norm it needs every gradient at once; Lightning clips, by norm or by value,
-after the backward pass, when the gradients are gone), fp16 mixed precision with a ``GradScaler``
-(unscaling and the inf check need every gradient at once), optimizers whose step is not per-parameter,
-several optimizers, manual optimization, and any strategy but a single device (under DDP and FSDP each
-rank's gradient is reduced after the hook would run).
+step: gradient clipping by norm (the norm needs every gradient at once, and Lightning clips after the
+backward pass, when the gradients are gone), an overridden ``configure_gradient_clipping``, fp16 mixed
+precision with a ``GradScaler`` (unscaling and the inf check need every gradient at once), optimizers
+whose step is not per-parameter, several optimizers, manual optimization, and any strategy but a single
+device (under DDP and FSDP each rank's gradient is reduced after the hook would run).
 
 Optimizers supported: ``torch.optim.AdamW``, ``Adam`` and ``SGD`` (plain, ``foreach`` and ``fused``), and
 any optimizer class whose ``per_parameter_step`` attribute is ``True`` (a promise that stepping a
@@ -104,19 +112,26 @@ def check_trainer(trainer: pl.Trainer, pl_module: pl.LightningModule, flag: str 
             f"`precision='bf16-mixed'` (or 'bf16-true' / '32-true'), {_OFF}."
         )
     clip = trainer.gradient_clip_val
-    if clip is not None and clip > 0:
-        algorithm = trainer.gradient_clip_algorithm or "norm"
+    algorithm = clip_algorithm(trainer)
+    if clip is not None and clip > 0 and algorithm != "value":
         raise LISAConfigError(
             f"`{flag}` is not supported with `gradient_clip_val={clip}` "
             f"(`gradient_clip_algorithm={algorithm!r}`): clipping by norm needs every gradient "
-            "at once, and Lightning clips after the backward pass, when the gradients are already freed. Remove "
-            f"`gradient_clip_val`, {_OFF}."
+            "at once, and Lightning clips after the backward pass, when the gradients are already freed. Clip "
+            "by value instead (`gradient_clip_algorithm='value'`, element-wise, applied to each gradient as it "
+            f"arrives), remove `gradient_clip_val`, {_OFF}."
         )
     if is_overridden("configure_gradient_clipping", pl_module):
         raise LISAConfigError(
             f"`{flag}` is not supported with an overridden `configure_gradient_clipping`, which expects every "
             f"gradient at once after the backward pass. Remove the override, {_OFF}."
         )
+
+
+def clip_algorithm(trainer: pl.Trainer) -> str:
+    """The Trainer's ``gradient_clip_algorithm`` as text (``"norm"`` when unset)."""
+    algorithm = trainer.gradient_clip_algorithm
+    return str(getattr(algorithm, "value", algorithm) or "norm")
 
 
 def check_optimizers(optimizers: list[Optimizer], flag: str = "StepInBackward") -> None:
@@ -179,6 +194,8 @@ class StepInBackward(Callback):
         self._armed = False
         self._step_before = -1
         self._shadows: dict[int, Optimizer] = {}
+        self._clip_value: float | None = None
+        self._trainer_clip: tuple[pl.Trainer, float | int | None] | None = None
 
     # ------------------------------------------------------------------------------------ hooks
 
@@ -196,7 +213,23 @@ class StepInBackward(Callback):
                 f"`{self._flag}`: `{type(pl_module).__name__}.on_before_optimizer_step` runs after the parameters "
                 "were updated and their gradients freed, so it sees no gradients."
             )
+        clip = trainer.gradient_clip_val
+        by_value = clip_algorithm(trainer) == "value"
+        self._clip_value = float(clip) if by_value and clip is not None and clip > 0 else None
+        if self._clip_value is not None:  # clipped here; Lightning's clipping would find no gradients
+            self._trainer_clip = (trainer, clip)
+            trainer.gradient_clip_val = None
         self.attach(trainer.optimizers[0])
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    ) -> None:
+        """Clip by value the gradients the hooks did not take (Lightning's clipping is off while fitting)."""
+        if self._clip_value is None:
+            return
+        for p in self._params:
+            if p.grad is not None:
+                p.grad.clamp_(min=-self._clip_value, max=self._clip_value)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -223,12 +256,20 @@ class StepInBackward(Callback):
             self.steps_in_backward += 1
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Remove the hooks."""
+        """Remove the hooks; give the Trainer back its ``gradient_clip_val``."""
         self.detach()
+        self._give_back_clip()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        """Remove the hooks after a failed or interrupted fit."""
+        """Remove the hooks after a failed or interrupted fit; give the Trainer back its ``gradient_clip_val``."""
         self.detach()
+        self._give_back_clip()
+
+    def _give_back_clip(self) -> None:
+        if self._trainer_clip is not None:
+            trainer, clip = self._trainer_clip
+            trainer.gradient_clip_val = clip
+            self._trainer_clip = None
 
     # ---------------------------------------------------------------------------------- engine
 
@@ -271,6 +312,8 @@ class StepInBackward(Callback):
         if not self._armed or p.grad is None:
             return
         optimizer, index = self._where[id(p)]
+        if self._clip_value is not None:  # what Lightning's clip_grad_value_ does, on this gradient alone
+            p.grad.clamp_(min=-self._clip_value, max=self._clip_value)
         step_one(optimizer, index, p, self._shadow(optimizer))
         p.grad = None
         self.stepped.add(id(p))
