@@ -290,9 +290,11 @@ class LISA(LISAEngine, Callback):
         def check(module: nn.Module, state_dict: Any, prefix: str, *args: Any) -> None:
             live = ref()
             path = getattr(live, "ckpt_path", None)
-            if prefix or not self.units or not isinstance(path, str | Path):
+            if prefix or not isinstance(path, str | Path):
                 return
             saved = saved_trainer_state(Path(path))
+            if saved is not None and self.layer_info is None:  # built in `configure_model`, which has run now
+                self._inspect(pl_module)
             if saved is not None:
                 self._check_units(saved)
 

@@ -111,3 +111,22 @@ def test_another_granularity_is_refused_naming_both(loop: str, request):
     path = request.getfixturevalue(fixture)
     with pytest.raises(LISAConfigError, match=re.escape("`granularity='module'`") + ".*" + re.escape("'block'")):
         resume(path, LISA(**SAVED, granularity="module"), CausalLM())
+
+
+class BuiltLater(CausalLM):
+    """The tiny model, built in ``configure_model`` (LISA inspects it only then)."""
+
+    def __init__(self, num_layers: int) -> None:
+        super().__init__(model=torch.nn.Identity())
+        self.depth = num_layers
+
+    def configure_model(self) -> None:
+        from lightning_lisa.testing import tiny_llama
+
+        if isinstance(self.model, torch.nn.Identity):
+            self.model = tiny_llama(self.depth)
+
+
+def test_another_depth_is_refused_before_the_weights_load_for_a_model_built_in_configure_model(trainer_checkpoint):
+    with pytest.raises(LISAConfigError, match=r"written for a model with 6 blocks\), and the model has 3 blocks"):
+        resume_trainer(trainer_checkpoint, LISA(**SAVED), BuiltLater(3))
