@@ -25,14 +25,17 @@ from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.callbacks import Callback, ModelSummary
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_lisa import fabric as fabric_loop
+from lightning_lisa.checkpoint_files import check_checkpoint
 from lightning_lisa.engine import NO_GRADIENT, Granularity, LISAEngine, LoopView
+from lightning_lisa.errors import LISAConfigError
+from lightning_lisa.report import summary_correction
 from lightning_lisa.schedule import Switch
 from lightning_lisa.strategies import StrategyAdapter, adapter_for, check_supported
 
@@ -125,8 +128,12 @@ class LISA(LISAEngine, Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Remember what the user left trainable and start the current period (the restored one on resume)."""
         self.communication = self._adapter_of(trainer).start(trainer, self.ddp_comm_hook)
+        summarized = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
         self._begin(pl_module, trainer.optimizers)
         self._start(self._view(trainer))
+        callbacks: list[Callback] = getattr(trainer, "callbacks", [])
+        if any(isinstance(c, ModelSummary) for c in callbacks) and self.history:  # correct its count
+            rank_zero_info(summary_correction(summarized, self.history[-1].trainable_params, self.report))
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -161,8 +168,20 @@ class LISA(LISAEngine, Callback):
         self._in_backward.teardown(trainer, pl_module, stage)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        """Give the user back every parameter trainable after a failed or interrupted fit."""
+        """Give the user back every parameter trainable after a failed or interrupted fit.
+
+        When the checkpoint being resumed from is truncated, corrupted or incomplete (torch's own error
+        names no file), raise :class:`~lightning_lisa.errors.LISAConfigError` naming it instead.
+        """
         self.teardown(trainer, pl_module, "fit")
+        if not isinstance(exception, LISAConfigError) and trainer.ckpt_path is not None:
+            check_checkpoint(trainer.ckpt_path)
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Verify the checkpoint's checksums (torch does not) before training resumes or anything is written."""
+        check_checkpoint(trainer.ckpt_path)
 
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]

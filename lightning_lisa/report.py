@@ -288,3 +288,29 @@ def _group(module: nn.Module, part: dict[int, str], wanted: str, block_paths: Se
 
 def _numel(params: Sequence[nn.Parameter]) -> int:
     return sum(p.numel() for p in params)
+
+
+def summary_correction(total_trainable: int, trainable_now: int, report: LISAReport | None) -> str:
+    """The line LISA prints after Lightning's model summary, which counts parameters before LISA freezes any.
+
+    Lightning's ``ModelSummary`` runs when fit starts, before LISA's first switch (which waits for the
+    optimizer, so that every block is in it), and counts every block as trainable.
+
+    Args:
+        total_trainable: What the summary counted as trainable.
+        trainable_now: What trains in LISA's first period.
+        report: LISA's start-up report, for the number of units.
+
+    Examples:
+        >>> summary_correction(134_515_008, 35_000_000, None)  # doctest: +NORMALIZE_WHITESPACE
+        "LISA: 35.0 M trainable params at a time (the sampled blocks and the always-active set); Lightning's
+        summary above counts 134 M, every parameter that was trainable before LISA's first switch"
+    """
+    from lightning.pytorch.utilities.model_summary.model_summary import get_human_readable_count
+
+    sampled = "the sampled blocks" if report is None else f"{report.n_layers} of {report.num_units} {report.unit_kind}"
+    return (
+        f"LISA: {get_human_readable_count(trainable_now)} trainable params at a time ({sampled} and the always-active "
+        f"set); Lightning's summary above counts {get_human_readable_count(total_trainable)}, every parameter that "
+        "was trainable before LISA's first switch"
+    )

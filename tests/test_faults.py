@@ -144,3 +144,63 @@ def test_fsdp2_interrupted_checkpoint_folder_is_never_picked_up(tmp_path: Path):
     run_command(command(out, "fsdp2", "--keep", "last", "--resume"), timeout=300).check()
     assert not (folder / ".last.ckpt.incomplete").exists()  # removed by the next save
     assert_same_training_state(reference / "final.ckpt", out / "final.ckpt")
+
+
+def _trained_checkpoints(folder: Path) -> Path:
+    """A short in-process run with LISA that leaves step=1..3 checkpoints in ``folder``; the last one's path."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_lisa import LISA
+    from lightning_lisa.testing import CausalLM, quiet_trainer, token_loader
+
+    saving = ModelCheckpoint(dirpath=folder, filename="{step}", every_n_train_steps=1, save_top_k=-1)
+    trainer = quiet_trainer([LISA(n_layers=1, interval=2), saving], max_steps=3, enable_checkpointing=True)
+    trainer.fit(CausalLM(num_layers=3), token_loader(n_batches=3))
+    return folder / "step=3.ckpt"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped byte"])
+def test_damaged_checkpoint_is_named_and_nothing_is_overwritten(tmp_path: Path, damage: str):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_lisa import LISA
+    from lightning_lisa.errors import LISAConfigError
+    from lightning_lisa.testing import CausalLM, quiet_trainer, token_loader
+
+    folder = tmp_path / "checkpoints"
+    path = _trained_checkpoints(folder)
+    data = bytearray(path.read_bytes())
+    if damage == "truncated":
+        data = data[: len(data) // 2]
+    else:  # inside a tensor's record: torch itself loads this without an error
+        data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    before = {p.name: checkpoint_bytes(p) for p in folder.iterdir()}
+    saving = ModelCheckpoint(dirpath=folder, filename="{step}", every_n_train_steps=1, save_top_k=-1)
+    trainer = quiet_trainer([LISA(n_layers=1, interval=2), saving], max_steps=6, enable_checkpointing=True)
+    expected = "truncated" if damage == "truncated" else "fails its CRC-32 checksum"
+    with pytest.raises(LISAConfigError, match=rf"`ckpt_path='{path}'` cannot be resumed from: .*{expected}") as error:
+        trainer.fit(CausalLM(num_layers=3), token_loader(n_batches=6), ckpt_path=str(path))
+    assert "step=2.ckpt" in str(error.value)  # the message lists the others
+    assert trainer.global_step == 0
+    assert {p.name: checkpoint_bytes(p) for p in folder.iterdir()} == before  # nothing written or overwritten
+
+
+def test_lisa_corrects_the_trainable_count_of_lightnings_model_summary(caplog, capsys):
+    import logging
+
+    from lightning_lisa import LISA
+    from lightning_lisa.testing import CausalLM, quiet_trainer, token_loader
+
+    module = CausalLM(num_layers=6)
+    lisa = LISA(n_layers=2, interval=2)
+    with caplog.at_level(logging.INFO):
+        quiet_trainer([lisa], max_steps=1, enable_model_summary=True).fit(module, token_loader(n_batches=1))
+    assert "Trainable params: 16.1 K" in capsys.readouterr().out  # every block, before LISA's first switch
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("LISA: "))
+    trains = lisa.history[0].trainable_params
+    assert trains < sum(p.numel() for p in module.parameters()) / 2
+    assert line.startswith(f"LISA: {trains / 1000:.1f} K trainable params at a time (2 of 6 blocks")
+    assert "Lightning's summary above counts 16.1 K" in line
+    # LISA froze nothing before the optimizer existed: every block is in it
+    assert len(module.trainer.optimizers[0].param_groups[0]["params"]) == len(list(module.parameters()))
