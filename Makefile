@@ -23,7 +23,6 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/demo_data.py demo_output/reverse_words.jsonl
 	$(VENV)/bin/lightning-lisa fit --config examples/configs/demo.yaml
 
 lint: $(STAMP)

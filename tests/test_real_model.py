@@ -199,6 +199,7 @@ def test_demo_config_on_the_real_model(model_dir: Path, tmp_path: Path, monkeypa
         sys.path.remove(str(ROOT / "examples"))
     assert demo_data.main(["demo_output/reverse_words.jsonl", "--records", "40"]) == 0
     args = ["fit", "--config", str(ROOT / "examples" / "configs" / "demo.yaml"), "--trainer.max_steps=2",
+            "--data.path=demo_output/reverse_words.jsonl",
             "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false", "--lisa.interval=1",
             "--max_new_tokens=4", "--data.batch_size=2"]  # fmt: skip
     out = run_cli(args, capsys, periods=2, threads=2)
