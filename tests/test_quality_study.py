@@ -39,6 +39,7 @@ def test_study_runs_the_protocol_resumes_and_reports(tmp_path: Path):
     run(str(STUDY / "cost.py"), *common, "--tasks", "reverse", "--arms", "lisa2,fixed2", "--rounds", "1",
         "--steps", "4", "--peak-from", "1", "--peak-to", "3", cwd=tmp_path)  # fmt: skip
     cost = json.loads((out / "cost_smoke.json").read_text())
+    assert set(cost["tasks"]["reverse"]) == {"lisa2", "fixed2"} and "time_regime" in cost and "peak_regime" in cost
     (out / "cost.json").write_text(json.dumps(cost))
     run(str(STUDY), "report", *common, "--figures", str(tmp_path), cwd=tmp_path)
     summary = json.loads((out / "summary.json").read_text())

@@ -143,7 +143,7 @@ def summarize(out: Path) -> dict[str, Any]:
             "metric": info["metric"], "higher_is_better": higher, "base": info["test"],
             "base_val": info["val"], "arms": arms, "verdicts": verdicts,
         }  # fmt: skip
-    summary["cost_regime"] = cost_file.get("regime")
+    summary["cost_regime"] = {"time": cost_file.get("time_regime"), "peak": cost_file.get("peak_regime")}
     return summary
 
 
