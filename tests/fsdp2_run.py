@@ -23,7 +23,7 @@ import lightning_lisa
 import lightning_lisa.strategies.checkpoints as checkpoints
 import lightning_lisa.strategies.fsdp2 as fsdp
 from lightning_lisa import LISA, LISAModelParallelStrategy
-from lightning_lisa.testing import CausalLM, token_loader
+from lightning_lisa.testing import CausalLM, end_process_group, token_loader
 
 ALWAYS = ("model.model.embed_tokens.weight", "model.lm_head.weight")
 
@@ -263,3 +263,4 @@ if __name__ == "__main__":
         train(out, sys.argv[3], sys.argv[4], sys.argv[5] == "lazy")
     else:
         resume(out, sys.argv[3], sys.argv[4] == "ac")
+    end_process_group()  # not left to interpreter finalization, where gloo may abort the process

@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_lisa import LISA
-from lightning_lisa.testing import BatchLog, KillSwitch
+from lightning_lisa.testing import BatchLog, KillSwitch, end_process_group
 
 VOCAB, WIDTH, BLOCKS = 32, 16, 4
 
@@ -130,6 +130,7 @@ def main() -> None:
     if args.strategy == "fsdp2":
         trainer.strategy._save_distributed_checkpoint = False  # type: ignore[attr-defined]  # a full checkpoint
     trainer.save_checkpoint(args.out / "final.ckpt")
+    end_process_group()  # not left to interpreter finalization, where gloo may abort the process
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from lightning_lisa.testing.killresume import (
     training_state_differences,
 )
 from lightning_lisa.testing.models import SEQ, SEQ2SEQ, VOCAB, CausalLM, tiny_llama, token_loader
-from lightning_lisa.testing.processes import free_port, run_script, subprocess_env
+from lightning_lisa.testing.processes import end_process_group, free_port, run_script, subprocess_env
 from lightning_lisa.testing.recorder import Recorder, StepRecord, block_of
 from lightning_lisa.testing.trainer import quiet_trainer
 
@@ -61,6 +61,7 @@ __all__ = [
     "block_of",
     "checkpoint_bytes",
     "digest",
+    "end_process_group",
     "free_port",
     "kill_and_resume",
     "load_training_state",

@@ -49,3 +49,31 @@ def run_script(
         timeout=timeout,
         check=False,
     )
+
+
+def end_process_group(timeout: float = 120) -> None:
+    """Wait for every rank, then destroy the default process group and its subgroups: call it last in a script.
+
+    Lightning destroys the process group at exit only for NCCL. A gloo group left alive is torn down
+    during interpreter finalization, where gloo's worker threads may still hold finished work objects
+    with tensors; destroying them then can abort the process (SIGABRT, "terminate called without an
+    active exception"), depending on timing, so more often on a loaded machine. Nothing happens when no
+    group was initialized.
+
+    Args:
+        timeout: Seconds the ranks wait for each other (gloo's monitored barrier names a rank that never
+            came) before the group is destroyed anyway.
+    """
+    import datetime
+
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout))
+        else:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
