@@ -117,15 +117,22 @@ WORDS = [
 ]
 
 
-def generate(path: Path, n: int, seed: int = 0) -> None:
-    """Write ``n`` conversations of 1 to 3 turns, user turns of 4-40 words, answers of 8-160 words."""
+def generate(
+    path: Path,
+    n: int,
+    seed: int = 0,
+    user_words: tuple[int, int] = (4, 40),
+    answer_words: tuple[int, int] = (8, 160),
+    turns: tuple[int, ...] = (1, 1, 2, 3),
+) -> None:
+    """Write ``n`` conversations: a number of turns drawn from ``turns``, words drawn from the given ranges."""
     rng = random.Random(seed)
     with path.open("w", encoding="utf-8") as handle:
         for _ in range(n):
             messages = []
-            for _ in range(rng.choice((1, 1, 2, 3))):
-                question = " ".join(rng.choices(WORDS, k=rng.randint(4, 40))) + "?"
-                answer = " ".join(rng.choices(WORDS, k=rng.randint(8, 160))) + "."
+            for _ in range(rng.choice(turns)):
+                question = " ".join(rng.choices(WORDS, k=rng.randint(*user_words))) + "?"
+                answer = " ".join(rng.choices(WORDS, k=rng.randint(*answer_words))) + "."
                 messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
             handle.write(json.dumps({"messages": messages}) + "\n")
 
@@ -236,6 +243,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/results/data/data_pipeline_cpu.json")
+    parser.add_argument("--user-words", type=int, nargs=2, default=(4, 40), help="words of a user turn: min max")
+    parser.add_argument("--answer-words", type=int, nargs=2, default=(8, 160), help="words of an answer: min max")
+    parser.add_argument("--turns", type=int, nargs="+", default=(1, 1, 2, 3), help="turn counts drawn from")
     args = parser.parse_args()
     if args.phase is not None:
         print(json.dumps(phase(args)))
@@ -247,7 +257,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
         args.data = str(root / "conversations.jsonl")
-        generate(Path(args.data), args.conversations)
+        generate(
+            Path(args.data), args.conversations, 0, tuple(args.user_words), tuple(args.answer_words), tuple(args.turns)
+        )
         size = Path(args.data).stat().st_size
         print(f"{args.conversations} conversations, {size / 2**20:.1f} MiB", flush=True)
         results: dict[str, Any] = {"conversations": args.conversations, "file_mib": size / 2**20}
@@ -274,7 +286,14 @@ def main() -> None:
             )
             print(f"train, packing={packing}:", results[f"train_{packing}"], flush=True)
             save()
-    results["settings"] = {"max_length": args.max_length, "batch_size": args.batch_size, "steps": args.steps}
+    results["settings"] = {
+        "max_length": args.max_length,
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "user_words": list(args.user_words),
+        "answer_words": list(args.answer_words),
+        "turns": list(args.turns),
+    }
     results["versions"] = versions("torch", "transformers", "datasets", "tokenizers", "torchdata")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
