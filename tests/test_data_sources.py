@@ -298,3 +298,27 @@ def test_pre_tokenized_rows_on_arrow_equal_those_through_python(tmp_path: Path, 
         )
     assert runs[0] == runs[1]
     assert runs[0][0]["dropped_without_targets"] == 2 and runs[0][0]["formats"] == {"tokens": 40}
+
+
+def test_another_packing_or_split_reuses_the_tokenized_examples(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from lightning_lisa.recipes.data import cache
+
+    calls: list[int] = []
+    original = cache.tokenize_parts
+
+    def counting(parts, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(len(parts))
+        return original(parts, *args, **kwargs)
+
+    monkeypatch.setattr(cache, "tokenize_parts", counting)
+    path = jsonl(tmp_path / "c.jsonl", COMPLETIONS)
+    rows = {}
+    for packing, fraction in (("none", 0.25), ("isolated", 0.25), ("none", 0.5), ("stream", 0.25)):
+        dm = module(tmp_path, path=str(path), packing=packing, val_fraction=fraction, max_length=16)
+        dm.setup("fit")
+        assert dm.train_set is not None
+        rows[packing, fraction] = sorted(tuple(r["input_ids"].tolist()) for r in dm.train_set)
+    assert len(calls) == 2  # none, isolated and the other split share the examples; stream keeps them whole
+    assert rows["none", 0.5] != rows["none", 0.25]
+    module(tmp_path, path=str(path), packing="isolated", max_length=16, rebuild_cache=True).setup("fit")
+    assert len(calls) == 3

@@ -406,8 +406,23 @@ def build_cache(
     settings: RowSettings,
     num_proc: int,
     source: str,
+    examples: tuple[Path, Path] | None = None,
+    rebuild: bool = False,
 ) -> dict[str, Any]:
     """Tokenize, filter, split, pack and save the rows to ``folder`` (written to a temporary folder first).
+
+    Args:
+        folder: Where the rows go.
+        train_parts: The training records, with their format and column mapping.
+        val_parts: The validation records (``[]``: split off ``val_fraction`` of the training rows).
+        tokenizer: The tokenizer.
+        settings: What shapes the rows.
+        num_proc: Tokenizing processes.
+        source: The data's name, for messages.
+        examples: Folders for the tokenized examples of the training and the validation records, before
+            splitting and packing (see :func:`examples_key`), so that another packing mode or split of the
+            same examples does not tokenize again; ``None``: not kept.
+        rebuild: Tokenize again even if ``examples`` holds them.
 
     Returns:
         The summary (also saved as ``summary.json``).
@@ -415,13 +430,14 @@ def build_cache(
     Raises:
         ValueError: If fewer than one training and one validation row remain.
     """
-    train, counts = tokenize_parts(train_parts, tokenizer, settings, num_proc)
+    train_folder, val_folder = examples if examples is not None else (None, None)
+    train, counts = _examples(train_folder, train_parts, tokenizer, settings, num_proc, rebuild)
     if settings.max_examples is not None and len(train) > settings.max_examples:
         train = train.select(range(settings.max_examples))
     summary: dict[str, Any] = {"train": counts}
     val = None
     if val_parts:
-        val, summary["val"] = tokenize_parts(val_parts, tokenizer, settings, num_proc)
+        val, summary["val"] = _examples(val_folder, val_parts, tokenizer, settings, num_proc, rebuild)
     if settings.packing == "stream":
         train = stream_rows(train, settings.max_length)
         val = stream_rows(val, settings.max_length) if val is not None else None
@@ -453,6 +469,56 @@ def build_cache(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return summary
+
+
+def examples_settings(settings: RowSettings, validation: bool = False) -> RowSettings:
+    """The settings that shape the tokenized examples (before splitting and packing), for their own cache key.
+
+    Packing matters only as far as ``stream`` keeps examples whole while the other modes cut or drop them.
+    """
+    stream = settings.packing == "stream"
+    return RowSettings(
+        max_length=0 if stream else settings.max_length,
+        packing="stream" if stream else "none",
+        train_on=settings.train_on,
+        overlong="" if stream else settings.overlong,
+        val_fraction=0.0,
+        seed=0,
+        max_examples=None if validation else settings.max_examples,
+        separate_val=validation,
+    )
+
+
+def _examples(
+    folder: Path | None,
+    parts: list[tuple[Part, str, dict[str, str] | None]],
+    tokenizer: PreTrainedTokenizerBase,
+    settings: RowSettings,
+    num_proc: int,
+    rebuild: bool,
+) -> tuple[datasets.Dataset, dict[str, Any]]:
+    """The tokenized examples of ``parts``: from ``folder`` if it holds them, else tokenized (and saved there)."""
+    import datasets
+
+    if folder is not None and not rebuild and is_cached(folder):
+        loaded = datasets.load_from_disk(str(folder / "examples"))
+        return loaded, json.loads((folder / "summary.json").read_text())
+    table, counts = tokenize_parts(parts, tokenizer, settings, num_proc)
+    if folder is None:
+        return table, counts
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=folder.name + ".tmp"))
+    try:
+        table.save_to_disk(str(tmp / "examples"))
+        (tmp / "summary.json").write_text(json.dumps(counts, indent=1))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    saved = datasets.load_from_disk(str(folder / "examples"))  # memory-mapped from here on
+    return saved, counts
 
 
 def load_cache(folder: Path) -> tuple[datasets.Dataset, datasets.Dataset, dict[str, Any]]:

@@ -31,6 +31,7 @@ from lightning_lisa.recipes.data.cache import (
     RowSettings,
     build_cache,
     cache_key,
+    examples_settings,
     is_cached,
     load_cache,
 )
@@ -355,12 +356,26 @@ class TextDataModule(pl.LightningDataModule):
             separate_val=bool(self.val_sources),
         )
 
-    def _cache_folder(self, tokenizer: PreTrainedTokenizerBase) -> Path:
+    def _digests(self) -> tuple[list[str], list[str]]:
+        """Content digests of the training and the validation sources."""
         hf = hf_cache(self._cache_root())
         sources = self._train_sources()
-        digests = [source_digest(s, hf) for s in sources] if sources else [embedded_digest()]
-        digests += ["val"] + [source_digest(s, hf) for s in self.val_sources]
-        return self._cache_root() / "tokenized" / cache_key(digests, tokenizer, self._settings())
+        train = [source_digest(s, hf) for s in sources] if sources else [embedded_digest()]
+        return train, [source_digest(s, hf) for s in self.val_sources]
+
+    def _cache_folder(self, tokenizer: PreTrainedTokenizerBase) -> Path:
+        train, val = self._digests()
+        return self._cache_root() / "tokenized" / cache_key([*train, "val", *val], tokenizer, self._settings())
+
+    def _examples_folders(self, tokenizer: PreTrainedTokenizerBase) -> tuple[Path, Path]:
+        """Where the tokenized examples (before splitting and packing) of the training and validation data go."""
+        train, val = self._digests()
+        root = self._cache_root() / "examples"
+        settings = self._settings()
+        return (
+            root / cache_key(train, tokenizer, examples_settings(settings)),
+            root / cache_key(val, tokenizer, examples_settings(settings, validation=True)),
+        )
 
     def _parts(self, sources: list[DataSource]) -> _Parts:
         hf = hf_cache(self._cache_root())
@@ -390,6 +405,8 @@ class TextDataModule(pl.LightningDataModule):
             self._settings(),
             self.num_proc,
             self._source(),
+            examples=self._examples_folders(tokenizer),
+            rebuild=self.rebuild_cache,
         )
         self._built = folder
 
