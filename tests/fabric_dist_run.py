@@ -23,7 +23,7 @@ from lightning.fabric import Fabric
 from lightning.fabric.strategies import DDPStrategy, ModelParallelStrategy
 
 from lightning_lisa import LISA, fully_shard_blocks
-from lightning_lisa.testing import CausalLM, token_loader
+from lightning_lisa.testing import CausalLM, end_process_group, token_loader
 from lightning_lisa.testing.fabric_loop import fabric_fit
 
 OPTIONS: dict[str, Any] = {"n_layers": 2, "interval": 3, "seed": 9}
@@ -136,6 +136,7 @@ def main(out: Path, kind: str) -> None:
         except BaseException as error:  # torch's CheckpointException is a BaseException
             result["plain_load"] = f"{type(error).__name__}: {error}"[:2000]
     (out / f"{kind}-rank{rank}.json").write_text(json.dumps(result))
+    end_process_group()  # not left to interpreter finalization, where gloo may abort the process
 
 
 if __name__ == "__main__":
