@@ -144,6 +144,7 @@ def summarize(out: Path) -> dict[str, Any]:
             "base_val": info["val"], "arms": arms, "verdicts": verdicts,
         }  # fmt: skip
     summary["cost_regime"] = {"time": cost_file.get("time_regime"), "peak": cost_file.get("peak_regime")}
+    summary["cost"] = cost_file.get("tasks", {})
     return summary
 
 
@@ -179,6 +180,16 @@ def tables(summary: dict[str, Any]) -> str:
                 items = v.get("paired_items")
                 pair = f"{items['a_only']} vs {items['b_only']}" if items else "-"
                 lines.append(f"| {v['arm']} | {v['against']} | {v['difference']:+.3g} | {v['verdict']} | {pair} |")
+        lines.append("")
+    if summary.get("cost"):
+        lines += ["### cost (cost.py)", "", f"Peak: {summary['cost_regime']['peak']}.",
+                  f"Step time: {summary['cost_regime']['time'] or 'not measured yet (needs a quiet machine)'}.", "",
+                  "| task | arm | peak MiB | step s |", "|---|---|---|---|"]  # fmt: skip
+        for task, rows in summary["cost"].items():
+            for arm, row in rows.items():
+                peak = f"{row['peak_bytes'] / 2**20:.1f}" if row.get("peak_bytes") else "-"
+                step = f"{row['step_time_s']:.3f}" if row.get("step_time_s") else "-"
+                lines.append(f"| {task} | {ARMS[arm].title} | {peak} | {step} |")
         lines.append("")
     return "\n".join(lines)
 
