@@ -152,7 +152,8 @@ class LISA(LISAEngine, Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        """At the first step of a period, warn (once) about sampled units that received no gradient at all."""
+        """Clip what the step in backward left by value; warn (once a period) about units that got no gradient."""
+        self._in_backward.on_before_optimizer_step(trainer, pl_module, optimizer)
         received = getattr(self._in_backward, "received_gradient", None)  # the step in backward frees gradients
         starved = self._starved_units(received)
         if starved:
