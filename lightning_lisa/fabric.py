@@ -108,6 +108,7 @@ class LoopDriver:
         self._raw_step: Optimizer | None = None  # an optimizer that stepped where Fabric's hook did not follow
         self._checked = False  # whether the optimizers were checked against the parameters
         self._stepped = False  # whether an optimizer step was seen in this process
+        self._loaded = False  # an optimizer loaded state outside `lisa.load`: release frozen state at next forward
 
     def view(self) -> LoopView:
         """What the loop knows now."""
@@ -161,9 +162,14 @@ class LoopDriver:
         if any(o is optimizer for o in self.optimizers):
             return
         self.optimizers.append(optimizer)
-        if release and self.lisa._params is not None:
+        self._handles.append(optimizer.register_load_state_dict_post_hook(self._after_optimizer_load))
+        if release:
+            self._release_frozen([optimizer])
+
+    def _release_frozen(self, optimizers: list[Optimizer]) -> None:
+        if self.lisa._params is not None:
             frozen = [p for p in self.lisa._params.managed if not p.requires_grad]
-            self.lisa._state.release([optimizer], frozen)
+            self.lisa._state.release(optimizers, frozen)
 
     def updates_model(self, optimizer: Optimizer) -> bool:
         """Whether ``optimizer`` is known, or holds parameters LISA manages (another model's optimizer does not)."""
@@ -221,9 +227,18 @@ class LoopDriver:
             self.check_optimizers()
         if self.needs_start:
             self.restart()
+        if self._loaded:  # after the restored period (if any) is applied: its frozen units hold no state
+            self._loaded = False
+            self._release_frozen(self.optimizers)
         if self._boundary_step != self.lisa._step:  # the first forward of an optimizer step
             self._boundary_step = self.lisa._step
             self.lisa._step_boundary(self.view())
+
+    def _after_optimizer_load(self, optimizer: Optimizer) -> None:
+        # A plain `optimizer.load_state_dict(...)` (a plain loop's resume, in any order with
+        # `lisa.load_state_dict`) may bring back state of units that are frozen now; `lisa.load` pauses.
+        if not self.paused:
+            self._loaded = True
 
     def _after_torch_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         self.after_step(optimizer)

@@ -233,6 +233,46 @@ def test_plain_fabric_load_resumes_on_a_single_device(tmp_path: Path):
     assert_same_training(*reference, module, optimizer)
 
 
+def plain_loop(lisa: LISA, module: CausalLM, optimizer: Any, start: int, stop: int) -> None:
+    for index, batch in enumerate(batches()[start:stop], start=start):
+        module.training_step(batch, index).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+@pytest.mark.parametrize("mode", ["drop", "offload"])
+@pytest.mark.parametrize("order", ["attach_optimizer_lisa", "lisa_attach_optimizer", "optimizer_lisa_attach"])
+def test_plain_loop_resume_in_any_load_order_matches_the_uninterrupted_run(order: str, mode: str):
+    """At a period boundary the saved optimizer state belongs to the ending period's blocks, now frozen."""
+    options = {"n_layers": 2, "interval": 2, "seed": 7, "optimizer_state": mode}
+    total, stop = 8, 4  # saved after the second period's last step
+    reference_lisa, reference = LISA(**options), CausalLM()
+    reference_optimizer = reference.configure_optimizers()
+    reference_lisa.attach(reference, reference_optimizer)
+    plain_loop(reference_lisa, reference, reference_optimizer, 0, total)
+
+    first, module = LISA(**options), CausalLM()
+    optimizer = module.configure_optimizers()
+    first.attach(module, optimizer)
+    plain_loop(first, module, optimizer, 0, stop)
+    saved = {"model": module.state_dict(), "optimizer": optimizer.state_dict(), "lisa": first.state_dict()}
+    assert set(first.active_layers) != set(reference_lisa.history[2].active_layers)  # the case that matters
+
+    lisa, module = LISA(**options), CausalLM()
+    module.load_state_dict(saved["model"])
+    optimizer = module.configure_optimizers()
+    steps = {
+        "attach": lambda: lisa.attach(module, optimizer),
+        "optimizer": lambda: optimizer.load_state_dict(saved["optimizer"]),
+        "lisa": lambda: lisa.load_state_dict(saved["lisa"]),
+    }
+    for name in order.split("_"):
+        steps[name]()
+    plain_loop(lisa, module, optimizer, stop, total)
+    assert [s.active_layers for s in lisa.history] == [s.active_layers for s in reference_lisa.history]
+    assert_same_training(reference, reference_optimizer, module, optimizer)
+
+
 def test_an_optimizer_over_trainable_parameters_only_is_refused_after_the_first_step():
     # LISA freezes at fabric.setup(model): an optimizer built afterwards over `requires_grad` parameters misses
     # the blocks sampled later (they would never train)
