@@ -8,10 +8,13 @@ Three tasks of different kinds, each a fixed, seed-independent split into train 
   decoding, in one forward pass).
 * ``code`` (domain shift): Python standard-library source, split by file, packed into rows of 48 tokens,
   trained on every token. Metric: the held-out loss per token.
-* ``facts`` (knowledge the base model lacks): 250 facts about 125 fictional people (the town each comes
-  from and the company each works for), each stated in three paraphrased documents and asked by one
-  training question; validated and tested with question templates that never appear in training.
-  Metric: exact match; standard errors are computed over facts.
+* ``facts`` (knowledge the base model lacks): 128 facts about 64 fictional people (the town each comes
+  from and the company each works for; both are one capitalised common word, each used once), each stated
+  in three paraphrased documents and asked by one training question; validated and tested with question
+  templates that never appear in training (3 and 8 per attribute). Metric: exact match; standard errors
+  are computed over facts. A first version (250 facts whose values were invented three-syllable words)
+  failed the task's gate: full fine-tuning reached at most 0.3% in 100 steps, seeing each fact about
+  twice.
 
 Forgetting is measured twice for every task: the loss on held-out general English (help topics of
 ``pydoc_data.topics`` never used for anything else), and exact match on a control set of short questions
@@ -48,7 +51,7 @@ class Sizes:
     val: int = 300  # exact-match tasks: validation items (the learning rate is chosen on them)
     curve: int = 100  # validation items evaluated at the end of every period but the last
     test: int = 1000
-    people: int = 125  # facts: 2 facts each
+    people: int = 64  # facts: 2 facts each
     facts_batch: int = 16
     code_len: int = 48
     code_batch: int = 4
@@ -283,12 +286,20 @@ FACT_TEMPLATES: dict[str, dict[str, list[str]]] = {
             "{name} grew up in {value}, where the family still lives.",
         ],
         "train": ["Q: Where is {name} from?\nA:"],
-        "val": ["Q: In which town was {name} born?\nA:", "Q: What town did {name} grow up in?\nA:"],
+        "val": [
+            "Q: In which town was {name} born?\nA:",
+            "Q: What town did {name} grow up in?\nA:",
+            "Q: Where was {name} raised?\nA:",
+        ],
         "test": [
             "Q: What is the hometown of {name}?\nA:",
             "Q: Which town is {name} from?\nA:",
             "Q: Name the town where {name} was born.\nA:",
             "Q: {name} comes from which town?\nA:",
+            "Q: Where did {name} spend their childhood?\nA:",
+            "Q: What is the name of the town {name} grew up in?\nA:",
+            "Q: Which town was {name} born in?\nA:",
+            "Q: Tell me the hometown of {name}.\nA:",
         ],
     },
     "company": {
@@ -298,12 +309,20 @@ FACT_TEMPLATES: dict[str, dict[str, list[str]]] = {
             "Every morning {name} goes to the office of {value}.",
         ],
         "train": ["Q: Who does {name} work for?\nA:"],
-        "val": ["Q: Which company employs {name}?\nA:", "Q: What is the name of {name}'s employer?\nA:"],
+        "val": [
+            "Q: Which company employs {name}?\nA:",
+            "Q: What is the name of {name}'s employer?\nA:",
+            "Q: For which company does {name} work?\nA:",
+        ],
         "test": [
             "Q: Where does {name} work?\nA:",
             "Q: Which company does {name} work for?\nA:",
             "Q: {name} is employed by which company?\nA:",
             "Q: What company is {name}'s employer?\nA:",
+            "Q: At which company does {name} have a job?\nA:",
+            "Q: Who employs {name}?\nA:",
+            "Q: Name the company {name} works for.\nA:",
+            "Q: What is the company where {name} works?\nA:",
         ],
     },
 }
@@ -321,16 +340,22 @@ def invented(rng: random.Random, parts: int, taken: set[str]) -> str:
 def fact_items(sizes: Sizes, seed: int = 4321) -> dict[str, list[Item]]:
     """Training documents (as items: prompt + answer, trained on every token) and question items.
 
-    Every fact (a person and one attribute) is one group; its items in every split share the group.
+    Every fact (a person and one attribute) is one group; its items in every split share the group. The
+    values are capitalised words of :data:`WORDS`, each used by one fact only, so a guess is right for at
+    most one person.
     """
     rng = random.Random(seed)
     taken: set[str] = set()
+    values = [w.capitalize() for w in sorted(set(WORDS))]
+    rng.shuffle(values)
+    if 2 * sizes.people > len(values):
+        raise ValueError(f"facts: {sizes.people} people need {2 * sizes.people} values, the list has {len(values)}")
     out: dict[str, list[Item]] = {"train": [], "val": [], "test": []}
     group = 0
     for _ in range(sizes.people):
         name = f"{invented(rng, 2, taken)} {invented(rng, 3, taken)}"
         for templates in FACT_TEMPLATES.values():
-            value = invented(rng, 3, taken)
+            value = values[group]
             for statement in templates["statements"]:
                 prompt, _, rest = statement.partition("{value}")  # the value and what follows are the "answer"
                 out["train"].append(Item(prompt.format(name=name).rstrip(), (value + rest).format(name=name), group))
