@@ -276,3 +276,31 @@ def test_lisa_with_the_step_in_backward_clips_by_value_as_a_normal_run():
         module, token_loader(8)
     )
     assert_same_weights(normal, module)
+
+
+class EmbeddingsFromFirstMicroBatch(CausalLM):
+    """The embeddings get a gradient only from the first micro-batch of each optimizer step (of 2)."""
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        embeds = self.model.model.embed_tokens(batch)
+        if batch_idx % 2 == 1:
+            embeds = embeds.detach()
+        loss: torch.Tensor = self.model(inputs_embeds=embeds, labels=batch).loss
+        return loss
+
+
+def test_lisa_clips_by_value_a_gradient_that_arrived_only_in_an_earlier_micro_batch():
+    clip = {"gradient_clip_val": 1e-3, "gradient_clip_algorithm": "value", "accumulate_grad_batches": 2}
+    modules = []
+    for in_backward in (False, True):
+        module = EmbeddingsFromFirstMicroBatch(tiny_llama(4), optimizer="adamw", lr=1e-2, scheduler=True)
+        lisa = LISA(n_layers=2, interval=3, seed=1, step_in_backward=in_backward)
+        quiet_trainer([lisa], max_epochs=1, **clip).fit(module, token_loader(8))
+        modules.append(module)
+    assert_same_weights(*modules)  # the embeddings' gradient is clipped too, after the last backward pass
+    unclipped = EmbeddingsFromFirstMicroBatch(tiny_llama(4), optimizer="adamw", lr=1e-2, scheduler=True)
+    quiet_trainer([LISA(n_layers=2, interval=3, seed=1)], max_epochs=1, accumulate_grad_batches=2).fit(
+        unclipped, token_loader(8)
+    )
+    embeddings = unclipped.model.model.embed_tokens.weight
+    assert not torch.equal(embeddings, modules[1].model.model.embed_tokens.weight)  # the clip bit
