@@ -36,10 +36,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from lightning_lisa import LISA
-from lightning_lisa.testing import run_command
+from lightning_lisa.testing import ResidualLM, run_command
 from lightning_lisa.testing.killresume import kill_now
 
 VOCAB, WIDTH, BLOCKS, N_LAYERS, INTERVAL = 64, 32, 8, 2, 3
@@ -48,34 +47,10 @@ MEASURE_EVERY = 3  # checks between two counts of live tensors (a full garbage c
 HERE = Path(__file__).resolve()
 
 
-class Block(nn.Module):
-    """A residual MLP block."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(WIDTH)
-        self.up = nn.Linear(WIDTH, 2 * WIDTH)
-        self.down = nn.Linear(2 * WIDTH, WIDTH)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.down(torch.relu(self.up(self.norm(x))))
-
-
-class Net(nn.Module):
-    """Embedding, 8 blocks, head; the forward returns the next-token loss of a batch of token ids."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.embed = nn.Embedding(VOCAB, WIDTH)
-        self.layers = nn.ModuleList(Block() for _ in range(BLOCKS))
-        self.head = nn.Linear(WIDTH, VOCAB)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        x = self.embed(ids[:, :-1])
-        for block in self.layers:
-            x = block(x)
-        return nn.functional.cross_entropy(self.head(x).reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
+def make_model() -> ResidualLM:
+    """Embedding, 8 residual MLP blocks, head (seeded: every run starts from the same weights)."""
+    torch.manual_seed(0)
+    return ResidualLM(VOCAB, WIDTH, BLOCKS)
 
 
 def batch(step: int) -> torch.Tensor:
@@ -104,7 +79,7 @@ class Run:
 
     def __init__(self, mode: str, folder: Path) -> None:
         self.mode, self.folder = mode, folder
-        self.model = Net()
+        self.model = make_model()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-3)
         self.lisa = LISA(n_layers=N_LAYERS, interval=INTERVAL, optimizer_state=mode, seed=3)
         self.step = 0
@@ -122,7 +97,7 @@ class Run:
     def train(self, stop: int, measure: bool, raise_at: int | None = None, kill_at: int | None = None) -> None:
         """Train to ``stop``, checkpointing every ``EVERY`` steps; raise or die at the given step."""
         while self.step < stop:
-            self.model(batch(self.step)).backward()
+            self.model.next_token_loss(batch(self.step)).backward()
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1

@@ -20,39 +20,12 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_lisa import LISA
-from lightning_lisa.testing import BatchLog, KillSwitch, end_process_group
+from lightning_lisa.testing import BatchLog, KillSwitch, ResidualLM, end_process_group
 
 VOCAB, WIDTH, BLOCKS = 32, 16, 4
-
-
-class Block(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(WIDTH)
-        self.up = nn.Linear(WIDTH, 2 * WIDTH)
-        self.down = nn.Linear(2 * WIDTH, WIDTH)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.down(torch.relu(self.up(self.norm(x))))
-
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(VOCAB, WIDTH)
-        self.layers = nn.ModuleList(Block() for _ in range(BLOCKS))
-        self.head = nn.Linear(WIDTH, VOCAB)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        x = self.embed(ids)
-        for block in self.layers:
-            x = block(x)
-        out: torch.Tensor = self.head(x)
-        return out
 
 
 class StepLM(pl.LightningModule):
@@ -61,7 +34,7 @@ class StepLM(pl.LightningModule):
     def __init__(self, fsdp2: bool = False) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.net = Net()
+        self.net = ResidualLM(VOCAB, WIDTH, BLOCKS)
         self.fsdp2 = fsdp2
 
     def configure_model(self) -> None:
@@ -73,8 +46,7 @@ class StepLM(pl.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(1000 * self.trainer.global_step + self.global_rank)
         ids = torch.randint(0, VOCAB, (2, 9), generator=g)
-        logits = self.net(ids[:, :-1])
-        return nn.functional.cross_entropy(logits.reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
+        return self.net.next_token_loss(ids)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.parameters(), lr=1e-2)

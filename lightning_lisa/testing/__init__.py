@@ -36,7 +36,16 @@ from lightning_lisa.testing.killresume import (
     run_command,
     training_state_differences,
 )
-from lightning_lisa.testing.models import SEQ, SEQ2SEQ, VOCAB, CausalLM, tiny_llama, token_loader
+from lightning_lisa.testing.models import (
+    SEQ,
+    SEQ2SEQ,
+    VOCAB,
+    CausalLM,
+    ResidualBlock,
+    ResidualLM,
+    tiny_llama,
+    token_loader,
+)
 from lightning_lisa.testing.processes import end_process_group, free_port, run_script, subprocess_env
 from lightning_lisa.testing.recorder import Recorder, StepRecord, block_of
 from lightning_lisa.testing.trainer import quiet_trainer
@@ -54,6 +63,8 @@ __all__ = [
     "KillResume",
     "KillSwitch",
     "Recorder",
+    "ResidualBlock",
+    "ResidualLM",
     "Run",
     "StepRecord",
     "TrainingState",

@@ -33,6 +33,57 @@ SEQ2SEQ: dict[str, Any] = {
 }
 
 
+class ResidualBlock(torch.nn.Module):
+    """A residual MLP block: ``x + down(relu(up(norm(x))))``."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(width)
+        self.up = torch.nn.Linear(width, 2 * width)
+        self.down = torch.nn.Linear(2 * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's output."""
+        out: torch.Tensor = x + self.down(torch.relu(self.up(self.norm(x))))
+        return out
+
+
+class ResidualLM(torch.nn.Module):
+    """A token model without Hugging Face: ``embed``, :class:`ResidualBlock` s in ``layers``, ``head``.
+
+    Args:
+        vocab: Vocabulary size.
+        width: Hidden size.
+        blocks: Blocks in ``layers``.
+
+    Examples:
+        >>> model = ResidualLM(vocab=32, width=16, blocks=4)
+        >>> model(torch.zeros(2, 5, dtype=torch.long)).shape
+        torch.Size([2, 5, 32])
+        >>> model.next_token_loss(torch.zeros(2, 5, dtype=torch.long)).shape
+        torch.Size([])
+    """
+
+    def __init__(self, vocab: int, width: int, blocks: int) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, width)
+        self.layers = torch.nn.ModuleList(ResidualBlock(width) for _ in range(blocks))
+        self.head = torch.nn.Linear(width, vocab)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """The logits of every position."""
+        x = self.embed(ids)
+        for block in self.layers:
+            x = block(x)
+        out: torch.Tensor = self.head(x)
+        return out
+
+    def next_token_loss(self, ids: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of each position's logits against the next token."""
+        logits = self(ids[:, :-1])
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
 def tiny_llama(num_layers: int = 6, seed: int = 0, tie: bool = False, **config: Any) -> LlamaForCausalLM:
     """A Llama of hidden size 16 with ``num_layers`` blocks and random weights seeded by ``seed``.
 
