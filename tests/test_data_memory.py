@@ -17,7 +17,15 @@ ROWS, LENGTH = 48_000, 1024  # int32 tokens: 48,000 x 1,024 x 4 bytes = 197 MB
 
 
 def anonymous_rss() -> int:
-    """This process's anonymous resident memory in bytes (``RssAnon`` of /proc/self/status)."""
+    """This process's anonymous resident memory in bytes (``RssAnon`` of /proc/self/status).
+
+    Freed memory that Python's and Arrow's allocators still hold is handed back first: Arrow's pool
+    returns it on a timer, which a loaded machine delays (rows held by the data would not be released).
+    """
+    import pyarrow as pa
+
+    gc.collect()
+    pa.default_memory_pool().release_unused()
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("RssAnon:"):
             return int(line.split()[1]) * 1024

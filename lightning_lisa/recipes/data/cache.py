@@ -201,7 +201,6 @@ def _plain_tokens(table: datasets.Dataset, record_type: str) -> bool:
 
 def _token_rows(table: datasets.Dataset, settings: RowSettings, label: str) -> datasets.Dataset:
     """Rows of a pre-tokenized part, computed on Arrow batches (no Python list per token): labels are the ids."""
-    import datasets
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -245,17 +244,24 @@ def _token_rows(table: datasets.Dataset, settings: RowSettings, label: str) -> d
             desc=f"Rows of {Path(label).name}",
             load_from_cache_file=False,
             new_fingerprint=hashlib.sha256(f"tokens:{label}:{limit}".encode()).hexdigest()[:16],
-            features=datasets.Features(
-                {
-                    "input_ids": datasets.List(datasets.Value("int32")),
-                    "labels": datasets.List(datasets.Value("int32")),
-                    "n_targets": datasets.Value("int64"),
-                    "status": datasets.Value("int8"),
-                    "kind": datasets.Value("int8"),
-                }
-            ),
+            features=row_features(),
         )
         .with_format(None)
+    )
+
+
+def row_features() -> datasets.Features:
+    """The columns of a tokenized row, as the cache stores them."""
+    import datasets
+
+    return datasets.Features(
+        {
+            "input_ids": datasets.List(datasets.Value("int32")),
+            "labels": datasets.List(datasets.Value("int32")),
+            "n_targets": datasets.Value("int64"),
+            "status": datasets.Value("int8"),
+            "kind": datasets.Value("int8"),
+        }
     )
 
 
@@ -296,15 +302,7 @@ def tokenize_parts(
                 desc=f"Tokenizing {Path(part.label).name}",
                 load_from_cache_file=False,
                 new_fingerprint=hashlib.sha256(f"{part.label}{id(function)}".encode()).hexdigest()[:16],
-                features=datasets.Features(
-                    {
-                        "input_ids": datasets.List(datasets.Value("int32")),
-                        "labels": datasets.List(datasets.Value("int32")),
-                        "n_targets": datasets.Value("int64"),
-                        "status": datasets.Value("int8"),
-                        "kind": datasets.Value("int8"),
-                    }
-                ),
+                features=row_features(),
             )
         )
     table = datasets.concatenate_datasets(tokenized) if len(tokenized) > 1 else tokenized[0]
