@@ -204,7 +204,9 @@ def test_demo_config_on_the_real_model(model_dir: Path, tmp_path: Path, monkeypa
             "--max_new_tokens=4", "--data.batch_size=2"]  # fmt: skip
     out = run_cli(args, capsys, periods=2, threads=2)
     assert "Prompts, answered greedily before and after fine-tuning:" in out
-    assert "> What is the capital of France?" in out and out.count("    before: ") == 3
+    assert out.count("    before: ") == 4  # 2 prompts, 2 control questions
+    assert "> What is the capital of France? (needs: Paris)" in out
+    assert "Control questions (what the model knew before)" in out
 
 
 def test_a_model_transformers_loaded_from_gguf_is_refused_before_training(tmp_path: Path):

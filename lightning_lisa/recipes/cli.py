@@ -86,6 +86,13 @@ class LisaCLI(LightningCLI):
             help="Prompts the model answers (greedy) before and after fit, printed with the summary; rendered "
             "with the tokenizer's chat template when it has one.",
         )
+        parser.add_argument(
+            "--controls",
+            type=dict[str, str] | None,
+            default=None,
+            help="Control questions and the answer each needs (a mapping prompt: answer): answered before and "
+            "after fit like --prompts; the summary says which answers the model knew before and lost.",
+        )
         parser.add_argument("--max_new_tokens", type=int, default=40, help="Tokens generated per prompt.")
 
     def before_instantiate_classes(self) -> None:
@@ -158,13 +165,20 @@ class LisaCLI(LightningCLI):
         data = self.datamodule
         if isinstance(data, TextDataModule) and data.summary:
             print(format_data_summary(data.summary, data.packing, data.max_length), flush=True)
-        prompts = self._get(self.config_init, "prompts") or []
-        if prompts:
-            print(format_answers(prompts, self._answers_before, self._answer()), flush=True)
+        prompts = list(self._get(self.config_init, "prompts") or [])
+        controls = dict(self._get(self.config_init, "controls") or {})
+        if prompts or controls:
+            after = self._answer()
+            if prompts:
+                print(format_answers(prompts, self._answers_before, after), flush=True)
+            if controls:
+                n = len(prompts)
+                print(format_controls(controls, self._answers_before[n:], after[n:]), flush=True)
 
     def _answer(self) -> list[str]:
-        """The model's greedy answers to ``--prompts`` (nothing without prompts or a tokenizer)."""
-        prompts = self._get(self.config_init, "prompts") or []
+        """The model's greedy answers to ``--prompts``, then ``--controls`` (nothing without a tokenizer)."""
+        prompts = list(self._get(self.config_init, "prompts") or [])
+        prompts += list(self._get(self.config_init, "controls") or {})
         datamodule = self.datamodule
         if not prompts or datamodule is None:
             return []
@@ -234,8 +248,55 @@ def format_answers(prompts: list[str], before: list[str], after: list[str]) -> s
     lines = ["Prompts, answered greedily before and after fine-tuning:"]
     for index, prompt in enumerate(prompts):
         lines.append(f"  > {prompt}")
-        lines.append(f"    before: {before[index] if index < len(before) else '(not generated)'}")
-        lines.append(f"    after:  {after[index] if index < len(after) else '(not generated)'}")
+        lines.append(f"    before: {one_line(before[index]) if index < len(before) else '(not generated)'}")
+        lines.append(f"    after:  {one_line(after[index]) if index < len(after) else '(not generated)'}")
+    return "\n".join(lines)
+
+
+def one_line(text: str) -> str:
+    r"""An answer on one line: its non-empty lines joined by `` ⏎ ``.
+
+    Examples:
+        >>> one_line("Paris.\n\nParis is the capital.")
+        'Paris. ⏎ Paris is the capital.'
+    """
+    return " ⏎ ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def format_controls(controls: dict[str, str], before: list[str], after: list[str]) -> str:
+    """Control questions answered before and after fine-tuning, and which known answers were lost.
+
+    An answer counts as right when it contains the expected one (case ignored).
+
+    Examples:
+        >>> print(format_controls({"Capital of France?": "Paris"}, ["It is Paris."], ["Berlin"]))
+        Control questions (what the model knew before), answered before and after fine-tuning:
+          > Capital of France? (needs: Paris)
+            before: It is Paris. [right]
+            after:  Berlin [wrong]
+        FORGOTTEN: 1 of the 1 control answers the model knew before fine-tuning.
+    """
+
+    def right(answer: str | None, expected: str) -> bool:
+        return answer is not None and expected.casefold() in answer.casefold()
+
+    lines = ["Control questions (what the model knew before), answered before and after fine-tuning:"]
+    known = lost = 0
+    for index, (prompt, expected) in enumerate(controls.items()):
+        was = before[index] if index < len(before) else None
+        now = after[index] if index < len(after) else None
+        known += right(was, expected)
+        lost += right(was, expected) and not right(now, expected)
+        lines.append(f"  > {prompt} (needs: {expected})")
+        for label, answer in (("before:", was), ("after: ", now)):
+            verdict = "right" if right(answer, expected) else "wrong"
+            lines.append(f"    {label} {'(not generated)' if answer is None else f'{one_line(answer)} [{verdict}]'}")
+    if not known:
+        lines.append("No control answer was right before fine-tuning, so none can show forgetting.")
+    elif lost:
+        lines.append(f"FORGOTTEN: {lost} of the {known} control answers the model knew before fine-tuning.")
+    else:
+        lines.append(f"Kept: all {known} control answers the model knew before fine-tuning.")
     return "\n".join(lines)
 
 
