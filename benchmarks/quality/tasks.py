@@ -8,13 +8,14 @@ Three tasks of different kinds, each a fixed, seed-independent split into train 
   decoding, in one forward pass).
 * ``code`` (domain shift): Python standard-library source, split by file, packed into rows of 48 tokens,
   trained on every token. Metric: the held-out loss per token.
-* ``facts`` (knowledge the base model lacks): 128 facts about 64 fictional people (the town each comes
+* ``facts`` (knowledge the base model lacks): 64 facts about 32 fictional people (the town each comes
   from and the company each works for; both are one capitalised common word, each used once), each stated
-  in three paraphrased documents and asked by one training question; validated and tested with question
-  templates that never appear in training (3 and 8 per attribute). Metric: exact match; standard errors
-  are computed over facts. A first version (250 facts whose values were invented three-syllable words)
-  failed the task's gate: full fine-tuning reached at most 0.3% in 100 steps, seeing each fact about
-  twice.
+  in three paraphrased documents and asked by three training questions; validated and tested with question
+  templates that never appear in training (5 and 16 per attribute: 300 and 1,024 items). Metric: exact
+  match; standard errors are computed over facts. Two earlier versions failed the task's gate (full
+  fine-tuning at least 30% in 100 steps): 250 facts with invented three-syllable values (at most 0.3%),
+  and 128 facts with common-word values and one training question each (11.0% at 1e-3): each fact was seen
+  too few times.
 
 Forgetting is measured twice for every task: the loss on held-out general English (help topics of
 ``pydoc_data.topics`` never used for anything else), and exact match on a control set of short questions
@@ -51,7 +52,7 @@ class Sizes:
     val: int = 300  # exact-match tasks: validation items (the learning rate is chosen on them)
     curve: int = 100  # validation items evaluated at the end of every period but the last
     test: int = 1000
-    people: int = 64  # facts: 2 facts each
+    people: int = 32  # facts: 2 facts each
     facts_batch: int = 16
     code_len: int = 48
     code_batch: int = 4
@@ -285,11 +286,17 @@ FACT_TEMPLATES: dict[str, dict[str, list[str]]] = {
             "{value} is the hometown of {name}.",
             "{name} grew up in {value}, where the family still lives.",
         ],
-        "train": ["Q: Where is {name} from?\nA:"],
+        "train": [
+            "Q: Where is {name} from?\nA:",
+            "Q: What is {name}'s hometown?\nA:",
+            "Q: In what town did {name} grow up?\nA:",
+        ],
         "val": [
             "Q: In which town was {name} born?\nA:",
             "Q: What town did {name} grow up in?\nA:",
             "Q: Where was {name} raised?\nA:",
+            "Q: Which town does {name} come from?\nA:",
+            "Q: What is the birthplace of {name}?\nA:",
         ],
         "test": [
             "Q: What is the hometown of {name}?\nA:",
@@ -300,6 +307,14 @@ FACT_TEMPLATES: dict[str, dict[str, list[str]]] = {
             "Q: What is the name of the town {name} grew up in?\nA:",
             "Q: Which town was {name} born in?\nA:",
             "Q: Tell me the hometown of {name}.\nA:",
+            "Q: Where was {name} born?\nA:",
+            "Q: {name} grew up in which town?\nA:",
+            "Q: What town is {name} originally from?\nA:",
+            "Q: In which town did {name} spend their early years?\nA:",
+            "Q: What town does {name}'s family live in?\nA:",
+            "Q: Which town is the birthplace of {name}?\nA:",
+            "Q: From which town does {name} come?\nA:",
+            "Q: What town was {name} raised in?\nA:",
         ],
     },
     "company": {
@@ -308,11 +323,17 @@ FACT_TEMPLATES: dict[str, dict[str, list[str]]] = {
             "{value} is the company where {name} has worked for years.",
             "Every morning {name} goes to the office of {value}.",
         ],
-        "train": ["Q: Who does {name} work for?\nA:"],
+        "train": [
+            "Q: Who does {name} work for?\nA:",
+            "Q: What company does {name} work at?\nA:",
+            "Q: Who is {name}'s employer?\nA:",
+        ],
         "val": [
             "Q: Which company employs {name}?\nA:",
             "Q: What is the name of {name}'s employer?\nA:",
             "Q: For which company does {name} work?\nA:",
+            "Q: Where is {name} employed?\nA:",
+            "Q: What firm does {name} work for?\nA:",
         ],
         "test": [
             "Q: Where does {name} work?\nA:",
@@ -323,9 +344,17 @@ FACT_TEMPLATES: dict[str, dict[str, list[str]]] = {
             "Q: Who employs {name}?\nA:",
             "Q: Name the company {name} works for.\nA:",
             "Q: What is the company where {name} works?\nA:",
+            "Q: Which firm employs {name}?\nA:",
+            "Q: {name} works at which company?\nA:",
+            "Q: What is {name}'s company?\nA:",
+            "Q: Whose office does {name} go to every morning?\nA:",
+            "Q: Which employer does {name} work for?\nA:",
+            "Q: For whom does {name} work?\nA:",
+            "Q: Tell me the company that employs {name}.\nA:",
+            "Q: At what company is {name} employed?\nA:",
         ],
     },
-}
+}  # fmt: skip
 
 
 def invented(rng: random.Random, parts: int, taken: set[str]) -> str:
