@@ -36,10 +36,14 @@ def test_study_runs_the_protocol_resumes_and_reports(tmp_path: Path):
     assert refused.returncode != 0 and "--resume" in refused.stderr
 
     # the quiet cost script, then the report that joins both
-    run(str(STUDY / "cost.py"), *common, "--tasks", "reverse", "--arms", "lisa2,fixed2", "--rounds", "1",
+    run(str(STUDY / "cost.py"), *common, "--tasks", "reverse", "--arms", "lisa2,fixed2,full", "--rounds", "1",
         "--steps", "4", "--peak-from", "1", "--peak-to", "3", cwd=tmp_path)  # fmt: skip
     cost = json.loads((out / "cost_smoke.json").read_text())
-    assert set(cost["tasks"]["reverse"]) == {"lisa2", "fixed2"} and "time_regime" in cost and "peak_regime" in cost
+    rows = cost["tasks"]["reverse"]
+    assert set(rows) == {"lisa2", "fixed2", "full"} and "time_regime" in cost and "peak_regime" in cost
+    # full fine-tuning with AdamW holds at least the weights, their gradients and two moments at once
+    assert rows["full"]["peak_bytes"] >= 4 * rows["full"]["weights_bytes"] > 0
+    assert rows["full"]["peak_bytes"] > rows["lisa2"]["peak_bytes"] > rows["lisa2"]["weights_bytes"]
     (out / "cost.json").write_text(json.dumps(cost))
     run(str(STUDY), "report", *common, "--figures", str(tmp_path), cwd=tmp_path)
     summary = json.loads((out / "summary.json").read_text())

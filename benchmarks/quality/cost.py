@@ -65,13 +65,19 @@ class Peak(pl.Callback):
         self.mode = TensorPeak()
         self.start = start
         self.active = False
+        self.weights_bytes = 0  # the model's parameters and buffers, counted once each
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         if self.active or trainer.global_step < self.start:
             return
         self.mode.__enter__()
         self.active = True
-        self.mode.track(pl_module.state_dict().values())
+        # the tensors that own the storages: `state_dict()` hands out detached copies, which die at once
+        owners = [*pl_module.parameters(), *pl_module.buffers()]
+        self.mode.track(owners)
+        self.weights_bytes = sum(
+            {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in owners}.values()
+        )
         self.mode.track(p.grad for p in pl_module.parameters() if p.grad is not None)
         for optimizer in trainer.optimizers:
             self.mode.track(t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t))
@@ -142,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                 peak = Peak(args.peak_from)
                 measure(base, task, arm, args.peak_to, [peak])
                 rows.setdefault(arm, {})["peak_bytes"] = peak.mode.peak
+                rows[arm]["weights_bytes"] = peak.weights_bytes
                 print(f"{name:8} {arm:14} peak {peak.mode.peak / 2**20:8.1f} MiB", flush=True)
             result["peak_regime"] = (
                 f"float32, each task's training batches; tensor bytes alive at once in steps {args.peak_from + 1} "

@@ -49,7 +49,13 @@ class TensorPeak(TorchDispatchMode):  # type: ignore[no-untyped-call]
         self.peak = 0
 
     def track(self, tensors: Iterable[torch.Tensor]) -> None:
-        """Count ``tensors`` that already exist, until they are freed (each storage once)."""
+        """Count ``tensors`` that already exist, until they are freed (each storage once).
+
+        A tracked storage counts until the tensor objects given here are freed, so give the tensors that
+        own it (``model.parameters()``, ``p.grad``, the optimizer's state), not copies that die at once:
+        ``model.state_dict()`` returns detached tensors, which would be released as soon as the
+        dictionary is dropped.
+        """
         for tensor in tensors:
             self._add(tensor, inputs=())
 
