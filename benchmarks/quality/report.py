@@ -24,7 +24,8 @@ from study import chosen, grid_state, read
 #: Pairs compared in every task's verdicts: (arm, against).
 PAIRS = (
     ("lisa2", "fixed2"), ("lisa4", "fixed4"), ("lisa2", "lora64"), ("lisa4", "lora64"), ("lisa2", "lora16"),
-    ("lisa2", "full"), ("lisa4", "full"), ("lora64", "full"), ("lisa6", "lisa2"), ("lisa2-blocks", "lisa2"),
+    ("lisa2", "full"), ("lisa4", "full"), ("lora64", "full"), ("lisa6", "lisa2"), ("lisa6", "lisa4"),
+    ("lisa6", "lora64"), ("lisa6", "full"), ("lisa2-blocks", "lisa2"),
     ("lisa2-eh025", "lisa2"), ("lisa2-offload", "lisa2"),
 )  # fmt: skip
 

@@ -3,7 +3,7 @@ r"""The study's tasks: what is trained, what is evaluated, and the two measures 
 Three tasks of different kinds, each a fixed, seed-independent split into train / validation / test:
 
 * ``reverse`` (a skill the base model lacks): ``Reverse: w1 ... w5\nReversed:`` followed by the five
-  words in reverse order; words from a fixed list of 200 common English words. Trained on the answers
+  words in reverse order; words from a fixed list of 188 common English words. Trained on the answers
   only. Metric: exact match, by teacher-forced argmax over the answer's tokens (the verdict of greedy
   decoding, in one forward pass).
 * ``code`` (domain shift): Python standard-library source, split by file, packed into rows of 48 tokens,
