@@ -269,9 +269,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "cell: one cell (used by the study's workers)")  # fmt: skip
     parser.add_argument(
         "--tasks",
-        default="reverse,code",
-        help=f"comma-separated, from {','.join(TASKS)} (default reverse,code: facts fails its "
-        "gate at these sizes, see the benchmarks page)",
+        default="reverse,code,facts",
+        help=f"comma-separated, from {','.join(TASKS)} (default reverse,code,facts: the order they run in)",
     )
     parser.add_argument("--arms", default=",".join(CORE), help=f"comma-separated, from {','.join(ARMS)}")
     parser.add_argument(
