@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 #: LoRA's rank meant to match LISA gamma = 2's peak on SmolLM2-135M: the estimate at the study's batch chose
-#: it before the runs. Measured by ``cost.py``, it needs 18% less than LISA gamma = 2 on reverse (the trained
-#: embeddings and head cost more than the estimate said); kept, so that every finished cell stays comparable.
+#: it before the runs. Measured by ``cost.py``, it needs 18% less than LISA gamma = 2 on reverse; kept, so that
+#: every finished cell stays comparable.
 MATCHED_RANK = 64
 #: Half-decade grids: full fine-tuning of a pretrained model takes lower rates than the arms that train
 #: fewer parameters; LoRA's adapters start at zero and take the highest.
