@@ -192,7 +192,9 @@ def test_console_script_and_module_entry_points(tmp_path: Path, monkeypatch: pyt
     args = ["fit", "--config", str(CONFIGS / "demo.yaml"), "--print_config"]
     result = subprocess.run([script, *args], capture_output=True, text=True, check=False, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert yaml.safe_load(result.stdout)["lisa"]["init_args"]["n_layers"] == 2
+    printed = yaml.safe_load(result.stdout)
+    assert printed["lisa"]["init_args"]["n_layers"] == 4  # the demo's setting, read from its config
+    assert printed["controls"] == {"What is the capital of France?": "Paris", "What is the opposite of hot?": "cold"}
     monkeypatch.setattr(sys, "argv", ["python -m lightning_lisa", *args])
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_module("lightning_lisa", run_name="__main__")
