@@ -275,22 +275,27 @@ def format_controls(controls: dict[str, str], before: list[str], after: list[str
             before: It is Paris. [right]
             after:  Berlin [wrong]
         FORGOTTEN: 1 of the 1 control answers the model knew before fine-tuning.
+        >>> print(format_controls({"Opposite of hot?": "cold"}, ["Cold."], []).splitlines()[-2:])
+        ['    after:  (not generated)', 'FORGOTTEN: 1 of the 1 control answers the model knew before fine-tuning.']
+        >>> format_controls({"Opposite of hot?": "cold"}, ["cold"], ["COLD"]).splitlines()[-1]
+        'Kept: all 1 control answers the model knew before fine-tuning.'
+        >>> format_controls({"Opposite of hot?": "cold"}, ["warm"], ["warm"]).splitlines()[-1]
+        'No control answer was right before fine-tuning, so none can show forgetting.'
     """
-
-    def right(answer: str | None, expected: str) -> bool:
-        return answer is not None and expected.casefold() in answer.casefold()
-
     lines = ["Control questions (what the model knew before), answered before and after fine-tuning:"]
     known = lost = 0
     for index, (prompt, expected) in enumerate(controls.items()):
-        was = before[index] if index < len(before) else None
-        now = after[index] if index < len(after) else None
-        known += right(was, expected)
-        lost += right(was, expected) and not right(now, expected)
         lines.append(f"  > {prompt} (needs: {expected})")
-        for label, answer in (("before:", was), ("after: ", now)):
-            verdict = "right" if right(answer, expected) else "wrong"
-            lines.append(f"    {label} {'(not generated)' if answer is None else f'{one_line(answer)} [{verdict}]'}")
+        verdicts = []
+        for label, answers in (("before:", before), ("after: ", after)):
+            answer = answers[index] if index < len(answers) else None
+            verdicts.append(answer is not None and expected.casefold() in answer.casefold())
+            shown = (
+                "(not generated)" if answer is None else f"{one_line(answer)} [{'right' if verdicts[-1] else 'wrong'}]"
+            )
+            lines.append(f"    {label} {shown}")
+        known += verdicts[0]
+        lost += verdicts[0] and not verdicts[1]
     if not known:
         lines.append("No control answer was right before fine-tuning, so none can show forgetting.")
     elif lost:
