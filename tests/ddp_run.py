@@ -17,7 +17,7 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_lisa import LISA
-from lightning_lisa.testing import CausalLM, Recorder, token_loader
+from lightning_lisa.testing import CausalLM, Recorder, end_process_group, token_loader
 
 
 class AgreeingRanks(pl.Callback):
@@ -156,3 +156,4 @@ if __name__ == "__main__":
         resume(Path(sys.argv[1]), sys.argv[3])
     else:
         main(Path(sys.argv[1]), sys.argv[2], sys.argv[3] == "hook")
+    end_process_group()  # not left to interpreter finalization, where gloo may abort the process

@@ -22,6 +22,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
 from lightning_lisa.norms import NormAccumulator, layer_norms, monitored_layers, partial_norms
+from lightning_lisa.testing import end_process_group
 
 NORMS = ("l2", "l1", "linf")
 ORDERS = {"l2": 2.0, "l1": 1.0, "linf": float("inf")}
@@ -109,7 +110,7 @@ def worker(rank: int, out: Path, port: str) -> None:
         result["fsdp_grad"][norm] = dict(zip(names, accumulator.compute().tolist(), strict=True))
 
     (out / f"rank{rank}.json").write_text(json.dumps(result))
-    dist.destroy_process_group()
+    end_process_group()  # every rank wrote its file before the group goes
 
 
 if __name__ == "__main__":
