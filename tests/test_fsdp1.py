@@ -7,6 +7,8 @@ FSDP1 itself needs CUDA; the training, freeing and resume checks under it are in
 from __future__ import annotations
 
 import logging
+import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -162,3 +164,69 @@ def CausalLMForNorms():  # noqa: N802 - a factory named like the class it return
     from lightning_lisa.testing import CausalLM
 
     return CausalLM(num_layers=3)
+
+
+class _Killed(BaseException):
+    """Stands for the process dying in the middle of a write."""
+
+
+def _kill(*args: object, **kwargs: object) -> None:
+    raise _Killed
+
+
+@pytest.mark.parametrize("cls", [LISAFSDPStrategy, FSDPStrategy])
+def test_a_full_checkpoint_killed_while_written_leaves_the_previous_one(tmp_path: Path, monkeypatch, cls):
+    """One process, no process group (FSDP1's own save paths need none): rank 0 writes the file."""
+    target = tmp_path / "last.ckpt"
+    strategy = cls()
+    strategy.save_checkpoint({"step": 1}, target)
+
+    def half_written(checkpoint: dict, path: Path, storage_options: object = None) -> None:
+        Path(path).write_bytes(b"\x80\x02 half a pickle")
+        raise _Killed
+
+    monkeypatch.setattr(strategy.checkpoint_io, "save_checkpoint", half_written)
+    with pytest.raises(_Killed):
+        strategy.save_checkpoint({"step": 2}, target)
+    if cls is FSDPStrategy:  # the behaviour LISAFSDPStrategy fixes: the previous checkpoint is gone
+        with pytest.raises(pickle.UnpicklingError):
+            torch.load(target, weights_only=False)
+        return
+    assert torch.load(target, weights_only=False) == {"step": 1}
+    monkeypatch.undo()
+    strategy.save_checkpoint({"step": 3}, target)
+    assert torch.load(target, weights_only=False) == {"step": 3}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # the partial write is gone
+
+
+def test_a_sharded_checkpoint_killed_after_its_shards_leaves_the_previous_one(tmp_path: Path, monkeypatch):
+    """The shards of step 2 are written, its metadata never: last.ckpt still holds step 1 whole."""
+    import lightning.pytorch.strategies.fsdp as lightning_fsdp
+
+    from lightning_lisa.strategies.checkpoints import partial_path
+
+    target = tmp_path / "last.ckpt"
+    strategy = LISAFSDPStrategy(state_dict_type="sharded")
+
+    def checkpoint(step: int) -> dict:
+        return {"step": step, "state_dict": {"w": torch.full((4,), float(step))}, "optimizer_states": []}
+
+    strategy.save_checkpoint(checkpoint(1), target)
+    write_shards = lightning_fsdp._distributed_checkpoint_save
+
+    def shards_then_killed(state: dict, path: Path) -> None:
+        write_shards(state, path)
+        raise _Killed
+
+    monkeypatch.setattr(lightning_fsdp, "_distributed_checkpoint_save", shards_then_killed)
+    with pytest.raises(_Killed):
+        strategy.save_checkpoint(checkpoint(2), target)
+    assert (partial_path(target) / ".metadata").exists()  # step 2's shards, set apart
+    assert torch.load(target / "meta.pt", weights_only=False) == {"step": 1}
+    loaded = {"model": {"w": torch.zeros(4)}}
+    torch.distributed.checkpoint.load(loaded, checkpoint_id=target)
+    assert torch.equal(loaded["model"]["w"], torch.full((4,), 1.0))  # the shards of the same step
+    monkeypatch.undo()
+    strategy.save_checkpoint(checkpoint(3), target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    assert torch.load(target / "meta.pt", weights_only=False) == {"step": 3}

@@ -146,6 +146,42 @@ def load_partial(
         return load(path, weights_only=weights_only)
 
 
+def save_complete(
+    strategy: Strategy,
+    save: Callable[[dict[str, Any], Path, Any], None],
+    checkpoint: dict[str, Any],
+    filepath: str | Path,
+    storage_options: Any | None,
+) -> None:
+    """Run a strategy's own saving into a hidden sibling of ``filepath``, moved into place once complete.
+
+    A sharded checkpoint is a folder that every rank writes its shards into, and Lightning's FSDP
+    strategies write it in place, over the previous checkpoint of that name: a run killed halfway left a
+    folder mixing new shards with old metadata, which loaded without an error. A full checkpoint is one
+    file that rank 0 writes in place. Here every rank writes into :func:`partial_path`, and rank 0 moves
+    it over ``filepath`` (:func:`move_into_place`) after all ranks are done; this needs a file system that
+    every rank sees, as the strategies' own metadata, which rank 0 alone writes, already does. A partial
+    write left by a killed run is removed before the next save.
+
+    Args:
+        strategy: The strategy that saves (its ``broadcast``, ``barrier`` and ``is_global_zero``).
+        save: The parent class's ``save_checkpoint``, bound to ``strategy``.
+        checkpoint: Passed on.
+        filepath: Where the complete checkpoint ends up.
+        storage_options: Passed on.
+    """
+    target = Path(strategy.broadcast(filepath))
+    partial = partial_path(target)
+    if strategy.is_global_zero:
+        remove_path(partial)
+    strategy.barrier("lisa_checkpoint_start")
+    save(checkpoint, partial, storage_options)
+    strategy.barrier("lisa_checkpoint_written")
+    if strategy.is_global_zero:
+        move_into_place(partial, target)
+    strategy.barrier("lisa_checkpoint_in_place")
+
+
 def params_without_saved_state(
     path: str | Path,
     module: nn.Module,

@@ -25,7 +25,8 @@ parameter to whether any of its original parameters requires it. What follows fr
   ``trainer.save_checkpoint`` after ``fit``) every parameter requires gradients, but only the
   trained blocks have state: :class:`LISAFSDPStrategy` freezes the parameters without state while it
   saves, and the parameters without saved state while it loads; LISA requires it under FSDP1 (a plain
-  ``FSDPStrategy`` is refused with that fix).
+  ``FSDPStrategy`` is refused with that fix). It also writes each checkpoint beside its final name and
+  moves it there once complete, so a run killed while saving never leaves a mixed checkpoint.
 * ``sampling="weight_norm"``: each rank holds a slice of each parameter, so the norms of the units
   are summed over ranks (one all-reduce) before sampling.
 
@@ -49,7 +50,7 @@ from lightning_lisa.errors import LISAConfigError
 from lightning_lisa.layers import Unit, find_layers, split_units
 from lightning_lisa.norms import PlainTensors
 from lightning_lisa.strategies.base import StrategyAdapter
-from lightning_lisa.strategies.checkpoints import frozen_while, load_partial
+from lightning_lisa.strategies.checkpoints import frozen_while, load_partial, save_complete
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -109,6 +110,8 @@ class LISAFSDPStrategy(FSDPStrategy):
       samples (each block, or each attention/MLP module with ``granularity="module"``) as an FSDP unit of
       its own, so that frozen ones compute and send no gradients. A policy you pass is kept.
     * Its ``load_checkpoint`` accepts checkpoints whose optimizer state covers only the trained blocks.
+    * Its ``save_checkpoint`` writes a hidden sibling and moves it into place once complete: a run killed
+      while saving leaves the previous checkpoint as it was.
     * Its ``optimizer_state`` accepts optimizers that hold state for only some parameters: FSDP1's
       ``optim_state_dict`` refuses a parameter that requires gradients but has no state when another
       parameter of its flat parameter has some, which is the case after ``fit`` (every parameter trains
@@ -146,6 +149,18 @@ class LISAFSDPStrategy(FSDPStrategy):
     def load_checkpoint(self, checkpoint_path: str | Path, weights_only: bool | None = None) -> dict[str, Any]:
         """Load as ``FSDPStrategy`` does, leaving out parameters without saved optimizer state."""
         return load_partial(self, super().load_checkpoint, checkpoint_path, weights_only)
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: str | Path, storage_options: Any | None = None
+    ) -> None:
+        """Save as ``FSDPStrategy`` does, into a hidden sibling that is moved into place once complete.
+
+        ``FSDPStrategy`` writes a sharded checkpoint's folder, or a full checkpoint's file, in place: a
+        run killed halfway left a checkpoint of that name that was incomplete or mixed two steps. Here the
+        ranks write a hidden sibling that rank 0 moves over ``filepath`` once all are done
+        (:func:`~lightning_lisa.strategies.checkpoints.save_complete`).
+        """
+        save_complete(self, super().save_checkpoint, checkpoint, filepath, storage_options)
 
 
 class FSDP1Adapter(StrategyAdapter):

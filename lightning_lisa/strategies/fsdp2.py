@@ -40,7 +40,7 @@ from torch import nn
 from lightning_lisa.errors import LISAConfigError
 from lightning_lisa.layers import LayerInfo, find_layers
 from lightning_lisa.strategies.base import StrategyAdapter
-from lightning_lisa.strategies.checkpoints import load_partial, move_into_place, partial_path, remove_path
+from lightning_lisa.strategies.checkpoints import load_partial, save_complete
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -74,20 +74,10 @@ class LISAModelParallelStrategy(ModelParallelStrategy):
         A distributed checkpoint is a folder that every rank writes its shards into, and
         ``ModelParallelStrategy`` writes it in place, over the previous checkpoint of that name: a run
         killed halfway left a folder mixing the new shards with the old metadata, which loaded without
-        an error. Here every rank writes into :func:`~lightning_lisa.strategies.checkpoints.partial_path`,
-        and rank 0 moves it over ``filepath`` after all ranks are done (a shared file system, as for the
-        metadata ``ModelParallelStrategy`` writes on rank 0 alone).
+        an error. Here the ranks write a hidden sibling that rank 0 moves over ``filepath`` once all are
+        done (:func:`~lightning_lisa.strategies.checkpoints.save_complete`).
         """
-        target = Path(self.broadcast(filepath))
-        partial = partial_path(target)
-        if self.global_rank == 0:
-            remove_path(partial)  # left by a run killed while writing
-        self.barrier("lisa_checkpoint_start")
-        super().save_checkpoint(checkpoint, partial, storage_options)
-        self.barrier("lisa_checkpoint_written")
-        if self.global_rank == 0:
-            move_into_place(partial, target)
-        self.barrier("lisa_checkpoint_in_place")
+        save_complete(self, super().save_checkpoint, checkpoint, filepath, storage_options)
 
 
 class FSDP2Adapter(StrategyAdapter):
