@@ -310,6 +310,9 @@ def check_resume(args: argparse.Namespace, sharded: bool) -> dict[str, Any]:
         problems.append(f"schedules differ: {schedule_full} vs {schedule_resumed}")
     if max_diff > 1e-5:
         problems.append(f"weights differ by up to {max_diff:.3g}")
+    left = sorted(p.name for p in Path(path).parent.iterdir() if p.name.endswith(".incomplete"))
+    if left:
+        problems.append(f"partial checkpoint writes left beside the checkpoint: {left}")
     return {
         "passed": not problems,
         "problems": problems,
@@ -394,6 +397,9 @@ def check_fabric(args: argparse.Namespace, sharded: bool) -> dict[str, Any]:
     max_diff = float((full - resumed).abs().max())
     if max_diff > 1e-5:
         problems.append(f"weights differ by up to {max_diff:.3g}")
+    left = sorted(p.name for p in Path(path).parent.iterdir() if p.name.endswith(".incomplete"))
+    if left:
+        problems.append(f"partial checkpoint writes left beside the checkpoint: {left}")
     return {
         "passed": not problems,
         "problems": problems,
