@@ -11,8 +11,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from lightning_lisa.recipes import tokenizer as tokenizer_module
-from lightning_lisa.recipes.corpus import ALPACA_PROMPT_NO_INPUT, read_corpus
+from lightning_lisa.recipes.corpus import ALPACA_PROMPT_NO_INPUT, read_corpus, record_to_example
 from lightning_lisa.recipes.data import IGNORE_INDEX, TextDataModule
+from lightning_lisa.recipes.data.records import tokenize_examples
 from lightning_lisa.recipes.tokenizer import bpe_cache_path, default_tokenizer
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 40
@@ -201,6 +202,26 @@ def test_chat_records_train_on_the_assistant_turns_only(tmp_path: Path):
     everything.setup("fit")
     row = everything.train_set[0]  # type: ignore[index]
     assert torch.equal(row["labels"], row["input_ids"])
+
+
+def test_a_conversation_is_located_only_when_it_is_invalid():
+    # a JSON Lines record's line is found by reading the file up to it: asked for every record, a
+    # file of n conversations was read n times over (100,000 conversations: hours instead of minutes)
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    examples = [record_to_example({"messages": turns})] * 3
+    asked: list[int] = []
+
+    def where(index: int) -> str:
+        asked.append(index)
+        return f"chat.jsonl:{index + 1}"
+
+    tok = word_tokenizer()
+    assert len(tokenize_examples(tok, examples, "answers", where)) == 3
+    assert asked == []
+    tok.chat_template = None
+    with pytest.raises(ValueError, match=r"^chat\.jsonl:1: the records are conversations \('messages'\)"):
+        tokenize_examples(tok, examples, "answers", where)
+    assert asked == [0]
 
 
 def test_bad_chat_records_are_named(tmp_path: Path):

@@ -28,8 +28,10 @@ from transformers import PreTrainedTokenizerBase
 from lightning_lisa.recipes.corpus import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT
 from lightning_lisa.recipes.data.loading import best_fit_decreasing
 from lightning_lisa.recipes.data.records import (
+    HERE,
     IGNORE_INDEX,
     RECORD_FORMATS,
+    located,
     record_format,
     to_example,
     tokenize_examples,
@@ -125,17 +127,15 @@ class TokenizeRecords:
         pairs: list[tuple[list[int], list[int]] | None] = []
         text_rows, examples = [], []
         for j, row in enumerate(rows):
-            try:
-                kind = record_format(row, self.record_type, "\0")
+            with located(lambda: self.where(indices[j])):  # noqa: B023 (called before `j` moves on)
+                kind = record_format(row, self.record_type, HERE)
                 kinds.append(RECORD_FORMATS.index(kind))
                 if kind == "tokens":
-                    pairs.append(_tokens(row, "\0"))
+                    pairs.append(_tokens(row, HERE))
                 else:
                     pairs.append(None)
                     text_rows.append(j)
-                    examples.append(to_example(row, kind, "\0"))
-            except ValueError as err:
-                raise ValueError(str(err).replace("\0", self.where(indices[j]))) from None
+                    examples.append(to_example(row, kind, HERE))
         tokenized = tokenize_examples(
             self.tokenizer, examples, self.settings.train_on, lambda k: self.where(indices[text_rows[k]])
         )

@@ -36,7 +36,15 @@ from lightning_lisa.recipes.data.cache import (
     load_cache,
 )
 from lightning_lisa.recipes.data.loading import Batch, Collator, RowDataset, StepSampler
-from lightning_lisa.recipes.data.records import IGNORE_INDEX, TRAIN_ON, TrainOn, to_example
+from lightning_lisa.recipes.data.records import (
+    HERE,
+    IGNORE_INDEX,
+    TRAIN_ON,
+    TrainOn,
+    located,
+    record_format,
+    to_example,
+)
 from lightning_lisa.recipes.data.sources import (
     EXTENSIONS,
     DataSource,
@@ -428,9 +436,8 @@ class TextDataModule(pl.LightningDataModule):
                         f"{part.where(index)}: pre-tokenized records need the tokenizer they were made with; set "
                         "`tokenizer`."
                     )
-                from lightning_lisa.recipes.data.records import record_format
-
-                example = to_example(row, record_format(row, record_type, part.where(index)), part.where(index))
+                with located(lambda: part.where(index)):  # noqa: B023 (called before `index` moves on)
+                    example = to_example(row, record_format(row, record_type, HERE), HERE)
                 texts.append(example.prompt + example.text)
         self.tokenizer = default_tokenizer(texts, self.vocab_size, self.cache_dir)
         return self.tokenizer

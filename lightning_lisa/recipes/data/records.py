@@ -6,7 +6,8 @@ record (``"auto"``) or named. The loss is taken on the answers by default (:data
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, Literal, get_args
 
 from transformers import PreTrainedTokenizerBase
@@ -15,6 +16,30 @@ from lightning_lisa.recipes.corpus import Example, record_to_example
 
 #: The label of tokens that take no loss.
 IGNORE_INDEX = -100
+
+#: Stands for a record's place in an error message until :func:`located` fills it in.
+HERE = "\0"
+
+
+@contextmanager
+def located(where: Callable[[], str]) -> Iterator[None]:
+    """A ``ValueError`` raised inside names its record: ``where()`` replaces :data:`HERE` in the message.
+
+    ``where`` is called only for an error: finding a JSON Lines record's line reads the file up to it, so
+    asking it for every record would read a file of n records n times over.
+
+    Example:
+        >>> with located(lambda: "data.jsonl:7"):
+        ...     record_format({"txt": "hi"}, "auto", HERE)
+        Traceback (most recent call last):
+        ...
+        ValueError: data.jsonl:7: record has keys ['txt']; expected a 'text' field, ...
+    """
+    try:
+        yield
+    except ValueError as err:
+        raise ValueError(str(err).replace(HERE, where())) from None
+
 
 #: Record formats: ``text`` (``{"text"}``), ``alpaca`` (``{"instruction", "input", "output"}``), ``completion``
 #: (``{"prompt", "completion"}``), ``chat`` (``{"messages": [{"role", "content"}, ...]}``), ``sharegpt``
@@ -253,16 +278,19 @@ def tokenize_examples(
         tokenizer: The tokenizer.
         examples: The examples.
         train_on: One of :data:`TrainOn`.
-        where: The description of example ``i`` for error messages.
+        where: The description of example ``i`` for error messages; called only when example ``i`` is invalid.
     """
     eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
     plain = [e for e in examples if not e.messages]
     prompts = iter(encode(tokenizer, [e.prompt for e in plain]))
     texts = iter(encode(tokenizer, [e.text for e in plain]))
     masked, last_only = train_on != "all", train_on == "last_answer"
-    chats = [
-        chat_pieces(tokenizer, e.messages, masked, where(i), last_only) for i, e in enumerate(examples) if e.messages
-    ]
+
+    def pieces_of(index: int, example: Example) -> list[tuple[str, bool]]:
+        with located(lambda: where(index)):
+            return chat_pieces(tokenizer, example.messages, masked, HERE, last_only)
+
+    chats = [pieces_of(i, e) for i, e in enumerate(examples) if e.messages]
     flat = iter(encode(tokenizer, [text for pieces in chats for text, _ in pieces]))  # one call for the batch
     conversations = iter(chats)
     start = [bos] if bos is not None else []
