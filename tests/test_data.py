@@ -248,6 +248,15 @@ def test_valid_json_lines_records_are_never_located(tmp_path: Path, monkeypatch:
     assert asked == [3]
 
 
+def test_records_that_leave_nothing_to_train_on_are_refused_with_the_reason(tmp_path: Path):
+    records = [{"instruction": f"Say {word}.", "input": "", "output": word} for word in ("yes", "no", "maybe")]
+    path = jsonl(tmp_path / "alpaca.jsonl", records * 4)
+    dm = TextDataModule(path=str(path), vocab_size=300, max_length=8, packing=False, cache_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"alpaca\.jsonl: none of the 12 records is left to train on: 12 have no "
+                       r"trained token in their first `max_length=8` tokens"):  # fmt: skip
+        dm.setup("fit")
+
+
 def test_bad_chat_records_are_named(tmp_path: Path):
     no_answer = jsonl(tmp_path / "a.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
     with pytest.raises(ValueError, match=r"a\.jsonl:1: the conversation has no 'assistant' message"):

@@ -317,6 +317,14 @@ def tokenize_parts(
     }
     kept = np.flatnonzero(status <= TRUNCATED)
     counts["examples"] = len(kept)
+    if len(kept) == 0:
+        sources = ", ".join(part.label for part, _, _ in parts)
+        raise ValueError(
+            f"{sources}: none of the {len(table)} records is left to train on: {counts['dropped_without_targets']} "
+            f"have no trained token in their first `max_length={settings.max_length}` tokens (a prompt that fills "
+            f"them, or an empty answer) and {counts['dropped_too_long']} are longer than that (`overlong='drop'`). "
+            "Raise `max_length`, or shorten the prompts."
+        )
     if len(kept) < len(table):
         table = table.select(kept)
     return table.remove_columns(["status", "kind"]), counts
