@@ -154,6 +154,15 @@ def test_compact_moments_everywhere_from_the_command_line(tmp_path: Path, cache:
     assert {group["compact"] for group in optimizer.param_groups} == {"factored"}
 
 
+def test_always_active_lr_scale_from_the_command_line(tmp_path: Path, cache: Path):
+    cli = LisaCLI(args=["fit", *tiny(tmp_path, cache, steps=1), "--model.always_active_lr_scale=0.25"])
+    groups = cli.trainer.optimizers[0].param_groups
+    head = cli.model.model.lm_head.weight
+    (own,) = [g for g in groups if any(p is head for p in g["params"])]
+    assert {g["initial_lr"] for g in groups} == {cli.model.hparams["learning_rate"], own["initial_lr"]}
+    assert own["initial_lr"] == 0.25 * cli.model.hparams["learning_rate"]
+
+
 def test_seven_b_example_at_tiny_scale(tmp_path: Path, cache: Path):
     records = [{"instruction": f"Repeat {i}.", "input": "", "output": f"{i} " * (i % 5 + 1)} for i in range(40)]
     data = tmp_path / "alpaca.jsonl"

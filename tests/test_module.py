@@ -226,6 +226,35 @@ def test_fused_adamw_with_the_step_in_backward_equals_a_normal_fused_run(tmp_pat
         tiny_module(fused_adamw=True, optimizer="adamw8bit")
 
 
+@pytest.mark.parametrize("compact", [None, "8bit"])
+def test_always_active_lr_scale_steps_the_embeddings_and_head_at_their_own_rate(tmp_path: Path, compact: str | None):
+    settings = {"learning_rate": 1e-2, "weight_decay": 0.1, "warmup_steps": 10, "compact_always_active": compact}
+    module = tiny_module(always_active_lr_scale=0.25, **settings)
+    optimizer = module.make_optimizer()
+    rates = {n: g["lr"] for g in optimizer.param_groups for p in g["params"] for n, q in module.model.named_parameters()
+             if q is p}  # fmt: skip
+    assert len(rates) == len(list(module.model.parameters()))  # every parameter, once
+    assert {n for n, lr in rates.items() if lr == 2.5e-3} == {"model.embed_tokens.weight", "lm_head.weight"}
+    assert {lr for n, lr in rates.items() if n.startswith("model.layers.")} == {1e-2}
+    trainer(tmp_path, steps=3, callbacks=[LISA(n_layers=1, interval=10)]).fit(module, tiny_data(tmp_path))
+    # the warm-up scales both rates alike
+    trained = module.trainer.optimizers[0]
+    (multiplier,) = {round(g["lr"] / rates[n], 9) for g in trained.param_groups for p in g["params"]
+                     for n, q in module.model.named_parameters() if q is p}  # fmt: skip
+    assert 0 < multiplier < 1
+    # AdamW's first step moves each weight by about its group's rate: the head 4x less than the sampled block
+    fresh = tiny_module(always_active_lr_scale=0.25, learning_rate=1e-2, weight_decay=0.1)
+    initial = {n: p.detach().clone() for n, p in fresh.model.named_parameters()}
+    first = LISA(n_layers=1, interval=10)
+    trainer(tmp_path, steps=1, callbacks=[first]).fit(fresh, tiny_data(tmp_path))
+    moved = {n: (p - initial[n]).abs().max().item() for n, p in fresh.model.named_parameters()}
+    (active,) = first.history[0].active_layers
+    assert 2.4e-3 < moved["lm_head.weight"] < 2.6e-3
+    assert 9.6e-3 < moved[f"model.layers.{active}.mlp.up_proj.weight"] < 1.04e-2
+    with pytest.raises(MisconfigurationException, match=r"`always_active_lr_scale=0` is not allowed"):
+        tiny_module(always_active_lr_scale=0)
+
+
 def test_compact_always_active_needs_adamw():
     with pytest.raises(MisconfigurationException, match=r"compact_always_active='8bit'.*optimizer='adamw'"):
         tiny_module(compact_always_active="8bit", optimizer="adamw8bit")

@@ -54,28 +54,21 @@ def is_block(name: str) -> bool:
 class LM(CausalLMModule):
     """:class:`CausalLMModule` with the study's optimizer and schedule.
 
-    The optimizer is AdamW over all parameters (LISA decides what trains), over the trainable ones for
-    LoRA (``trainable_only``), and in two groups with ``eh_lr_scale`` (the blocks at the learning rate, the
-    rest at ``eh_lr_scale`` times it). The rate follows :func:`schedule` over ``steps`` (warm-up: a tenth).
+    The optimizer is AdamW over all parameters (LISA decides what trains), or over the trainable ones for
+    LoRA (``trainable_only``); the module's own ``always_active_lr_scale`` gives the embeddings and the head
+    their rate. The rate follows :func:`schedule` over ``steps`` (warm-up: a tenth).
     """
 
-    def __init__(self, steps: int, trainable_only: bool = False, eh_lr_scale: float = 1.0, **kwargs: Any) -> None:
+    def __init__(self, steps: int, trainable_only: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.steps = steps
         self.trainable_only = trainable_only
-        self.eh_lr_scale = eh_lr_scale
 
     def make_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
-        if not self.trainable_only and self.eh_lr_scale == 1.0:
+        if not self.trainable_only:
             return super().make_optimizer(model)
-        lr = self.hparams["learning_rate"]
-        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad or not self.trainable_only]
-        groups: Any = [p for _, p in named]
-        if self.eh_lr_scale != 1.0:
-            blocks = [p for n, p in named if is_block(n)]
-            rest = [p for n, p in named if not is_block(n)]
-            groups = [{"params": blocks}, {"params": rest, "lr": lr * self.eh_lr_scale}]
-        return torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        return torch.optim.AdamW(trainable, lr=self.hparams["learning_rate"], weight_decay=0.0)
 
     def configure_optimizers(self) -> Any:
         optimizer = self.make_optimizer()
@@ -184,8 +177,9 @@ def fit(
     curve = None if extra else Curve(task, base.pad_id, base.device, steps)
     callbacks += [*extra, *([curve] if curve else [])]
     lisa = lisa_callback(arm, seed, steps)
+    lora = arm.method == "lora"
     module = LM.from_model(
-        model, steps=steps, learning_rate=lr, trainable_only=arm.method == "lora", eh_lr_scale=arm.eh_lr_scale
+        model, steps=steps, learning_rate=lr, trainable_only=lora, always_active_lr_scale=arm.eh_lr_scale
     )
     loader = DataLoader(
         task.train, batch_size=task.batch, shuffle=True, generator=torch.Generator().manual_seed(seed),
