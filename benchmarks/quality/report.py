@@ -26,7 +26,7 @@ PAIRS = (
     ("lisa2", "fixed2"), ("lisa4", "fixed4"), ("lisa2", "lora64"), ("lisa4", "lora64"), ("lisa2", "lora16"),
     ("lisa2", "full"), ("lisa4", "full"), ("lora64", "full"), ("lisa6", "lisa2"), ("lisa6", "lisa4"),
     ("lisa6", "lora64"), ("lisa6", "full"), ("lisa2-blocks", "lisa2"),
-    ("lisa2-eh025", "lisa2"), ("lisa2-offload", "lisa2"),
+    ("lisa2-eh025", "lisa2"), ("lisa2-offload", "lisa2"), ("lisa2", "lora104"), ("lisa4", "lora104"),
 )  # fmt: skip
 
 
