@@ -255,6 +255,18 @@ def test_always_active_lr_scale_steps_the_embeddings_and_head_at_their_own_rate(
         tiny_module(always_active_lr_scale=0)
 
 
+def test_always_active_lr_scale_with_the_step_in_backward_equals_a_normal_run(tmp_path: Path):
+    weights = []
+    for step_in_backward in (True, False):
+        module = tiny_module(always_active_lr_scale=0.25, learning_rate=1e-2, warmup_steps=2)
+        lisa = LISA(n_layers=1, interval=2, step_in_backward=step_in_backward)
+        trainer(tmp_path, steps=4, callbacks=[lisa]).fit(module, tiny_data(tmp_path))
+        weights.append({n: p.detach().clone() for n, p in module.model.named_parameters()})
+    in_backward, normal = weights
+    for name, value in normal.items():
+        torch.testing.assert_close(in_backward[name], value, msg=name)
+
+
 def test_compact_always_active_needs_adamw():
     with pytest.raises(MisconfigurationException, match=r"compact_always_active='8bit'.*optimizer='adamw'"):
         tiny_module(compact_always_active="8bit", optimizer="adamw8bit")
