@@ -7,6 +7,7 @@ Every misconfiguration LISA finds (a bad argument, a model or strategy it cannot
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -33,8 +34,8 @@ def check_int(name: str, value: object, minimum: int | None = None) -> None:
 
 
 def check_positive(name: str, value: object) -> None:
-    """Raise unless ``value`` is a number (not a ``bool``) greater than 0."""
-    if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
+    """Raise unless ``value`` is a finite number (not a ``bool``) greater than 0."""
+    if not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value < math.inf:
         raise LISAConfigError(f"`{name}={value!r}` is not allowed; it must be a number > 0.")
 
 

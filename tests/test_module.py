@@ -226,15 +226,21 @@ def test_fused_adamw_with_the_step_in_backward_equals_a_normal_fused_run(tmp_pat
         tiny_module(fused_adamw=True, optimizer="adamw8bit")
 
 
-@pytest.mark.parametrize("compact", [None, "8bit"])
-def test_always_active_lr_scale_steps_the_embeddings_and_head_at_their_own_rate(tmp_path: Path, compact: str | None):
+@pytest.mark.parametrize(("compact", "tied"), [(None, False), ("8bit", False), (None, True), ("8bit", True)])
+def test_always_active_lr_scale_steps_the_embeddings_and_head_at_their_own_rate(
+    tmp_path: Path, compact: str | None, tied: bool
+):
     settings = {"learning_rate": 1e-2, "weight_decay": 0.1, "warmup_steps": 10, "compact_always_active": compact}
-    module = tiny_module(always_active_lr_scale=0.25, **settings)
+    torch.manual_seed(0)
+    config = {**TINY_MODEL, "tie_word_embeddings": tied}
+    module = CausalLMModule(config=config, always_active_lr_scale=0.25, **settings)  # type: ignore[arg-type]
     optimizer = module.make_optimizer()
+    in_groups = [p for g in optimizer.param_groups for p in g["params"]]
+    assert sorted(map(id, in_groups)) == sorted(map(id, module.model.parameters()))  # every parameter, once
     rates = {n: g["lr"] for g in optimizer.param_groups for p in g["params"] for n, q in module.model.named_parameters()
              if q is p}  # fmt: skip
-    assert len(rates) == len(list(module.model.parameters()))  # every parameter, once
-    assert {n for n, lr in rates.items() if lr == 2.5e-3} == {"model.embed_tokens.weight", "lm_head.weight"}
+    own = {"model.embed_tokens.weight"} if tied else {"model.embed_tokens.weight", "lm_head.weight"}
+    assert {n for n, lr in rates.items() if lr == 2.5e-3} == own
     assert {lr for n, lr in rates.items() if n.startswith("model.layers.")} == {1e-2}
     trainer(tmp_path, steps=3, callbacks=[LISA(n_layers=1, interval=10)]).fit(module, tiny_data(tmp_path))
     # the warm-up scales both rates alike
@@ -253,6 +259,16 @@ def test_always_active_lr_scale_steps_the_embeddings_and_head_at_their_own_rate(
     assert 9.6e-3 < moved[f"model.layers.{active}.mlp.up_proj.weight"] < 1.04e-2
     with pytest.raises(MisconfigurationException, match=r"`always_active_lr_scale=0` is not allowed"):
         tiny_module(always_active_lr_scale=0)
+
+
+def test_always_active_lr_scale_errors_name_the_option():
+    with pytest.raises(MisconfigurationException, match=r"`always_active_lr_scale=inf` is not allowed"):
+        tiny_module(always_active_lr_scale=float("inf"))
+    # a model LISA cannot analyse: the error names the option, at construction
+    plain = torch.nn.Sequential(torch.nn.Embedding(8, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 8))
+    with pytest.raises(MisconfigurationException, match=r"`always_active_lr_scale` acts on the embeddings"):
+        CausalLMModule.from_model(plain, always_active_lr_scale=0.5)
+    CausalLMModule.from_model(plain)  # without the option, nothing is asked of the model
 
 
 def test_always_active_lr_scale_with_the_step_in_backward_equals_a_normal_run(tmp_path: Path):

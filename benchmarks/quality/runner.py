@@ -67,6 +67,7 @@ class LM(CausalLMModule):
     def make_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
         if not self.trainable_only:
             return super().make_optimizer(model)
+        assert self.hparams["always_active_lr_scale"] == 1.0, "LoRA's optimizer holds no embeddings or head"
         trainable = [p for p in self.parameters() if p.requires_grad]
         return torch.optim.AdamW(trainable, lr=self.hparams["learning_rate"], weight_decay=0.0)
 

@@ -68,6 +68,28 @@ def build_config(config: str | dict[str, Any]) -> PretrainedConfig:
     return built
 
 
+def always_active_parameters(model: torch.nn.Module, argument: str, scale: float = 1.0) -> list[torch.nn.Parameter]:
+    """The parameters of the always-active set LISA detects by default, for the option ``argument``.
+
+    Raises:
+        LISAConfigError: If LISA cannot analyse the model, or (with a ``scale`` other than 1) the set is empty.
+    """
+    try:
+        names = default_always_active(find_layers(model, warn=False))
+    except LISAConfigError as err:
+        raise LISAConfigError(
+            f"`{argument}` acts on the embeddings and the head LISA detects by default, and LISA cannot analyse this "
+            f"model: {err} Leave `{argument}` at its default, or build the optimizer's groups yourself."
+        ) from err
+    always = unique_parameters(resolve_modules(model, names, argument))
+    if scale != 1.0 and not always:
+        raise LISAConfigError(
+            f"`{argument}={scale!r}` would change nothing: the model has no embeddings or head that LISA detects "
+            f"({names}). Leave it at 1.0, or build the optimizer's groups yourself."
+        )
+    return always
+
+
 class CausalLMModule(pl.LightningModule):
     """Fine-tunes a Hugging Face causal LM; give ``model_name_or_path`` or ``config`` (or see :meth:`from_model`).
 
@@ -97,8 +119,9 @@ class CausalLMModule(pl.LightningModule):
         always_active_lr_scale: The learning rate of the always-active set LISA detects by default (the
             embeddings and the head, :func:`~lightning_lisa.layers.default_always_active`) as a multiple of
             ``learning_rate``, through a parameter group of its own; the schedule scales both alike. ``1.0``
-            (one rate for everything) by default. The quality study on the benchmarks page measured 0.25
-            with LISA on SmolLM2-135M.
+            (one rate for everything) by default. AdamW's decoupled weight decay scales with the rate, so
+            it shrinks alike. The quality study on the benchmarks page measured 0.25 with LISA on
+            SmolLM2-135M.
         fused_adamw: ``torch.optim.AdamW(fused=True)`` (also for ``CompactAdamW``'s exact groups): the step
             updates in place, with no temporary copy of the parameters it steps (with
             ``LISA(step_in_backward=True)``, no copy of the head during its update). Exact; needs
@@ -192,6 +215,8 @@ class CausalLMModule(pl.LightningModule):
             enable_checkpointing(self.model)
         if loss_chunk_size is not None:
             check_chunked_loss(self.model)
+        if always_active_lr_scale != 1.0:
+            always_active_parameters(self.model, "always_active_lr_scale", always_active_lr_scale)  # fail now
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self._isolation_checked = False
         self.val_loss = MeanMetric()
@@ -346,15 +371,15 @@ class CausalLMModule(pl.LightningModule):
         if compact is None and blocks is None and scale == 1.0:
             return build_optimizer(hp["optimizer"], groups, lr=lr, betas=betas, fused=hp.get("fused_adamw", False))
         # the always-active set (what LISA trains all the time by default) gets groups of its own
-        names = default_always_active(find_layers(target))
         argument = "always_active_lr_scale" if scale != 1.0 else "compact_always_active"
-        always = unique_parameters(resolve_modules(target, names, argument))
+        always = always_active_parameters(target, argument, scale)
         chosen = {id(p) for p in always}
         rest = [{**g, "params": [p for p in g["params"] if id(p) not in chosen]} for g in groups]
-        own = [{**g, "params": [p for p in g["params"] if id(p) in chosen], "lr": lr * scale} for g in groups]
         if compact is None and blocks is None:
+            own = [{**g, "params": [p for p in g["params"] if id(p) in chosen], "lr": lr * scale} for g in groups]
             groups = [g for g in (*rest, *own) if g["params"]]
             return build_optimizer(hp["optimizer"], groups, lr=lr, betas=betas, fused=hp.get("fused_adamw", False))
+        # one group, decayed as a whole, in the order the compact state was saved in before the scale existed
         compact_group = {"params": always, "compact": compact, "weight_decay": hp["weight_decay"], "lr": lr * scale}
         fused = True if hp.get("fused_adamw", False) else None  # torch's default otherwise
         rest = [{**g, "compact": blocks} for g in rest if g["params"]]
