@@ -368,14 +368,15 @@ class CausalLMModule(pl.LightningModule):
         compact, blocks = hp.get("compact_always_active"), hp.get("compact_blocks")
         scale = hp.get("always_active_lr_scale", 1.0)
         lr, betas = hp["learning_rate"], tuple(hp["betas"])
-        if compact is None and blocks is None and scale == 1.0:
+        exact = compact is None and blocks is None
+        if exact and scale == 1.0:
             return build_optimizer(hp["optimizer"], groups, lr=lr, betas=betas, fused=hp.get("fused_adamw", False))
         # the always-active set (what LISA trains all the time by default) gets groups of its own
         argument = "always_active_lr_scale" if scale != 1.0 else "compact_always_active"
         always = always_active_parameters(target, argument, scale)
         chosen = {id(p) for p in always}
         rest = [{**g, "params": [p for p in g["params"] if id(p) not in chosen]} for g in groups]
-        if compact is None and blocks is None:
+        if exact:  # only the rate differs: the weight-decay groups are split, not merged
             own = [{**g, "params": [p for p in g["params"] if id(p) in chosen], "lr": lr * scale} for g in groups]
             groups = [g for g in (*rest, *own) if g["params"]]
             return build_optimizer(hp["optimizer"], groups, lr=lr, betas=betas, fused=hp.get("fused_adamw", False))
