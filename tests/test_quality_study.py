@@ -64,6 +64,12 @@ def test_study_runs_the_protocol_resumes_and_reports(tmp_path: Path):
         for cell in cells(out, "reverse", name).values():
             assert ("test" in cell) == (cell["lr"] == arm["lr"]), (name, cell["lr"])
             assert len(cell["curve"]) == 2 and cell["curve"][-1]["all"]  # 20 steps: a point per period of 10
+    # each verdict pairs the arms seed by seed (seed s is the same data order in both)
+    (row,) = [v for v in task["verdicts"] if (v["arm"], v["against"]) == ("lisa2", "fixed2")]
+    lisa_test, fixed_test = task["arms"]["lisa2"]["test"], task["arms"]["fixed2"]["test"]
+    assert row["per_seed"]["seeds"] == [0, 1]
+    assert row["per_seed"]["differences"] == [x - y for x, y in zip(lisa_test, fixed_test, strict=True)]
+    assert row["per_seed"]["better"] == sum(x > y for x, y in zip(lisa_test, fixed_test, strict=True))
     assert (tmp_path / "quality_vs_memory.png").read_bytes()[:4] == b"\x89PNG"
     assert "lisa2" in (out / "tables.md").read_text() or "LISA" in (out / "tables.md").read_text()
 

@@ -7,8 +7,10 @@ for peak memory and step time), so the tables can be rebuilt from the committed 
     python benchmarks/quality report --figures  # and the benchmarks page's figures
 
 A difference between two arms is claimed only when their means differ by more than the larger of their
-standard deviations over seeds; otherwise they are "level". Exact-match tasks also get a paired count over
-items (test items right in one arm and wrong in the other, summed over the seeds both ran).
+standard deviations over seeds; otherwise they are "level". Every verdict also gives the paired difference
+over seeds (seed *s* is the same data order in every arm: the mean of the per-seed differences, its
+standard error, and on how many seeds the arm was better), and exact-match tasks a paired count over items
+(test items right in one arm and wrong in the other, summed over the seeds both ran).
 """
 
 from __future__ import annotations
@@ -93,6 +95,25 @@ def verdict(a: dict[str, Any], b: dict[str, Any], higher: bool) -> str:
     return "ahead" if (diff > 0) == higher else "behind"
 
 
+def paired_seeds(a: dict[str, Any], b: dict[str, Any], higher: bool) -> dict[str, Any]:
+    """Arm ``a`` minus arm ``b`` seed by seed, over the seeds both ran (the same data order: paired).
+
+    ``better`` counts the seeds on which ``a`` scored better (higher, or lower for a loss).
+
+    >>> row = paired_seeds({"seeds": [0, 1, 2], "test": [90.0, 80.0, 70.0]},
+    ...                    {"seeds": [0, 1], "test": [60.0, 75.0]}, higher=True)
+    >>> row["differences"], row["mean"], round(row["se"], 1), row["better"]
+    ([30.0, 5.0], 17.5, 12.5, 2)
+    """
+    ours, theirs = dict(zip(a["seeds"], a["test"], strict=True)), dict(zip(b["seeds"], b["test"], strict=True))
+    seeds = sorted(set(ours) & set(theirs))
+    differences = [ours[s] - theirs[s] for s in seeds]
+    mean, std = mean_std(differences)
+    se = std / math.sqrt(len(differences)) if len(differences) > 1 else math.nan
+    better = sum((d > 0) if higher else (d < 0) for d in differences)
+    return {"seeds": seeds, "differences": differences, "mean": mean, "se": se, "better": better}
+
+
 def paired(out: Path, task: str, a: dict[str, Any], b: dict[str, Any], arm_a: str, arm_b: str) -> dict[str, int]:
     """Test items right in ``a`` only and in ``b`` only, summed over the seeds both arms ran."""
     only_a = only_b = 0
@@ -136,7 +157,8 @@ def summarize(out: Path) -> dict[str, Any]:
         for a, b in PAIRS:
             if a in arms and b in arms and arms[a]["test"] and arms[b]["test"]:
                 row = {"arm": a, "against": b, "verdict": verdict(arms[a], arms[b], higher),
-                       "difference": arms[a]["test_mean"] - arms[b]["test_mean"]}  # fmt: skip
+                       "difference": arms[a]["test_mean"] - arms[b]["test_mean"],
+                       "per_seed": paired_seeds(arms[a], arms[b], higher)}  # fmt: skip
                 if info["metric"] == "accuracy":
                     row["paired_items"] = paired(out, task, arms[a], arms[b], a, b)
                 verdicts.append(row)
@@ -174,13 +196,20 @@ def tables(summary: dict[str, Any]) -> str:
         if info["verdicts"]:
             lines += [
                 "",
-                "| arm | against | difference | verdict | test items right in one only |",
-                "|---|---|---|---|---|",
+                "| arm | against | difference | verdict | per seed, paired (mean ± SE; better on) "
+                "| test items right in one only |",
+                "|---|---|---|---|---|---|",
             ]
             for v in info["verdicts"]:
                 items = v.get("paired_items")
                 pair = f"{items['a_only']} vs {items['b_only']}" if items else "-"
-                lines.append(f"| {v['arm']} | {v['against']} | {v['difference']:+.3g} | {v['verdict']} | {pair} |")
+                ps = v["per_seed"]
+                seeds = "-"
+                if ps["seeds"]:
+                    seeds = f"{ps['mean']:+.3g} ± {ps['se']:.2g}; {ps['better']} of {len(ps['seeds'])}"
+                lines.append(
+                    f"| {v['arm']} | {v['against']} | {v['difference']:+.3g} | {v['verdict']} | {seeds} | {pair} |"
+                )
         lines.append("")
     if summary.get("cost"):
         lines += ["### cost (cost.py)", "", f"Peak: {summary['cost_regime']['peak']}.",
