@@ -80,6 +80,18 @@ def test_study_runs_the_protocol_resumes_and_reports(tmp_path: Path):
             visited = any(int(index) in period for period in cell["periods"])
             assert (block["change_norm"] > 0) == visited, (index, block, cell["periods"])
             assert block["periods_active"] == sum(int(index) in period for period in cell["periods"])
+    # a test whose seed-0 weights are gone retrains the cell, and the validation the rate was chosen on stays
+    chosen = task["arms"]["lisa2"]["lr"]
+    path = out / "cells" / "reverse" / "lisa2" / f"lr{chosen:g}_s0.json"
+    cell = json.loads(path.read_text())
+    untested = {k: v for k, v in cell.items() if not k.startswith(("test", "control", "english"))}
+    path.write_text(json.dumps({**untested, "val": 12.5}))  # as if another machine had validated differently
+    run(str(STUDY), "cell", *common, "--task", "reverse", "--arm", "lisa2", "--lr", repr(chosen), "--seed", "0",
+        "--steps", "20", "--test", cwd=tmp_path)  # fmt: skip
+    again = json.loads(path.read_text())
+    assert again["val"] == 12.5 and again["retrained_for_test"]["val"] == cell["val"]
+    assert again["test"] == cell["test"] and again["test_correct"] == cell["test_correct"]
+
     lisa, fixed = cells(out, "reverse", "lisa2"), cells(out, "reverse", "fixed2")
     for name, cell in fixed.items():
         changed = sorted(int(i) for i, b in cell["blocks"].items() if b["change_norm"] > 0)

@@ -249,7 +249,11 @@ def run_one(args: argparse.Namespace) -> int:
             again = runner.run_cell(base, task, args.arm, args.lr, args.seed, args.steps, test=True)
             if again["val_correct"] != cell["val_correct"] or again["val_loss"] != cell["val_loss"]:
                 print(f"warning: retrained cell validates differently ({again['val_loss']} vs {cell['val_loss']})")
-            cell = {**again, "retrained_for_test": True}
+            # the grid's own validation stays (the rate was chosen on it, and must not move once a test is
+            # read); the test comes from the retrained run, whose validation is kept beside it
+            tested = {k: again[k] for k in again if k not in cell}
+            retrained = {k: again[k] for k in ("commit", "val", "val_loss", "val_correct", "curve", "seconds")}
+            cell = {**cell, **tested, "retrained_for_test": retrained}
         common.save_json(path, cell, compact=True)
         weights.unlink(missing_ok=True)
         return 0
