@@ -80,6 +80,29 @@ def test_study_runs_the_protocol_resumes_and_reports(tmp_path: Path):
             visited = any(int(index) in period for period in cell["periods"])
             assert (block["change_norm"] > 0) == visited, (index, block, cell["periods"])
             assert block["periods_active"] == sum(int(index) in period for period in cell["periods"])
+    # the finer rate check: seed 0 at the midpoints around each chosen rate, in its own folder
+    before = {p: p.read_bytes() for p in (out / "cells").rglob("*.json")}
+    finer = out / "finer_grid"
+    run(str(STUDY / "finer.py"), "--task", "reverse", "--arms", "lisa2,fixed2", "--study", str(out), "--seeds", "2",
+        "--steps", "20", "--smoke", "--cache-dir", str(tmp_path / "cache"), cwd=tmp_path)  # fmt: skip
+    assert {p: p.read_bytes() for p in (out / "cells").rglob("*.json")} == before  # the study is not touched
+    checked = json.loads((finer / "summary.json").read_text())["arms"]
+    for name in ("lisa2", "fixed2"):
+        entry, arm = checked[name], task["arms"][name]
+        grid = sorted(arm["lr_grid"])
+        at = grid.index(arm["lr"])
+        assert entry["study_lr"] == arm["lr"] and len(entry["midpoints"]) == len(grid[max(0, at - 1) : at + 2]) - 1
+        for mid in entry["midpoints"]:
+            assert min(grid) < mid < max(grid) and f"{mid:g}" in entry["val_by_lr"]
+            assert cells(finer, "reverse", name)[f"lr{mid:g}_s0.json"]["val"] == entry["val_by_lr"][f"{mid:g}"]
+        best = max(entry["val_by_lr"].values())
+        assert entry["val_by_lr"][f"{entry['lr']:g}"] == best
+        if entry["lr"] in entry["midpoints"]:  # a midpoint won: its test and the other seed, read there only
+            tested = {c["lr"] for c in cells(finer, "reverse", name).values() if "test" in c}
+            assert tested == {entry["lr"]} and len(entry["test"]) == 2
+        else:
+            assert entry["test"] == arm["test"]
+
     # a test whose seed-0 weights are gone retrains the cell, and the validation the rate was chosen on stays
     chosen = task["arms"]["lisa2"]["lr"]
     path = out / "cells" / "reverse" / "lisa2" / f"lr{chosen:g}_s0.json"
