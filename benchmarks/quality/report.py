@@ -236,6 +236,9 @@ def figures(summary: dict[str, Any], images: Path) -> list[Path]:
     if not tasks:
         return made
     markers = {"full": "s", "lora": "^", "lisa": "o", "fixed": "D", "eh": "x"}
+    # one colour per arm in every panel: the ten dark shades of tab20 first, then the light ones
+    palette = plt.get_cmap("tab20")
+    colors = {arm: palette((2 * i) % 20 + (2 * i) // 20) for i, arm in enumerate(ARMS)}
     fig, axes = plt.subplots(1, len(tasks), figsize=(6.4 * len(tasks), 4.2), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
         info = summary["tasks"][task]
@@ -247,7 +250,8 @@ def figures(summary: dict[str, Any], images: Path) -> list[Path]:
                 continue
             variant = not ARMS[arm].core
             ax.errorbar(e["peak_bytes"] / 2**20, e["test_mean"], yerr=e["test_std"], capsize=3, label=arm,
-                        fmt=markers.get(e["method"], "o"), mfc="none" if variant else None)  # fmt: skip
+                        color=colors[arm], fmt=markers.get(e["method"], "o"),
+                        mfc="none" if variant else None)  # fmt: skip
         note = ", ".join(f"{a}: {e['test_mean']:.1f}% (off the axis)" for a, e in off.items())
         ax.set_title(task + (f"\n{note}" if note else ""), fontsize=9)
         ax.set_xlabel("peak memory, MiB (cost.py)")
@@ -264,7 +268,7 @@ def figures(summary: dict[str, Any], images: Path) -> list[Path]:
             if not e["curve"] or arm not in ("full", "lora16", "lora64", "lisa2", "lisa4", "fixed2", "fixed4", "eh"):
                 continue
             mean = [statistics.mean(v) for v in zip(*e["curve"], strict=True)]
-            ax.plot(e["curve_steps"], mean, marker=".", label=arm)
+            ax.plot(e["curve_steps"], mean, marker=".", label=arm, color=colors[arm])
         ax.set_title(f"{task}: validation at the end of every period")
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("exact match, % (last point: all items)" if info["metric"] == "accuracy" else "loss")
