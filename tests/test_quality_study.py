@@ -83,11 +83,11 @@ def test_study_runs_the_protocol_resumes_and_reports(tmp_path: Path):
     # the finer rate check: seed 0 at the midpoints around each chosen rate, in its own folder
     before = {p: p.read_bytes() for p in (out / "cells").rglob("*.json")}
     finer = out / "finer_grid"
-    run(str(STUDY / "finer.py"), "--task", "reverse", "--arms", "lisa2,fixed2", "--study", str(out), "--seeds", "2",
+    run(str(STUDY / "finer.py"), "--task", "reverse", "--arms", "lisa2", "--study", str(out), "--seeds", "2",
         "--steps", "20", "--smoke", "--cache-dir", str(tmp_path / "cache"), cwd=tmp_path)  # fmt: skip
     assert {p: p.read_bytes() for p in (out / "cells").rglob("*.json")} == before  # the study is not touched
     checked = json.loads((finer / "summary.json").read_text())["arms"]
-    for name in ("lisa2", "fixed2"):
+    for name in ("lisa2",):
         entry, arm = checked[name], task["arms"][name]
         grid = sorted(arm["lr_grid"])
         at = grid.index(arm["lr"])
