@@ -87,21 +87,20 @@ def test_study_runs_the_protocol_resumes_and_reports(tmp_path: Path):
         "--steps", "20", "--smoke", "--cache-dir", str(tmp_path / "cache"), cwd=tmp_path)  # fmt: skip
     assert {p: p.read_bytes() for p in (out / "cells").rglob("*.json")} == before  # the study is not touched
     checked = json.loads((finer / "summary.json").read_text())["arms"]
-    for name in ("lisa2",):
-        entry, arm = checked[name], task["arms"][name]
-        grid = sorted(arm["lr_grid"])
-        at = grid.index(arm["lr"])
-        assert entry["study_lr"] == arm["lr"] and len(entry["midpoints"]) == len(grid[max(0, at - 1) : at + 2]) - 1
-        for mid in entry["midpoints"]:
-            assert min(grid) < mid < max(grid) and f"{mid:g}" in entry["val_by_lr"]
-            assert cells(finer, "reverse", name)[f"lr{mid:g}_s0.json"]["val"] == entry["val_by_lr"][f"{mid:g}"]
-        best = max(entry["val_by_lr"].values())
-        assert entry["val_by_lr"][f"{entry['lr']:g}"] == best
-        if entry["lr"] in entry["midpoints"]:  # a midpoint won: its test and the other seed, read there only
-            tested = {c["lr"] for c in cells(finer, "reverse", name).values() if "test" in c}
-            assert tested == {entry["lr"]} and len(entry["test"]) == 2
-        else:
-            assert entry["test"] == arm["test"]
+    entry, arm = checked["lisa2"], task["arms"]["lisa2"]
+    grid = sorted(arm["lr_grid"])
+    at = grid.index(arm["lr"])
+    assert entry["study_lr"] == arm["lr"] and len(entry["midpoints"]) == len(grid[max(0, at - 1) : at + 2]) - 1
+    for mid in entry["midpoints"]:
+        assert min(grid) < mid < max(grid) and f"{mid:g}" in entry["val_by_lr"]
+        assert cells(finer, "reverse", "lisa2")[f"lr{mid:g}_s0.json"]["val"] == entry["val_by_lr"][f"{mid:g}"]
+    best = max(entry["val_by_lr"].values())
+    assert entry["val_by_lr"][f"{entry['lr']:g}"] == best
+    if entry["lr"] in entry["midpoints"]:  # a midpoint won: its test and the other seed, read there only
+        tested = {c["lr"] for c in cells(finer, "reverse", "lisa2").values() if "test" in c}
+        assert tested == {entry["lr"]} and len(entry["test"]) == 2
+    else:
+        assert entry["test"] == arm["test"]
 
     # a test whose seed-0 weights are gone retrains the cell, and the validation the rate was chosen on stays
     chosen = task["arms"]["lisa2"]["lr"]
