@@ -18,21 +18,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from arms import ARMS
-from study import DEFAULT_OUT, better, cell_path, chosen, grid_state, read
+from study import DEFAULT_OUT, Job, cell_env, cell_path, chosen, command, grid_state, read
 
 from lightning_lisa.recipes.tokenizer import default_cache_dir
-
-HERE = Path(__file__).resolve().parent
 
 
 def midpoints(grid: list[float], rate: float) -> list[float]:
@@ -49,22 +45,18 @@ def midpoints(grid: list[float], rate: float) -> list[float]:
     return sorted(float(f"{(rate * n) ** 0.5:.0e}") for n in neighbours)
 
 
-def run_cells(args: argparse.Namespace, jobs: list[tuple[str, float, int, bool]]) -> None:
-    """Run ``(arm, lr, seed, test)`` cells, ``args.workers`` at a time; stop at the first failure."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+def run_cells(args: argparse.Namespace, jobs: list[Job]) -> None:
+    """Run the study's cells ``jobs``, ``args.workers`` at a time, into ``args.out``; exit if one failed."""
+    env = cell_env()
     (args.out / "logs").mkdir(parents=True, exist_ok=True)
 
-    def one(job: tuple[str, float, int, bool]) -> int:
-        arm, lr, seed, test = job
-        cmd = [sys.executable, str(HERE), "cell", "--task", args.task, "--arm", arm, "--lr", repr(lr),
-               "--seed", str(seed), "--steps", str(args.steps), "--out", str(args.out),
-               "--scratch", str(args.scratch), "--device", args.device, "--cache-dir", str(args.cache_dir),
-               *(["--test"] if test else []), *(["--smoke"] if args.smoke else [])]  # fmt: skip
-        name = f"{args.task}_{arm}_lr{lr:g}_s{seed}{'_test' if test else ''}.log"
-        print(f"start {arm} lr={lr:g} seed={seed}{' test' if test else ''}", flush=True)
+    def one(job: Job) -> int:
+        name = f"{job.task}_{job.arm}_lr{job.lr:g}_s{job.seed}{'_test' if job.kind != 'grid' else ''}.log"
+        print(f"start {job}", flush=True)
         with (args.out / "logs" / name).open("wb") as log:
+            cmd = command(args, job)
             code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, check=False).returncode
-        print(f"done {arm} lr={lr:g} seed={seed} (exit {code})", flush=True)
+        print(f"done {job} (exit {code})", flush=True)
         return code
 
     with ThreadPoolExecutor(args.workers) as pool:
@@ -75,38 +67,33 @@ def run_cells(args: argparse.Namespace, jobs: list[tuple[str, float, int, bool]]
 
 def check(args: argparse.Namespace) -> dict[str, Any]:
     """Run the check for every arm and return its summary."""
-    higher = args.task != "code"
-    rates: dict[str, tuple[float, list[float]]] = {}
+    task = args.task
+    study: dict[str, tuple[float, list[float], dict[float, dict[str, Any]]]] = {}
     for arm in args.arm_list:
-        grid, cells = grid_state(args.study, args.task, arm)
+        grid, cells = grid_state(args.study, task, arm)
         if len(cells) < len(grid):
-            raise SystemExit(f"{arm}: the study's grid on {args.task} is not finished")
-        rate = chosen(args.task, cells)
-        rates[arm] = (rate, midpoints(grid, rate))
-    run_cells(args, [(arm, lr, 0, False) for arm, (_, mids) in rates.items() for lr in mids
-                     if read(cell_path(args.out, args.task, arm, lr, 0)) is None])  # fmt: skip
-    summary: dict[str, Any] = {"task": args.task, "arms": {}}
-    later: list[tuple[str, float, int, bool]] = []
-    for arm, (rate, mids) in rates.items():
-        _, cells = grid_state(args.study, args.task, arm)
-        extra = {lr: read(cell_path(args.out, args.task, arm, lr, 0)) for lr in mids}
-        pool = {**cells, **{lr: c for lr, c in extra.items() if c is not None}}
-        best = rate
-        for lr, cell in pool.items():
-            if better(higher, cell, pool[best]):
-                best = lr
+            raise SystemExit(f"{arm}: the study's grid on {task} is not finished")
+        rate = chosen(task, cells)
+        study[arm] = (rate, midpoints(grid, rate), cells)
+    run_cells(args, [Job(task, arm, lr, 0, "grid") for arm, (_, mids, _) in study.items() for lr in mids
+                     if read(cell_path(args.out, task, arm, lr, 0)) is None])  # fmt: skip
+    summary: dict[str, Any] = {"task": task, "arms": {}}
+    later: list[Job] = []
+    for arm, (rate, mids, cells) in study.items():
+        extra = {lr: cell for lr in mids if (cell := read(cell_path(args.out, task, arm, lr, 0))) is not None}
+        pool = {**cells, **extra}
+        best = chosen(task, pool)
         folder = args.out if best in extra else args.study
-        if best in extra:
-            first = read(cell_path(args.out, args.task, arm, best, 0))
-            later += [(arm, best, 0, True)] if first is not None and "test" not in first else []
-            later += [(arm, best, s, True) for s in range(1, args.seeds)
-                      if read(cell_path(args.out, args.task, arm, best, s)) is None]  # fmt: skip
+        if best in extra:  # a midpoint won: its test and the other seeds, in this check's folder only
+            later += [Job(task, arm, best, 0, "test")] if "test" not in extra[best] else []
+            later += [Job(task, arm, best, s, "seed") for s in range(1, args.seeds)
+                      if read(cell_path(args.out, task, arm, best, s)) is None]  # fmt: skip
         summary["arms"][arm] = {"study_lr": rate, "midpoints": mids, "lr": best, "from": str(folder),
                                 "val_by_lr": {f"{k:g}": pool[k]["val"] for k in sorted(pool)}}  # fmt: skip
     run_cells(args, later)
     for arm, entry in summary["arms"].items():
-        folder = args.out if entry["lr"] in rates[arm][1] else args.study
-        tests = [c["test"] for s in range(args.seeds) if (c := read(cell_path(folder, args.task, arm, entry["lr"], s)))]
+        cells = [read(cell_path(Path(entry["from"]), task, arm, entry["lr"], s)) for s in range(args.seeds)]
+        tests = [c["test"] for c in cells if c is not None and "test" in c]
         entry["test"] = tests
         entry["test_mean"] = statistics.mean(tests) if tests else None
         entry["test_std"] = statistics.stdev(tests) if len(tests) > 1 else None

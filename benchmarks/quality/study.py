@@ -139,6 +139,11 @@ def prune(out: Path, scratch: Path, tasks: list[str], arms: dict[str, list[str]]
                     path.unlink(missing_ok=True)
 
 
+def cell_env() -> dict[str, str]:
+    """The environment of a cell's process: one CPU thread (the cells run side by side, one per core)."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
 def command(args: argparse.Namespace, job: Job) -> list[str]:
     cmd = [
         sys.executable, str(Path(__file__).parent), "cell", "--task", job.task, "--arm", job.arm,
@@ -160,7 +165,7 @@ def run_study(args: argparse.Namespace) -> int:
     ensure_base(args)
     arms = {task: list(args.arm_list) if task not in args.variant_tasks else [*args.arm_list, *VARIANTS]
             for task in args.task_list}  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = cell_env()
     nice = ["nice", "-n", str(args.nice)] if args.nice else []
     running: dict[Job, subprocess.Popen[bytes]] = {}
     failed: list[Job] = []
