@@ -15,6 +15,11 @@ One more variant is a control of memory, not of LISA: ``lora104`` (rank 104), wh
 ``reverse`` is 0.98 x LISA gamma = 2's (1113 against 1134 MiB), where the tied embeddings' Adam state makes
 LISA heavier than ``lora64`` (see :data:`MATCHED_RANK`).
 
+And one control of what trains, run only where ``--arms`` names it: ``lora64-eh``, LoRA r = 64 that also
+trains the (tied) embeddings and head at the adapters' rate, as LISA does. It separates "trains the
+embeddings and head" from "trains whole blocks, re-sampled" where the embeddings and head alone do well
+(``facts``).
+
 Every grid starts with four log-spaced rates (half-decades) and is extended by the study, one rate at a time
 and to at most six, until the chosen rate lies strictly inside it.
 """
@@ -50,10 +55,13 @@ class Arm:
         n_layers: LISA's gamma (``lisa`` and ``fixed``).
         interval: LISA's K in optimizer steps; ``None``: the run's length (``fixed``).
         rank: LoRA's rank.
+        lora_eh: LoRA also trains the embeddings and the head (unfrozen in place, so they stay tied, in the
+            adapters' optimizer at the same rate).
         lisa: More keyword arguments of :class:`~lightning_lisa.LISA`.
         eh_lr_scale: The embeddings and head's learning rate over the blocks' (a parameter group of their
             own: ``CausalLMModule(always_active_lr_scale=...)``).
-        core: Run on every task (``False``: a variant, run on the variant task first).
+        role: ``"core"`` (run on every task), ``"variant"`` (run on the variant tasks) or ``"control"`` (run
+            only where ``--arms`` names it).
     """
 
     name: str
@@ -65,7 +73,8 @@ class Arm:
     rank: int | None = None
     lisa: dict[str, Any] = field(default_factory=dict)
     eh_lr_scale: float = 1.0
-    core: bool = True
+    lora_eh: bool = False
+    role: str = "core"
 
     def record(self) -> dict[str, Any]:
         """The fields ``summary.json`` keeps for this arm."""
@@ -75,7 +84,11 @@ class Arm:
             "n_layers": self.n_layers,
             "interval": self.interval,
             "rank": self.rank,
-            "options": {**self.lisa, **({"eh_lr_scale": self.eh_lr_scale} if self.eh_lr_scale != 1.0 else {})},
+            "options": {
+                **self.lisa,
+                **({"eh_lr_scale": self.eh_lr_scale} if self.eh_lr_scale != 1.0 else {}),
+                **({"lora_eh": True} if self.lora_eh else {}),
+            },
         }
 
 
@@ -90,18 +103,20 @@ ARMS: dict[str, Arm] = {
         Arm("fixed2", "fixed", "fixed 2 blocks + E+H", GRID_LISA, n_layers=2, interval=None),
         Arm("fixed4", "fixed", "fixed 4 blocks + E+H", GRID_LISA, n_layers=4, interval=None),
         Arm("eh", "eh", "embeddings + head only", GRID_LISA, interval=None),
-        Arm("lisa6", "lisa", "LISA gamma=6 K=10", GRID_LISA, n_layers=6, core=False),
+        Arm("lisa6", "lisa", "LISA gamma=6 K=10", GRID_LISA, n_layers=6, role="variant"),
         Arm("lisa2-blocks", "lisa", "LISA gamma=2, blocks only", GRID_LISA, n_layers=2,
-            lisa={"always_active": []}, core=False),
+            lisa={"always_active": []}, role="variant"),
         Arm("lisa2-eh025", "lisa", "LISA gamma=2, E+H at 0.25x lr", GRID_LISA, n_layers=2, eh_lr_scale=0.25,
-            core=False),
+            role="variant"),
         Arm("lisa2-offload", "lisa", "LISA gamma=2, offloaded state", GRID_LISA, n_layers=2,
-            lisa={"optimizer_state": "offload"}, core=False),
-        Arm("lora104", "lora", "LoRA r=104", GRID_LORA, interval=None, rank=104, core=False),
+            lisa={"optimizer_state": "offload"}, role="variant"),
+        Arm("lora104", "lora", "LoRA r=104", GRID_LORA, interval=None, rank=104, role="variant"),
+        Arm(f"lora{MATCHED_RANK}-eh", "lora", f"LoRA r={MATCHED_RANK} + E+H", GRID_LORA, interval=None,
+            rank=MATCHED_RANK, lora_eh=True, role="control"),
     )
 }  # fmt: skip
-CORE = tuple(name for name, arm in ARMS.items() if arm.core)
-VARIANTS = tuple(name for name, arm in ARMS.items() if not arm.core)
+CORE = tuple(name for name, arm in ARMS.items() if arm.role == "core")
+VARIANTS = tuple(name for name, arm in ARMS.items() if arm.role == "variant")
 
 
 def extend(grid: list[float], best: float) -> float | None:

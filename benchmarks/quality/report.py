@@ -248,7 +248,7 @@ def figures(summary: dict[str, Any], images: Path) -> list[Path]:
         for arm, e in tested.items():
             if arm in off:
                 continue
-            variant = not ARMS[arm].core
+            variant = ARMS[arm].role != "core"
             ax.errorbar(e["peak_bytes"] / 2**20, e["test_mean"], yerr=e["test_std"], capsize=3, label=arm,
                         color=colors[arm], fmt=markers.get(e["method"], "o"),
                         mfc="none" if variant else None)  # fmt: skip

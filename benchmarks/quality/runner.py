@@ -153,6 +153,10 @@ def build_model(base: Base, arm: Arm, seed: int) -> tuple[Any, list[pl.Callback]
         assert arm.rank is not None
         config = LoraConfig(r=arm.rank, lora_alpha=2 * arm.rank, lora_dropout=0.0, target_modules="all-linear")
         model = get_peft_model(model, config)
+        if arm.lora_eh:  # in place (not peft's `modules_to_save` copies), so the tied weight stays one tensor
+            for name, p in model.named_parameters():
+                if "embed_tokens" in name or "lm_head" in name:
+                    p.requires_grad_(True)
     elif arm.method == "eh":
         for name, p in model.named_parameters():
             p.requires_grad_("embed_tokens" in name or "lm_head" in name)
