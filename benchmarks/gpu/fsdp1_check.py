@@ -410,12 +410,17 @@ def check_fabric(args: argparse.Namespace, sharded: bool) -> dict[str, Any]:
     }
 
 
+#: Every check, in the order they run (the Fabric ones with ``--devices 1`` only).
+CHECKS = ("train_fp32", "train_bf16", "resume_full", "resume_sharded", "fabric_resume_full", "fabric_resume_sharded")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="folder for fsdp1_check_<strategy>.json")
     parser.add_argument("--strategy", choices=("fsdp1", "fsdp2"), default="fsdp1")
     parser.add_argument("--accelerator", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--devices", type=int, default=1, help="processes (GPUs); each writes its own results")
+    parser.add_argument("--checks", help=f"comma-separated, from {','.join(CHECKS)} (default: all that apply)")
     args = parser.parse_args(argv)
     if args.devices < 1:
         parser.error(f"--devices={args.devices}: give 1 or more")
@@ -437,6 +442,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.devices == 1:  # Fabric's launch would start the ranks again; the Trainer checks cover several GPUs
         checks["fabric_resume_full"] = lambda: check_fabric(args, sharded=False)
         checks["fabric_resume_sharded"] = lambda: check_fabric(args, sharded=True)
+    if args.checks is not None:
+        chosen = [c for c in args.checks.split(",") if c]
+        unknown = [c for c in chosen if c not in checks]
+        if not chosen or unknown:
+            parser.error(f"--checks={args.checks!r}: allowed are {', '.join(checks)} (comma-separated)")
+        checks = {name: checks[name] for name in chosen}
     device = torch.cuda.get_device_name(0) if args.accelerator == "cuda" else f"CPU ({platform.machine()})"
     report: dict[str, Any] = {
         "strategy": args.strategy,
