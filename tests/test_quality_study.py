@@ -124,22 +124,25 @@ def test_study_runs_the_protocol_resumes_and_reports(tmp_path: Path):
 
 
 def test_lora_with_embeddings_and_head_trains_the_tied_weight_and_stays_tied(tmp_path: Path):
-    # the control arm `lora64-eh`: LoRA's adapters plus the tied embeddings and head, one tensor, one optimizer
+    # the control arms `lora64-eh*`: LoRA's adapters plus the tied embeddings and head, one tensor, one optimizer
     probe = f"""
 import json, sys
 sys.path[:0] = [{str(STUDY)!r}, {str(STUDY.parent)!r}]
 from arms import ARMS, CORE, VARIANTS
 from runner import LM, build_model, make_base
 base = make_base(True, __import__("pathlib").Path({str(tmp_path)!r}), "", "cpu", [])
-out = {{"control_is_named_only": "lora64-eh" not in CORE + VARIANTS}}
-for name in ("lora64", "lora64-eh"):
+out = {{"control_is_named_only": not {{"lora64-eh", "lora64-eh10"}} & set(CORE + VARIANTS)}}
+for name in ("lora64", "lora64-eh", "lora64-eh10"):
     model, _ = build_model(base, ARMS[name], 0)
     inner = model.get_base_model()
-    module = LM.from_model(model, steps=1, learning_rate=1e-3, trainable_only=True)
-    held = {{id(p) for group in module.make_optimizer().param_groups for p in group["params"]}}
+    module = LM.from_model(model, steps=1, learning_rate=1e-3, trainable_only=True,
+                           always_active_lr_scale=ARMS[name].eh_lr_scale)
+    rate = {{id(p): group["lr"] for group in module.make_optimizer().param_groups for p in group["params"]}}
+    adapters = {{rate[id(p)] for n, p in inner.named_parameters() if "lora_" in n}}
     out[name] = {{
         "tied": inner.lm_head.weight is inner.model.embed_tokens.weight,
-        "embeddings_in_optimizer": id(inner.model.embed_tokens.weight) in held,
+        "embeddings_lr": rate.get(id(inner.model.embed_tokens.weight)),
+        "adapters_lr": sorted(adapters),
         "blocks_frozen": all(not p.requires_grad for n, p in inner.named_parameters()
                              if ".layers." in n and "lora_" not in n),
     }}
@@ -147,5 +150,7 @@ print(json.dumps(out))
 """
     found = json.loads(run("-c", probe, cwd=tmp_path).stdout.strip().splitlines()[-1])
     assert found["control_is_named_only"]
-    assert found["lora64"] == {"tied": True, "embeddings_in_optimizer": False, "blocks_frozen": True}
-    assert found["lora64-eh"] == {"tied": True, "embeddings_in_optimizer": True, "blocks_frozen": True}
+    assert found["lora64"] == {"tied": True, "embeddings_lr": None, "adapters_lr": [1e-3], "blocks_frozen": True}
+    assert found["lora64-eh"] == {"tied": True, "embeddings_lr": 1e-3, "adapters_lr": [1e-3], "blocks_frozen": True}
+    # `lora64-eh10`: the embeddings and head in a parameter group of their own, at 10x the adapters' rate
+    assert found["lora64-eh10"] == {"tied": True, "embeddings_lr": 1e-2, "adapters_lr": [1e-3], "blocks_frozen": True}

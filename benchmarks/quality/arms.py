@@ -15,10 +15,11 @@ One more variant is a control of memory, not of LISA: ``lora104`` (rank 104), wh
 ``reverse`` is 0.98 x LISA gamma = 2's (1113 against 1134 MiB), where the tied embeddings' Adam state makes
 LISA heavier than ``lora64`` (see :data:`MATCHED_RANK`).
 
-And one control of what trains, run only where ``--arms`` names it: ``lora64-eh``, LoRA r = 64 that also
-trains the (tied) embeddings and head at the adapters' rate, as LISA does. It separates "trains the
-embeddings and head" from "trains whole blocks, re-sampled" where the embeddings and head alone do well
-(``facts``).
+And two controls of what trains, run only where ``--arms`` names them: ``lora64-eh``, LoRA r = 64 that also
+trains the (tied) embeddings and head at the adapters' rate, as LISA does, and ``lora64-eh10``, the same with
+the embeddings and head at 10 x the adapters' rate (a parameter group of their own; on ``facts`` the
+embeddings and head alone chose 1e-2 and LoRA r = 64 1e-3). They separate "trains the embeddings and head"
+from "trains whole blocks, re-sampled" where the embeddings and head alone do well (``facts``).
 
 Every grid starts with four log-spaced rates (half-decades) and is extended by the study, one rate at a time
 and to at most six, until the chosen rate lies strictly inside it.
@@ -38,6 +39,9 @@ MATCHED_RANK = 64
 GRID_FULL = (1e-5, 3e-5, 1e-4, 3e-4)
 GRID_LISA = (1e-4, 3e-4, 1e-3, 3e-3)
 GRID_LORA = (3e-4, 1e-3, 3e-3, 1e-2)
+#: The adapters' rates of LoRA with the embeddings and head at 10x: LoRA's grid a half-decade lower, so the
+#: embeddings and head span 1e-3 to 3e-2, the rates where they learn on their own.
+GRID_LORA_EH10 = (1e-4, 3e-4, 1e-3, 3e-3)
 #: Rates a grid is extended with, below its lowest and above its highest (a half decade apart).
 LADDER = (1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 MAX_GRID = 6
@@ -56,10 +60,10 @@ class Arm:
         interval: LISA's K in optimizer steps; ``None``: the run's length (``fixed``).
         rank: LoRA's rank.
         lora_eh: LoRA also trains the embeddings and the head (unfrozen in place, so they stay tied, in the
-            adapters' optimizer at the same rate).
+            adapters' optimizer, at their rate times ``eh_lr_scale``).
         lisa: More keyword arguments of :class:`~lightning_lisa.LISA`.
-        eh_lr_scale: The embeddings and head's learning rate over the blocks' (a parameter group of their
-            own: ``CausalLMModule(always_active_lr_scale=...)``).
+        eh_lr_scale: The embeddings and head's learning rate over the blocks' or the adapters' (a parameter
+            group of their own: ``CausalLMModule(always_active_lr_scale=...)``).
         role: ``"core"`` (run on every task), ``"variant"`` (run on the variant tasks) or ``"control"`` (run
             only where ``--arms`` names it).
     """
@@ -113,6 +117,8 @@ ARMS: dict[str, Arm] = {
         Arm("lora104", "lora", "LoRA r=104", GRID_LORA, interval=None, rank=104, role="variant"),
         Arm(f"lora{MATCHED_RANK}-eh", "lora", f"LoRA r={MATCHED_RANK} + E+H", GRID_LORA, interval=None,
             rank=MATCHED_RANK, lora_eh=True, role="control"),
+        Arm(f"lora{MATCHED_RANK}-eh10", "lora", f"LoRA r={MATCHED_RANK} + E+H at 10x lr", GRID_LORA_EH10,
+            interval=None, rank=MATCHED_RANK, lora_eh=True, eh_lr_scale=10.0, role="control"),
     )
 }  # fmt: skip
 CORE = tuple(name for name, arm in ARMS.items() if arm.role == "core")

@@ -46,6 +46,11 @@ def schedule(warmup: int, total: int, floor: float = 0.1) -> Any:
     return multiplier
 
 
+def is_embedding_or_head(name: str) -> bool:
+    """Whether a parameter is the token embeddings or the output head (Llama naming; tied here)."""
+    return "embed_tokens" in name or "lm_head" in name
+
+
 def is_block(name: str) -> bool:
     """Whether a parameter belongs to one of the transformer blocks (Llama naming)."""
     return ".layers." in name
@@ -67,9 +72,18 @@ class LM(CausalLMModule):
     def make_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
         if not self.trainable_only:
             return super().make_optimizer(model)
-        assert self.hparams["always_active_lr_scale"] == 1.0, "LoRA's optimizer holds no embeddings or head"
+        lr, scale = self.hparams["learning_rate"], self.hparams["always_active_lr_scale"]
         trainable = [p for p in self.parameters() if p.requires_grad]
-        return torch.optim.AdamW(trainable, lr=self.hparams["learning_rate"], weight_decay=0.0)
+        if scale == 1.0:
+            return torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+        # LoRA with the embeddings and head (`Arm.lora_eh`): they get a parameter group at their own rate
+        own = {id(p) for n, p in self.named_parameters() if p.requires_grad and is_embedding_or_head(n)}
+        assert own, "always_active_lr_scale needs trainable embeddings or head beside LoRA's adapters"
+        groups = [
+            {"params": [p for p in trainable if id(p) not in own], "lr": lr},
+            {"params": [p for p in trainable if id(p) in own], "lr": lr * scale},
+        ]
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
 
     def configure_optimizers(self) -> Any:
         optimizer = self.make_optimizer()
@@ -155,11 +169,11 @@ def build_model(base: Base, arm: Arm, seed: int) -> tuple[Any, list[pl.Callback]
         model = get_peft_model(model, config)
         if arm.lora_eh:  # in place (not peft's `modules_to_save` copies), so the tied weight stays one tensor
             for name, p in model.named_parameters():
-                if "embed_tokens" in name or "lm_head" in name:
+                if is_embedding_or_head(name):
                     p.requires_grad_(True)
     elif arm.method == "eh":
         for name, p in model.named_parameters():
-            p.requires_grad_("embed_tokens" in name or "lm_head" in name)
+            p.requires_grad_(is_embedding_or_head(name))
     return model, callbacks
 
 
