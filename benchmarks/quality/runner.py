@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from lightning_lisa import LISA
-from lightning_lisa.recipes.module import CausalLMModule
+from lightning_lisa.recipes.module import CausalLMModule, always_active_parameters
 
 EVAL_EVERY = 10  # steps between validation points (K of the LISA arms)
 
@@ -76,8 +76,10 @@ class LM(CausalLMModule):
         trainable = [p for p in self.parameters() if p.requires_grad]
         if scale == 1.0:
             return torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
-        # LoRA with the embeddings and head (`Arm.lora_eh`): they get a parameter group at their own rate
-        own = {id(p) for n, p in self.named_parameters() if p.requires_grad and is_embedding_or_head(n)}
+        # LoRA with the embeddings and head (`Arm.lora_eh`): the set the scale acts on in the parent's optimizer
+        # (LISA's default always-active set) gets a parameter group at its own rate
+        always = always_active_parameters(self.model, "always_active_lr_scale", scale)
+        own = {id(p) for p in always if p.requires_grad}
         assert own, "always_active_lr_scale needs trainable embeddings or head beside LoRA's adapters"
         groups = [
             {"params": [p for p in trainable if id(p) not in own], "lr": lr},
