@@ -131,8 +131,8 @@ sys.path[:0] = [{str(STUDY)!r}, {str(STUDY.parent)!r}]
 from arms import ARMS, CORE, VARIANTS
 from runner import LM, build_model, make_base
 base = make_base(True, __import__("pathlib").Path({str(tmp_path)!r}), "", "cpu", [])
-out = {{"control_is_named_only": not {{"lora64-eh", "lora64-eh10"}} & set(CORE + VARIANTS)}}
-for name in ("lora64", "lora64-eh", "lora64-eh10"):
+out = {{"control_is_named_only": not {{"lora64-eh", "lora64-eh10", "lora16-eh10"}} & set(CORE + VARIANTS)}}
+for name in ("lora64", "lora64-eh", "lora64-eh10", "lora16-eh10"):
     model, _ = build_model(base, ARMS[name], 0)
     inner = model.get_base_model()
     module = LM.from_model(model, steps=1, learning_rate=1e-3, trainable_only=True,
@@ -143,6 +143,7 @@ for name in ("lora64", "lora64-eh", "lora64-eh10"):
         "tied": inner.lm_head.weight is inner.model.embed_tokens.weight,
         "embeddings_lr": rate.get(id(inner.model.embed_tokens.weight)),
         "adapters_lr": sorted(adapters),
+        "rank": sorted({{p.shape[0] for n, p in inner.named_parameters() if "lora_A" in n}}),
         "blocks_frozen": all(not p.requires_grad for n, p in inner.named_parameters()
                              if ".layers." in n and "lora_" not in n),
     }}
@@ -150,7 +151,9 @@ print(json.dumps(out))
 """
     found = json.loads(run("-c", probe, cwd=tmp_path).stdout.strip().splitlines()[-1])
     assert found["control_is_named_only"]
-    assert found["lora64"] == {"tied": True, "embeddings_lr": None, "adapters_lr": [1e-3], "blocks_frozen": True}
-    assert found["lora64-eh"] == {"tied": True, "embeddings_lr": 1e-3, "adapters_lr": [1e-3], "blocks_frozen": True}
-    # `lora64-eh10`: the embeddings and head in a parameter group of their own, at 10x the adapters' rate
-    assert found["lora64-eh10"] == {"tied": True, "embeddings_lr": 1e-2, "adapters_lr": [1e-3], "blocks_frozen": True}
+    common = {"tied": True, "adapters_lr": [1e-3], "blocks_frozen": True}
+    assert found["lora64"] == {**common, "embeddings_lr": None, "rank": [64]}
+    assert found["lora64-eh"] == {**common, "embeddings_lr": 1e-3, "rank": [64]}
+    # `lora*-eh10`: the embeddings and head in a parameter group of their own, at 10x the adapters' rate
+    assert found["lora64-eh10"] == {**common, "embeddings_lr": 1e-2, "rank": [64]}
+    assert found["lora16-eh10"] == {**common, "embeddings_lr": 1e-2, "rank": [16]}

@@ -15,11 +15,13 @@ One more variant is a control of memory, not of LISA: ``lora104`` (rank 104), wh
 ``reverse`` is 0.98 x LISA gamma = 2's (1113 against 1134 MiB), where the tied embeddings' Adam state makes
 LISA heavier than ``lora64`` (see :data:`MATCHED_RANK`).
 
-And two controls of what trains, run only where ``--arms`` names them: ``lora64-eh``, LoRA r = 64 that also
+And controls of what trains, run only where ``--arms`` names them: ``lora64-eh``, LoRA r = 64 that also
 trains the (tied) embeddings and head at the adapters' rate, as LISA does, and ``lora64-eh10``, the same with
 the embeddings and head at 10 x the adapters' rate (a parameter group of their own; on ``facts`` the
 embeddings and head alone chose 1e-2 and LoRA r = 64 1e-3). They separate "trains the embeddings and head"
-from "trains whole blocks, re-sampled" where the embeddings and head alone do well (``facts``).
+from "trains whole blocks, re-sampled" where the embeddings and head alone do well (``facts``). A third,
+``lora16-eh10``, is the same at rank 16: the smallest LoRA that trains the embeddings and head, to measure
+whether one fits in LISA gamma = 2's peak.
 
 Every grid starts with four log-spaced rates (half-decades) and is extended by the study, one rate at a time
 and to at most six, until the chosen rate lies strictly inside it.
@@ -119,6 +121,8 @@ ARMS: dict[str, Arm] = {
             rank=MATCHED_RANK, lora_eh=True, role="control"),
         Arm(f"lora{MATCHED_RANK}-eh10", "lora", f"LoRA r={MATCHED_RANK} + E+H at 10x lr", GRID_LORA_EH10,
             interval=None, rank=MATCHED_RANK, lora_eh=True, eh_lr_scale=10.0, role="control"),
+        Arm("lora16-eh10", "lora", "LoRA r=16 + E+H at 10x lr", GRID_LORA_EH10, interval=None, rank=16,
+            lora_eh=True, eh_lr_scale=10.0, role="control"),
     )
 }  # fmt: skip
 CORE = tuple(name for name, arm in ARMS.items() if arm.role == "core")
