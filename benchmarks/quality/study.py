@@ -286,7 +286,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--variant-tasks",
         default="reverse",
-        help=f"tasks that also run the variants {','.join(VARIANTS)} (comma-separated; '' for none)",
+        help=f"tasks that run the variants {','.join(VARIANTS)} in addition to --arms "
+        "(comma-separated; default reverse; '' for none)",
     )
     parser.add_argument("--steps", type=int, help="optimizer steps of every cell (default 100; smoke 20)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds at the chosen rate (default 3)")
