@@ -32,7 +32,7 @@ PAIRS = (
     ("lisa2", "eh"), ("lisa4", "eh"), ("lora64-eh", "lora64"), ("lora64-eh", "eh"), ("lisa2", "lora64-eh"),
     ("lisa4", "lora64-eh"), ("lora64-eh10", "lora64"), ("lora64-eh10", "eh"), ("lisa2", "lora64-eh10"),
     ("lora64-eh10", "lora64-eh"), ("lisa4", "lora16-eh10"), ("lisa2", "lora16-eh10"), ("lisa6", "lora16-eh10"),
-    ("lora16-eh10", "lora16"), ("lora16-eh10", "lora64-eh10"),
+    ("lora16-eh10", "lora16"), ("lora16-eh10", "lora64-eh10"), ("lisa2-blocks", "lora16"),
 )  # fmt: skip
 
 
