@@ -83,10 +83,15 @@ def test_study_runs_the_protocol_resumes_and_reports(tmp_path: Path):
     # the finer rate check: seed 0 at the midpoints around each chosen rate, in its own folder
     before = {p: p.read_bytes() for p in (out / "cells").rglob("*.json")}
     finer = out / "finer_grid"
+    finer.mkdir()
+    earlier = {"tasks": {"reverse": {"fixed2": {"lr": 0.003}}, "facts": {"lisa2": {"lr": 0.002}}}}
+    (finer / "summary.json").write_text(json.dumps(earlier))  # what an earlier check of other arms left
     run(str(STUDY / "finer.py"), "--task", "reverse", "--arms", "lisa2", "--study", str(out), "--seeds", "2",
         "--steps", "20", "--smoke", "--cache-dir", str(tmp_path / "cache"), cwd=tmp_path)  # fmt: skip
     assert {p: p.read_bytes() for p in (out / "cells").rglob("*.json")} == before  # the study is not touched
-    checked = json.loads((finer / "summary.json").read_text())["arms"]
+    summary = json.loads((finer / "summary.json").read_text())["tasks"]
+    assert summary["facts"] == earlier["tasks"]["facts"] and summary["reverse"]["fixed2"] == {"lr": 0.003}
+    checked = summary["reverse"]
     entry, arm = checked["lisa2"], task["arms"]["lisa2"]
     grid = sorted(arm["lr_grid"])
     at = grid.index(arm["lr"])
@@ -98,9 +103,9 @@ def test_study_runs_the_protocol_resumes_and_reports(tmp_path: Path):
     assert entry["val_by_lr"][f"{entry['lr']:g}"] == best
     if entry["lr"] in entry["midpoints"]:  # a midpoint won: its test and the other seed, read there only
         tested = {c["lr"] for c in cells(finer, "reverse", "lisa2").values() if "test" in c}
-        assert tested == {entry["lr"]} and len(entry["test"]) == 2
+        assert tested == {entry["lr"]} and len(entry["test"]) == 2 and entry["from"] == "check"
     else:
-        assert entry["test"] == arm["test"]
+        assert entry["test"] == arm["test"] and entry["from"] == "study"
 
     # a test whose seed-0 weights are gone retrains the cell, and the validation the rate was chosen on stays
     chosen = task["arms"]["lisa2"]["lr"]

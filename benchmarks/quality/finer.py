@@ -11,7 +11,9 @@ arm compared gets the same midpoints around its own chosen rate::
     python benchmarks/quality/finer.py --task facts --arms lisa2,lora64
 
 writes ``benchmarks/results/quality/finer_grid/`` (cells, logs and ``summary.json``), resuming where it
-stopped.
+stopped. ``summary.json`` holds every arm ever checked, by task: a later call with other arms adds to it and
+replaces only the arms it names. Each arm's ``from`` says whose cells its test was read from: ``"study"``
+(the study's folder: its chosen rate stood) or ``"check"`` (this check's folder: a midpoint won).
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ def run_cells(args: argparse.Namespace, jobs: list[Job]) -> None:
 
 
 def check(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the check for every arm and return its summary."""
+    """Run the check for every arm of ``args.arm_list`` on ``args.task`` and return its summary, by arm."""
     task = args.task
     study: dict[str, tuple[float, list[float], dict[float, dict[str, Any]]]] = {}
     for arm in args.arm_list:
@@ -77,22 +79,22 @@ def check(args: argparse.Namespace) -> dict[str, Any]:
         study[arm] = (rate, midpoints(grid, rate), cells)
     run_cells(args, [Job(task, arm, lr, 0, "grid") for arm, (_, mids, _) in study.items() for lr in mids
                      if read(cell_path(args.out, task, arm, lr, 0)) is None])  # fmt: skip
-    summary: dict[str, Any] = {"task": task, "arms": {}}
+    summary: dict[str, Any] = {}
     later: list[Job] = []
     for arm, (rate, mids, cells) in study.items():
         extra = {lr: cell for lr in mids if (cell := read(cell_path(args.out, task, arm, lr, 0))) is not None}
         pool = {**cells, **extra}
         best = chosen(task, pool)
-        folder = args.out if best in extra else args.study
         if best in extra:  # a midpoint won: its test and the other seeds, in this check's folder only
             later += [Job(task, arm, best, 0, "test")] if "test" not in extra[best] else []
             later += [Job(task, arm, best, s, "seed") for s in range(1, args.seeds)
                       if read(cell_path(args.out, task, arm, best, s)) is None]  # fmt: skip
-        summary["arms"][arm] = {"study_lr": rate, "midpoints": mids, "lr": best, "from": str(folder),
-                                "val_by_lr": {f"{k:g}": pool[k]["val"] for k in sorted(pool)}}  # fmt: skip
+        summary[arm] = {"study_lr": rate, "midpoints": mids, "lr": best, "from": "check" if best in extra else "study",
+                        "val_by_lr": {f"{k:g}": pool[k]["val"] for k in sorted(pool)}}  # fmt: skip
     run_cells(args, later)
-    for arm, entry in summary["arms"].items():
-        cells = [read(cell_path(Path(entry["from"]), task, arm, entry["lr"], s)) for s in range(args.seeds)]
+    for arm, entry in summary.items():
+        folder = args.out if entry["from"] == "check" else args.study
+        cells = [read(cell_path(folder, task, arm, entry["lr"], s)) for s in range(args.seeds)]
         tests = [c["test"] for c in cells if c is not None and "test" in c]
         entry["test"] = tests
         entry["test_mean"] = statistics.mean(tests) if tests else None
@@ -122,9 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if not (args.out / "base.json").is_file():
         shutil.copy(args.study / "base.json", args.out / "base.json")
-    summary = check(args)
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
-    for arm, entry in summary["arms"].items():
+    checked = check(args)
+    path = args.out / "summary.json"
+    summary: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+    summary.setdefault("tasks", {}).setdefault(args.task, {}).update(checked)
+    path.write_text(json.dumps(summary, indent=1))
+    for arm, entry in checked.items():
         vals = ", ".join(f"{k}: {v:.4g}" for k, v in entry["val_by_lr"].items())
         test = f"{entry['test_mean']:.4g} ± {entry['test_std'] or 0:.2g}" if entry["test"] else "-"
         print(f"{arm}: seed-0 validation {vals}; chosen {entry['lr']:g} (study: {entry['study_lr']:g}); test {test}")
