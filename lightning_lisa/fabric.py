@@ -125,6 +125,10 @@ class LoopDriver:
     def install(self, optimizer: Optimizer | None) -> None:
         """Inspect the model, check it, start the first period; register the hooks.
 
+        An optimizer that already holds state (loaded before ``attach`` in a plain loop's resume) defers the
+        start to the first forward: a ``lisa.load_state_dict`` may still follow, and a fresh draw now would
+        release the state of the restored period's units.
+
         The forward pre-hooks go on the user's model and on every unit's modules, first in line: Fabric runs
         a LightningModule's ``training_step`` without calling the model, FSDP2's own pre-forward hooks
         (all-gathers) must see the new ``requires_grad``, and a unit's parameters are first used in its
@@ -139,9 +143,13 @@ class LoopDriver:
         self.adapter.check_wrapped(self.model, lisa.units)
         lisa.communication = self.adapter.begin(self.model, self.world_size, lisa.ddp_comm_hook)
         lisa._begin(self.root, [optimizer] if optimizer is not None else [])
-        if optimizer is not None:
-            self.learn(optimizer)
-        self.restart()
+        if optimizer is not None and optimizer.state:  # loaded before `attach`: `lisa.load_state_dict` may follow
+            self.learn(optimizer, release=False)
+            self.needs_start = self._loaded = True  # start the period at the first forward, then release
+        else:
+            if optimizer is not None:
+                self.learn(optimizer)
+            self.restart()
         for module in dict.fromkeys([self.root, *(m for u in lisa.units for m in u.modules)]):
             self._handles.append(module.register_forward_pre_hook(self._before_forward, prepend=True))
         if optimizer is not None:
