@@ -63,6 +63,8 @@ class LISA(LISAEngine, Callback):
             with :func:`~lightning_lisa.find_layers`.
         always_active: Names of modules (or parameters), relative to the ``LightningModule``, that
             train all the time. ``None``: the detected input embeddings and output head. ``[]``: none.
+            A module inside a sampled block (e.g. ``"model.model.layers.0"``) trains all the time and is
+            no longer sampled with that block; a whole block leaves the sampling pool.
         sampling: ``"uniform"`` (the paper), ``"cyclic"`` (every unit once per pass), ``"weight_norm"``
             (proportional to ``norm ** (1 / temperature)``), or per-unit probabilities
             (:mod:`lightning_lisa.sampling`).

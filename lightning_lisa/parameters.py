@@ -4,7 +4,8 @@ LISA only ever touches the parameters that required gradients when training star
 have frozen others, e.g. PEFT's base weights). Of those, the always-active ones train throughout,
 the parameters of the active units train during their period, and every other one is frozen: it
 stops requiring gradients and its gradient is dropped (a frozen parameter that still holds a
-``.grad`` would be updated by the optimizer anyway).
+``.grad`` would be updated by the optimizer anyway). An always-active module inside a unit takes its
+parameters out of the unit: a unit that is always active as a whole leaves the sampling pool.
 """
 
 from __future__ import annotations
@@ -44,9 +45,12 @@ class ParameterSet:
         self.managed = [p for p in unique_parameters([module]) if p.requires_grad]
         self.names = {id(p): name for name, p in module.named_parameters()}
         managed = {id(p) for p in self.managed}
-        self.by_unit = [[p for p in unique_parameters(u.modules) if id(p) in managed] for u in units]
         self.always = [p for p in unique_parameters(always_active) if id(p) in managed]
-        #: Indices of the units with something to train (the others the user froze before fit).
+        always = {id(p) for p in self.always}
+        self.by_unit = [[p for p in unique_parameters(u.modules) if id(p) in managed and id(p) not in always]
+                        for u in units]  # fmt: skip
+        #: Indices of the units with something to sample (the others the user froze before fit, or are always
+        #: active as a whole).
         self.candidates = [i for i, params in enumerate(self.by_unit) if params]
 
     def apply(self, active: Sequence[int], first: bool = False) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -98,9 +102,11 @@ class ParameterSet:
             optimizers: The Trainer's optimizers.
         """
         if len(self.candidates) < n_layers:
+            count = len(self.candidates)
             raise LISAConfigError(
-                f"`n_layers={n_layers}`, but only {len(self.candidates)} {what} have trainable parameters (the "
-                "others were frozen before fit)."
+                f"`n_layers={n_layers}`, but only {count} of the {len(self.by_unit)} {what} "
+                f"{'has' if count == 1 else 'have'} parameters to sample (the others were frozen before fit, or "
+                "are in `always_active`). Lower `n_layers`, or unfreeze them."
             )
         missing = self.not_in(optimizers)
         if missing and optimizers:

@@ -57,7 +57,7 @@ class LISAReport:
         total_params: All parameters of the model.
         n_layers: Units trained at once.
         interval: Optimizer steps between re-samplings.
-        num_units: Units sampled from.
+        num_units: Units sampled from (those with parameters to sample).
         unit_kind: ``"blocks"`` or ``"block modules"``.
         per_period: About how many sampled parameters train during one period (``n_layers`` units of
             average size).
@@ -170,8 +170,11 @@ def build_report(
     for path in info.block_paths:
         params = [p for p in module.get_submodule(path).parameters() if part[id(p)] == SAMPLED and id(p) not in counted]
         counted.update(id(p) for p in params)
-        count = sum(1 for name in info.block_names if name.rpartition(".")[0] == path)
-        sampled.append(Entry(f"{path} ({count} {'block' if count == 1 else 'blocks'})", _numel(params)))
+        blocks = [module.get_submodule(name) for name in info.block_names if name.rpartition(".")[0] == path]
+        # a block always active as a whole (or frozen before fit) is not sampled
+        count = sum(1 for b in blocks if any(part[id(p)] == SAMPLED for p in b.parameters()))
+        of = f"{count} of {len(blocks)}" if count < len(blocks) else f"{count}"
+        sampled.append(Entry(f"{path} ({of} {'block' if len(blocks) == 1 else 'blocks'})", _numel(params)))
 
     always: list[Entry] = []
     counted = set()
@@ -189,12 +192,13 @@ def build_report(
         always.append(Entry(name, _numel(trained), note))
 
     unit_sizes = [_numel([p for p in unique_parameters(u.modules) if part[id(p)] == SAMPLED]) for u in units]
+    unit_sizes = [size for size in unit_sizes if size]  # the sampling pool
     per_period = round(sum(unit_sizes) / len(unit_sizes) * n_layers) if unit_sizes else 0
     return LISAReport(
         total_params=_numel(unique_parameters([module])),
         n_layers=n_layers,
         interval=interval,
-        num_units=len(units),
+        num_units=len(unit_sizes),
         unit_kind=unit_kind,
         per_period=per_period,
         sampled=tuple(sampled),
@@ -237,7 +241,7 @@ def format_report(report: LISAReport, max_entries: int = MAX_ENTRIES) -> str:
     digits = max(len(count) for _, count, _ in rows)
     lines = [
         f"LISA trains {report.n_layers} of {report.num_units} {report.unit_kind} at a time, re-sampled every "
-        f"{report.interval} steps; the model has {report.total_params:,} parameters:"
+        f"{'step' if report.interval == 1 else f'{report.interval} steps'}; the model has {report.total_params:,} parameters:"
     ]
     lines += [f"{label:<{width}}  {count:>{digits}} {rest}".rstrip() for label, count, rest in rows]
     return "\n".join(lines)

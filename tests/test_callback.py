@@ -147,6 +147,22 @@ def test_always_active_empty_and_custom():
     assert all(all(block_of(n) is not None for n in r.changed) for r in rec.steps)
 
 
+def test_a_block_in_always_active_trains_throughout_and_leaves_the_sampling_pool():
+    module = CausalLM()
+    lisa = LISA(n_layers=2, interval=2, seed=3, always_active=["model.model.layers.0", "model.model.embed_tokens"])
+    _, rec = run(lisa, steps=10, module=module)
+    for record in rec.steps:
+        assert 0 not in record.active_layers and len(record.active_layers) == 2
+        assert {block_of(n) for n in record.changed} == {None, 0, *record.active_layers}
+    # every period trains the block, the embeddings and two sampled blocks: the same count in each
+    assert len({s.trainable_params for s in lisa.history}) == 1 and len(lisa.history) == 5
+    assert lisa.report is not None
+    assert [e.name for e in lisa.report.sampled] == ["model.model.layers (5 of 6 blocks)"]
+    assert str(lisa.report).startswith("LISA trains 2 of 5 blocks at a time, re-sampled every 2 steps")
+    block = sum(p.numel() for p in module.model.model.layers[1].parameters())
+    assert lisa.report.per_period == 2 * block
+
+
 def test_tied_embeddings_are_counted_once():
     module = CausalLM(model=tiny_llama(tie=True))
     lisa = LISA(n_layers=2, interval=2)

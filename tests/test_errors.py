@@ -85,7 +85,11 @@ def test_not_enough_trainable_blocks():
     module = CausalLM()
     for block in module.model.model.layers[:5]:
         block.requires_grad_(False)
-    fit_fails(LISA(n_layers=2), r"`n_layers=2`, but only 1 blocks of `model.model.layers` have trainable", module)
+    fit_fails(
+        LISA(n_layers=2),
+        r"`n_layers=2`, but only 1 of the 6 blocks of `model.model.layers` has parameters to sample",
+        module,
+    )
 
 
 @pytest.mark.parametrize(
