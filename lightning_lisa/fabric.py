@@ -197,7 +197,8 @@ class LoopDriver:
             raise LISAConfigError(
                 f"LISA: {len(missing)} parameters it may train are in no optimizer that stepped (e.g. {names}), so "
                 "the blocks they belong to would never train when sampled. Build the optimizer over all parameters "
-                "(`model.parameters()`), not only those with `requires_grad` (LISA freezes at `fabric.setup`)."
+                "(`model.parameters()`), not only those with `requires_grad` (LISA freezes at `fabric.setup` or "
+                "`attach`). LISA has given every parameter back trainable and stopped driving this model."
             )
 
     def after_step(self, optimizer: Optimizer) -> None:
@@ -222,17 +223,13 @@ class LoopDriver:
     # ------------------------------------------------------------------------------------ hooks
 
     def _before_forward(self, module: nn.Module, args: Any) -> None:
-        if self._raw_step is not None:
-            raise LISAConfigError(
-                f"LISA: the optimizer {type(self._raw_step).__name__} that holds the model's parameters stepped, but "
-                "not through Fabric's optimizer wrapper, so LISA never saw the step. Set it up with "
-                "`fabric.setup(model, optimizer)` or `fabric.setup_optimizers(optimizer)`, or call "
-                "`lisa.attach(model, optimizer)`."
-            )
+        try:
+            self._check_loop()
+        except LISAConfigError:  # the model goes back as the user gave it: every parameter trainable
+            detach(self.lisa)
+            raise
         if not torch.is_grad_enabled():  # evaluation: it trains nothing, so it starts no period
             return
-        if not self._checked and self._stepped:
-            self.check_optimizers()
         if self.needs_start:
             self.restart()
         if self._loaded:  # after the restored period (if any) is applied: its frozen units hold no state
@@ -241,6 +238,19 @@ class LoopDriver:
         if self._boundary_step != self.lisa._step:  # the first forward of an optimizer step
             self._boundary_step = self.lisa._step
             self.lisa._step_boundary(self.view())
+
+    def _check_loop(self) -> None:
+        """Raise when the loop's optimizer stepped where LISA could not see it, or misses LISA's parameters."""
+        if self._raw_step is not None:
+            raise LISAConfigError(
+                f"LISA: the optimizer {type(self._raw_step).__name__} that holds the model's parameters stepped, but "
+                "not through Fabric's optimizer wrapper, so LISA never saw the step. Set it up with "
+                "`fabric.setup(model, optimizer)` or `fabric.setup_optimizers(optimizer)`, or call "
+                "`lisa.attach(model, optimizer)`. LISA has given every parameter back trainable and stopped "
+                "driving this model."
+            )
+        if torch.is_grad_enabled() and not self._checked and self._stepped:
+            self.check_optimizers()
 
     def _after_optimizer_load(self, optimizer: Optimizer) -> None:
         # A plain `optimizer.load_state_dict(...)` (a plain loop's resume, in any order with

@@ -239,9 +239,10 @@ def format_report(report: LISAReport, max_entries: int = MAX_ENTRIES) -> str:
         rows.extend((f"    {e.name}", f"{e.params:,}", f"  ({e.note})" if e.note else "") for e in entries)
     width = max(len(label) for label, _, _ in rows)
     digits = max(len(count) for _, count, _ in rows)
+    every = "step" if report.interval == 1 else f"{report.interval} steps"
     lines = [
         f"LISA trains {report.n_layers} of {report.num_units} {report.unit_kind} at a time, re-sampled every "
-        f"{'step' if report.interval == 1 else f'{report.interval} steps'}; the model has {report.total_params:,} parameters:"
+        f"{every}; the model has {report.total_params:,} parameters:"
     ]
     lines += [f"{label:<{width}}  {count:>{digits}} {rest}".rstrip() for label, count, rest in rows]
     return "\n".join(lines)

@@ -127,6 +127,7 @@ def test_an_optimizer_stepping_outside_fabric_raises():
     optimizer.step()
     with pytest.raises(LISAConfigError, match="not through Fabric's optimizer wrapper"):
         model.training_step(batches()[1], 1)
+    assert all(p.requires_grad for p in module.parameters())  # the model as it was given
 
 
 def test_setup_module_loop_with_attach_equals_the_callback():
@@ -289,8 +290,10 @@ def test_an_optimizer_over_trainable_parameters_only_is_refused_after_the_first_
     optimizer = fabric.setup_optimizers(torch.optim.AdamW([p for p in module.parameters() if p.requires_grad]))
     fabric.backward(model.training_step(batches()[0], 0))
     optimizer.step()
+    assert not all(p.requires_grad for p in module.parameters())
     with pytest.raises(LISAConfigError, match=r"in no optimizer that stepped.*model\.parameters\(\)"):
         model.training_step(batches()[1], 1)
+    assert all(p.requires_grad for p in module.parameters())  # the model as it was given
 
 
 class CompactLM(CausalLM):
