@@ -148,7 +148,8 @@ class LISA(LISAEngine, Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        """With ``step_in_backward=True``, check that Lightning stepped where the parameters were updated."""
+        """Count the optimizer steps taken (what a checkpoint written now records); check the step in backward."""
+        self._step = trainer.global_step
         self._in_backward.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def on_before_optimizer_step(

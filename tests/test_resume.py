@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_lisa import LISA
 from lightning_lisa.testing import CausalLM, quiet_trainer, token_loader
@@ -72,12 +73,17 @@ def test_resume_with_other_strategies(tmp_path: Path, options: dict):
 def test_checkpoint_holds_the_schedule_and_loads_without_the_callback(tmp_path: Path):
     lisa = LISA(n_layers=2, interval=2, seed=4)
     module = CausalLM()
-    run = quiet_trainer([lisa], max_epochs=2)
+    every = ModelCheckpoint(tmp_path / "every", every_n_train_steps=3, save_top_k=-1, filename="{step}")
+    run = quiet_trainer([lisa, every], max_epochs=2, enable_checkpointing=True)
     run.fit(module, token_loader(n_batches=BATCHES_PER_EPOCH))
     ckpt = tmp_path / "lisa.ckpt"
     run.save_checkpoint(ckpt)
 
     state = torch.load(ckpt, weights_only=False)["callbacks"]["LISA"]
+    assert state["step"] == run.global_step == 2 * BATCHES_PER_EPOCH  # optimizer steps taken
+    for path in sorted((tmp_path / "every").glob("*.ckpt")):  # written during the run, after a step
+        saved = torch.load(path, weights_only=False)
+        assert saved["callbacks"]["LISA"]["step"] == saved["global_step"], path.name
     assert state["active_layers"] == lisa.active_layers
     assert state["period"] == (2 * BATCHES_PER_EPOCH - 1) // 2  # the period of the last step taken
     assert state["seed"] == 4
