@@ -285,8 +285,9 @@ class LISAEngine:
         before = saved.get("always_active")
         if before is not None and list(before) != self._always_active_names:
             rank_zero_warn(
-                RESUMED_OTHERWISE.format(key="always_active", now=self._always_active_names, then=list(before))
-                + " The new always-active set trains from here on; modules it no longer holds are frozen."
+                f"LISA resumes with `always_active={self._always_active_names!r}`, but the checkpoint was written "
+                f"with `always_active={list(before)!r}`. The restored units stay; the new always-active set trains "
+                "from here on (what it adds with fresh optimizer state), and what it no longer names is frozen."
             )
 
     def _check_units(self, saved: dict[str, Any]) -> None:

@@ -30,7 +30,7 @@ CONTINUES: dict[str, tuple[dict[str, Any], list[str]]] = {
     "sampling": ({"sampling": "cyclic"}, ["`sampling='cyclic'`", "`sampling='uniform'`"]),
     "always_active": (
         {"always_active": ["model.lm_head"]},
-        ["`always_active=['model.lm_head']`", "'model.model.embed_tokens', 'model.lm_head'"],
+        ["`always_active=['model.lm_head']`", "The restored units stay", "'model.model.embed_tokens', 'model.lm_head'"],
     ),
 }
 
