@@ -125,7 +125,8 @@ def check_probabilities(probabilities: Sequence[float], num_blocks: int, n_layer
     elif (values < 0).any():
         problem = "contains negative values"
     elif int((values > 0).sum()) < n_layers:
-        problem = f"has {int((values > 0).sum())} positive values, fewer than n_layers={n_layers}"
+        positive = int((values > 0).sum())
+        problem = f"has {positive} positive {'value' if positive == 1 else 'values'}, fewer than n_layers={n_layers}"
     else:
         return values / values.sum()
     raise LISAConfigError(
@@ -170,6 +171,12 @@ def check_sampling(sampling: object) -> None:
     ):
         raise LISAConfigError(
             f"`sampling={sampling!r}` is not allowed; give one of {list(SAMPLERS)} or a list of numbers."
+        )
+    bad = [p for p in sampling if not math.isfinite(p) or p < 0]
+    if bad or not any(p > 0 for p in sampling):
+        raise LISAConfigError(
+            f"`sampling={list(sampling)!r}` is not allowed: a probability list needs finite, non-negative values, "
+            f"at least one of them positive{f' (got {bad[:3]})' if bad else ''}."
         )
 
 
