@@ -98,6 +98,8 @@ def test_print_config_round_trips(tmp_path: Path, cache: Path, capsys: pytest.Ca
     ("args", "yaml_text", "expected"),
     [
         (["--lisa.optimizer_state=free"], None, ["optimizer_state", "free", "drop", "offload", "keep"]),
+        (["--lisa.n_layers=0"], None, ["error: `n_layers=0` is not allowed", "integer >= 1"]),  # LISA refuses it
+        ([], "lisa:\n  interval: -1\n", ["error: `interval=-1` is not allowed"]),
         ([], "lisa:\n  n_layers: two\n", ["n_layers", "two"]),
         ([], "lisa:\n  no_such_option: 1\n", ["no_such_option"]),
         (["--model.optimizer=sgd"], None, ["model.optimizer", "sgd", "adamw8bit"]),

@@ -25,6 +25,7 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from lightning_lisa.callback import LISA
+from lightning_lisa.errors import LISAConfigError
 from lightning_lisa.recipes.data import TextDataModule, format_data_summary
 from lightning_lisa.recipes.module import CausalLMModule
 from lightning_lisa.recipes.summary import (
@@ -116,6 +117,16 @@ class LisaCLI(LightningCLI):
                 f"LISA is configured more than once: {'; '.join(where)}. A Trainer takes one LISA callback: keep "
                 "either the `lisa:` group or the `trainer.callbacks` entry."
             )
+
+    def instantiate_classes(self) -> None:
+        """Build the classes; a value the library refuses (e.g. ``--lisa.n_layers=0``) is a usage error, exit 2."""
+        try:
+            super().instantiate_classes()
+        except (ValueError, LISAConfigError) as error:
+            refused = _config_error(error)
+            if refused is None:
+                raise
+            self._parser(self.subcommand).error(str(refused))
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """Build the Trainer with the ``--lisa`` callback (if given) and, for fit, the state tracker."""
@@ -324,6 +335,18 @@ def _is_lisa_config(callback: Any) -> bool:
     except (ImportError, AttributeError):
         return False
     return isinstance(cls, type) and issubclass(cls, LISA)
+
+
+def _config_error(error: BaseException) -> LISAConfigError | None:
+    """The :class:`LISAConfigError` that ``error`` is, or wraps (jsonargparse wraps what a class raises)."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, LISAConfigError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def cli_main(args: ArgsType = None) -> None:
