@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = ROOT / "benchmarks" / "quality"
 
@@ -104,8 +106,10 @@ def test_study_runs_the_protocol_resumes_and_reports(tmp_path: Path):
     if entry["lr"] in entry["midpoints"]:  # a midpoint won: its test and the other seed, read there only
         tested = {c["lr"] for c in cells(finer, "reverse", "lisa2").values() if "test" in c}
         assert tested == {entry["lr"]} and len(entry["test"]) == 2 and entry["from"] == "check"
+        assert len(entry["forgetting"]) == len(entry["control"]) == 2
     else:
         assert entry["test"] == arm["test"] and entry["from"] == "study"
+        assert entry["forgetting"] == pytest.approx(arm["forgetting"]) and entry["control"] == arm["control"]
 
     # a test whose seed-0 weights are gone retrains the cell, and the validation the rate was chosen on stays
     chosen = task["arms"]["lisa2"]["lr"]

@@ -92,13 +92,17 @@ def check(args: argparse.Namespace) -> dict[str, Any]:
         summary[arm] = {"study_lr": rate, "midpoints": mids, "lr": best, "from": "check" if best in extra else "study",
                         "val_by_lr": {f"{k:g}": pool[k]["val"] for k in sorted(pool)}}  # fmt: skip
     run_cells(args, later)
+    english = json.loads((args.out / "base.json").read_text())["english_loss"]
     for arm, entry in summary.items():
         folder = args.out if entry["from"] == "check" else args.study
         cells = [read(cell_path(folder, task, arm, entry["lr"], s)) for s in range(args.seeds)]
-        tests = [c["test"] for c in cells if c is not None and "test" in c]
-        entry["test"] = tests
-        entry["test_mean"] = statistics.mean(tests) if tests else None
-        entry["test_std"] = statistics.stdev(tests) if len(tests) > 1 else None
+        tested = [c for c in cells if c is not None and "test" in c]
+        entry["test"] = [c["test"] for c in tested]
+        entry["forgetting"] = [c["english_loss"] - english for c in tested]  # the English-loss rise
+        entry["control"] = [c["control"] for c in tested]
+        for key in ("test", "forgetting", "control"):
+            entry[f"{key}_mean"] = statistics.mean(entry[key]) if entry[key] else None
+            entry[f"{key}_std"] = statistics.stdev(entry[key]) if len(entry[key]) > 1 else None
     return summary
 
 
