@@ -672,7 +672,9 @@ def _structural_search(module: nn.Module, towers: Sequence[str]) -> list[str]:
     if not candidates:
         raise LISAConfigError(
             f"LISA found no block list in {type(module).__name__}: it needs an nn.ModuleList or nn.Sequential of "
-            "at least two blocks (e.g. `model.model.layers`). Pass `layers=` with the dotted path of yours."
+            "at least two blocks with parameters, all of one class (e.g. `model.model.layers`; a ModuleList may "
+            "also hold blocks of several classes that each contain layers). Pass `layers=` with the dotted path "
+            "of yours."
         )
     outside = [c for c in candidates if not any(_inside(c, t) for t in towers)] or candidates
     composite = [c for c in outside if all(_is_composite(b) for _, b in _block_list(module, c))]
