@@ -285,9 +285,9 @@ class LISAEngine:
         before = saved.get("always_active")
         if before is not None and list(before) != self._always_active_names:
             rank_zero_warn(
-                f"LISA resumes with `always_active={self._always_active_names!r}`, but the checkpoint was written "
-                f"with `always_active={list(before)!r}`. The restored units stay; the new always-active set trains "
-                "from here on (what it adds with fresh optimizer state), and what it no longer names is frozen."
+                RESUMED_WITH.format(key="always_active", now=self._always_active_names, then=list(before))
+                + ". The restored units stay; the new always-active set trains from here on (what it adds with "
+                "fresh optimizer state), and what it no longer names is frozen."
             )
 
     def _check_units(self, saved: dict[str, Any]) -> None:
@@ -331,9 +331,11 @@ SCHEDULE_SETTINGS = ("n_layers", "interval", "sampling", "seed", "temperature")
 #: Set in the restored state when the schedule settings differ from the checkpoint's.
 CHANGED_KEY = "_settings_changed"
 
+RESUMED_WITH = "LISA resumes with `{key}={now!r}`, but the checkpoint was written with `{key}={then!r}`"
+
 RESUMED_OTHERWISE = (
-    "LISA resumes with `{key}={now!r}`, but the checkpoint was written with `{key}={then!r}`: the schedule from "
-    "here on differs from the original run: the units of the restored step are drawn with the new settings."
+    RESUMED_WITH + ": the schedule from here on differs from the original run: the units of the restored step are "
+    "drawn with the new settings."
 )
 
 NO_GRADIENT = (

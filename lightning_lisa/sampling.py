@@ -117,6 +117,7 @@ def check_probabilities(probabilities: Sequence[float], num_blocks: int, n_layer
         [0.25, 0.25, 0.5]
     """
     values = torch.tensor([float(p) for p in probabilities], dtype=torch.float64)
+    positive = int((values > 0).sum())
     shown = list(probabilities) if len(probabilities) <= 8 else f"{list(probabilities)[:8]}..."
     if len(values) != num_blocks:
         problem = f"has {len(values)} values, but there are {num_blocks} blocks to sample from"
@@ -124,8 +125,7 @@ def check_probabilities(probabilities: Sequence[float], num_blocks: int, n_layer
         problem = "contains NaN or infinite values"
     elif (values < 0).any():
         problem = "contains negative values"
-    elif int((values > 0).sum()) < n_layers:
-        positive = int((values > 0).sum())
+    elif positive < n_layers:
         problem = f"has {positive} positive {'value' if positive == 1 else 'values'}, fewer than n_layers={n_layers}"
     else:
         return values / values.sum()
